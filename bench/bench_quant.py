@@ -1,0 +1,403 @@
+"""Quantizer throughput and reconstruction error: numba (one and all threads) vs vectorised numpy.
+
+Run from the repository root::
+
+    python -m bench.bench_quant [--quick]
+
+Prints the tables and writes ``bench/results/quant.json``. Throughput is GB/s (1e9 bytes) of f16
+(2 bytes per value) each way: f16 bits in -> payload (encode), payload -> f16 bits out (decode,
+into a preallocated buffer: the restore path). Data: synthetic keys with RoPE and a few large,
+offset, low-frequency channels (as real keys have) and values with per-token scale variation, in
+blocks of 256 tokens x 192 values (SmolLM2: 3 KV heads x 64), 30 layers x 16 blocks per timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numba
+import numpy as np
+
+from kvtier.storage import quant
+from kvtier.storage.quant import Encoding, Grouping
+
+TOKENS, WIDTH, HEAD_DIM = 256, 192, 64
+LAYERS, BLOCKS = 30, 16
+RESULTS = Path(__file__).resolve().parent / "results" / "quant.json"
+LEVELS = {Encoding.Q8: 255, Encoding.Q4: 15}
+NAN_BITS = np.uint16(0x7E00)
+CASES = [(Encoding.F16, Grouping.PER_TOKEN, "f16"),
+         (Encoding.Q8, quant.KEY_GROUPING, "keys"), (Encoding.Q8, quant.VALUE_GROUPING, "values"),
+         (Encoding.Q4, quant.KEY_GROUPING, "keys"), (Encoding.Q4, quant.VALUE_GROUPING, "values")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def synthetic_kv(rng: np.random.Generator, n_blocks: int) -> tuple[list[np.ndarray],
+                                                                   list[np.ndarray]]:
+    """Blocks of f16 bits: keys after RoPE with outlier channels, values with token scales."""
+    keys, values = [], []
+    half = HEAD_DIM // 2
+    theta = 10000.0 ** (-np.arange(half) / half)
+    for b in range(n_blocks):
+        pos = (b % BLOCKS) * TOKENS + np.arange(TOKENS)[:, None]
+        k = np.empty((TOKENS, WIDTH), np.float32)
+        for h in range(WIDTH // HEAD_DIM):
+            sigma = rng.lognormal(0.0, 0.5, HEAD_DIM)
+            mean = rng.normal(0.0, 0.3, HEAD_DIM)
+            outliers = rng.choice(np.arange(half - 8, half), size=2, replace=False)
+            for i in outliers:  # massive, offset channels sit in low-frequency rotary pairs
+                mean[[i, i + half]] = rng.choice([-1, 1]) * rng.uniform(8, 20)
+                sigma[[i, i + half]] *= 4
+            x = mean + sigma * rng.standard_normal((TOKENS, HEAD_DIM))
+            cos, sin = np.cos(pos * theta), np.sin(pos * theta)
+            a, c = x[:, :half], x[:, half:]
+            k[:, h * HEAD_DIM:h * HEAD_DIM + half] = a * cos - c * sin
+            k[:, h * HEAD_DIM + half:(h + 1) * HEAD_DIM] = a * sin + c * cos
+        token_scale = rng.lognormal(0.0, 0.3, (TOKENS, 1))
+        channel_scale = rng.lognormal(-1.0, 0.3, (1, WIDTH))
+        v = token_scale * channel_scale * rng.standard_normal((TOKENS, WIDTH))
+        keys.append(k.astype(np.float16).view(np.uint16))
+        values.append(v.astype(np.float16).view(np.uint16))
+    return keys, values
+
+
+# ---------------------------------------------------------------------------------------------
+# The same formats in vectorised numpy (the baseline; must produce identical bytes)
+
+
+def _grouped(bits: np.ndarray, grouping: Grouping, gs: int) -> tuple[np.ndarray, int]:
+    """Pad with NaN (left out of every range) to whole groups; group axis last or middle."""
+    n_tokens, width = bits.shape
+    if grouping == Grouping.PER_TOKEN:
+        n_col = -(-width // gs)
+        padded = np.full((n_tokens, n_col * gs), NAN_BITS)
+        padded[:, :width] = bits
+        return padded.reshape(n_tokens, n_col, gs), 2
+    n_blk = -(-n_tokens // gs)
+    padded = np.full((n_blk * gs, width), NAN_BITS)
+    padded[:n_tokens] = bits
+    return padded.reshape(n_blk, gs, width), 1
+
+
+def _key_to_bits(k: np.ndarray) -> np.ndarray:
+    return k ^ np.where(k >= 0x8000, 0x8000, 0xFFFF).astype(np.uint16)
+
+
+def np_encode(bits: np.ndarray, encoding: Encoding, grouping: Grouping, gs: int) -> np.ndarray:
+    n_tokens, width = bits.shape
+    if encoding == Encoding.F16:
+        return bits.reshape(-1).view(np.uint8).copy()
+    levels = np.float32(LEVELS[encoding])
+    g, axis = _grouped(bits, grouping, gs)
+    finite = (g & 0x7C00) != 0x7C00
+    keys = g ^ np.where(g >= 0x8000, 0xFFFF, 0x8000).astype(np.uint16)
+    kmin = np.where(finite, keys, np.uint16(0xFFFF)).min(axis, keepdims=True)
+    kmax = np.where(finite, keys, np.uint16(0)).max(axis, keepdims=True)
+    empty = kmin > kmax
+    min_bits = _key_to_bits(np.where(empty, np.uint16(0x8000), kmin))
+    max_bits = _key_to_bits(np.where(empty, np.uint16(0x8000), kmax))
+    lo = min_bits.view(np.float16).astype(np.float32)
+    step = (max_bits.view(np.float16).astype(np.float32) - lo) / levels
+    scale_bits = step.astype(np.float16).view(np.uint16)
+    scale_bits = scale_bits + (scale_bits.view(np.float16).astype(np.float32) < step)
+    scale = scale_bits.view(np.float16).astype(np.float32)
+    inv = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0)
+    with np.errstate(invalid="ignore"):
+        q = (g.view(np.float16).astype(np.float32) - lo) * inv + np.float32(0.5)
+        q = np.minimum(np.where(q > 0, q, np.float32(0)), levels)
+    padded_width = g.shape[1] * gs if axis == 2 else width
+    codes = q.astype(np.uint8).reshape(-1, padded_width)[:n_tokens, :width]
+    if encoding == Encoding.Q4:
+        if width & 1:
+            codes = np.concatenate([codes, np.zeros((n_tokens, 1), np.uint8)], axis=1)
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return np.concatenate([min_bits.reshape(-1).view(np.uint8),
+                           scale_bits.reshape(-1).view(np.uint8), codes.reshape(-1)])
+
+
+def np_decode(payload: np.ndarray, n_tokens: int, width: int, encoding: Encoding,
+              grouping: Grouping, gs: int) -> np.ndarray:
+    if encoding == Encoding.F16:
+        return payload.view(np.uint16).reshape(n_tokens, width).copy()
+    if grouping == Grouping.PER_TOKEN:
+        n_col = -(-width // gs)
+        n_groups = n_tokens * n_col
+        params_shape, codes_shape = (n_tokens, n_col, 1), (n_tokens, n_col, gs)
+    else:
+        n_blk = -(-n_tokens // gs)
+        n_groups = n_blk * width
+        params_shape, codes_shape = (n_blk, 1, width), (n_blk, gs, width)
+    lo = payload[:2 * n_groups].view(np.float16).astype(np.float32).reshape(params_shape)
+    scale = payload[2 * n_groups:4 * n_groups].view(np.float16).astype(np.float32).reshape(
+        params_shape)
+    body = payload[4 * n_groups:]
+    if encoding == Encoding.Q4:
+        packed = body.reshape(n_tokens, -1)
+        codes = np.empty((n_tokens, 2 * packed.shape[1]), np.uint8)
+        codes[:, 0::2] = packed & 0xF
+        codes[:, 1::2] = packed >> 4
+    else:
+        codes = body.reshape(n_tokens, width)
+    padded = np.zeros((codes_shape[0] * codes_shape[1], width) if grouping == Grouping.PER_CHANNEL
+                      else (n_tokens, codes_shape[1] * gs), np.uint8)
+    padded[:n_tokens, :width] = codes[:, :width]
+    v = lo + padded.reshape(codes_shape).astype(np.float32) * scale
+    v = np.minimum(v, np.float32(65504.0))
+    return v.astype(np.float16).view(np.uint16).reshape(padded.shape)[:n_tokens, :width]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def _median_seconds(fn: Callable[[], None], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _throughput(blocks: list[np.ndarray], encoding: Encoding, grouping: Grouping, gs: int,
+                repeats: int, numpy_repeats: int) -> dict[str, float]:
+    nbytes = sum(b.nbytes for b in blocks)
+    n_all = numba.config.NUMBA_NUM_THREADS
+    payloads = [quant.encode(b, encoding, grouping, gs) for b in blocks]
+    out = np.empty((TOKENS + 8, WIDTH + 64), np.uint16)
+    view = out[4:4 + TOKENS, 32:32 + WIDTH]  # restore writes into a larger buffer
+
+    def enc(items: list[np.ndarray]) -> None:
+        for b in items:
+            quant.encode(b, encoding, grouping, gs)
+
+    def dec(items: list[np.ndarray], target: np.ndarray = view) -> None:
+        for p in items:
+            quant.decode_into(p, target, encoding, grouping, gs)
+
+    def workers(fn: Callable, items: list) -> Callable[[], None]:
+        shards = [items[i::n_all] for i in range(n_all)]
+        targets = [np.empty((TOKENS, WIDTH), np.uint16) for _ in range(n_all)]
+
+        def run() -> None:
+            with ThreadPoolExecutor(n_all) as pool:
+                args = [(s,) if fn is enc else (s, t) for s, t in zip(shards, targets)]
+                list(pool.map(lambda a: fn(*a), args))
+        return run
+
+    row: dict[str, float] = {}
+    for name, threads, enc_fn, dec_fn in [
+            ("numba_1t", 1, lambda: enc(blocks), lambda: dec(payloads)),
+            ("numba_parallel", n_all, lambda: enc(blocks), lambda: dec(payloads)),
+            ("numba_workers", 1, workers(enc, blocks), workers(dec, payloads))]:
+        quant.set_threads(threads)
+        row[f"encode_{name}"] = nbytes / _median_seconds(enc_fn, repeats) / 1e9
+        row[f"decode_{name}"] = nbytes / _median_seconds(dec_fn, repeats) / 1e9
+    quant.set_threads(n_all)
+    row["encode_numpy"] = nbytes / _median_seconds(
+        lambda: [np_encode(b, encoding, grouping, gs) for b in blocks], numpy_repeats) / 1e9
+    row["decode_numpy"] = nbytes / _median_seconds(
+        lambda: [np_decode(p, TOKENS, WIDTH, encoding, grouping, gs) for p in payloads],
+        numpy_repeats) / 1e9
+    return row
+
+
+def _crossover(blocks: list[np.ndarray], repeats: int) -> list[dict[str, float]]:
+    """Single-call time of Q8 on one vs all threads by block size (sets PARALLEL_MIN_VALUES)."""
+    saved = quant.PARALLEL_MIN_VALUES
+    quant.PARALLEL_MIN_VALUES = 0
+    rows = []
+    big = np.concatenate(blocks[:16])
+    try:
+        for n_tokens in (16, 32, 64, 128, 256, 512, 1024, 4096):
+            bits = big[:n_tokens]
+            payload = quant.encode(bits, Encoding.Q8, Grouping.PER_TOKEN, 32)
+            out = np.empty_like(bits)
+            row: dict[str, float] = {"n_tokens": n_tokens, "values": bits.size}
+            for threads in (1, numba.config.NUMBA_NUM_THREADS):
+                quant.set_threads(threads)
+                loops = max(1, 200_000 // bits.size)
+
+                def enc() -> None:
+                    for _ in range(loops):
+                        quant.encode(bits, Encoding.Q8, Grouping.PER_TOKEN, 32)
+
+                def dec() -> None:
+                    for _ in range(loops):
+                        quant.decode_into(payload, out, Encoding.Q8, Grouping.PER_TOKEN, 32)
+                row[f"encode_us_{threads}t"] = _median_seconds(enc, repeats) / loops * 1e6
+                row[f"decode_us_{threads}t"] = _median_seconds(dec, repeats) / loops * 1e6
+            rows.append(row)
+    finally:
+        quant.PARALLEL_MIN_VALUES = saved
+        quant.set_threads(numba.config.NUMBA_NUM_THREADS)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction error
+
+
+def _fake_quant(x: np.ndarray, levels: int, grouping: Grouping, gs: int, symmetric: bool,
+                f32_params: bool) -> np.ndarray:
+    """Quantize-dequantize variants the format does not store (for the design comparison)."""
+    t, w = x.shape
+    g = x.reshape(t, w // gs, gs) if grouping == Grouping.PER_TOKEN else x.reshape(t // gs, gs, w)
+    axis = 2 if grouping == Grouping.PER_TOKEN else 1
+    if symmetric:
+        half = (levels - 1) // 2
+        scale = np.abs(g).max(axis, keepdims=True) / half
+        lo, codes_min, codes_max = 0.0, -half, half
+    else:
+        lo = g.min(axis, keepdims=True)
+        scale = (g.max(axis, keepdims=True) - lo) / levels
+        codes_min, codes_max = 0, levels
+    if not f32_params:  # the stored format's rule: round the scale up to an f16
+        s16 = scale.astype(np.float16)
+        s16 = np.where(s16 < scale, np.nextafter(s16, np.float16(np.inf)), s16)
+        scale = s16.astype(np.float32)
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    q = np.clip(np.round((g - lo) * inv), codes_min, codes_max)
+    return (lo + q * scale).reshape(t, w).astype(np.float16).astype(np.float32)
+
+
+def _error_stats(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    num = sum(float(((x.astype(np.float64) - y) ** 2).sum()) for x, y in pairs)
+    den = sum(float((x.astype(np.float64) ** 2).sum()) for x, _ in pairs)
+    return {"rel_rmse": (num / den) ** 0.5,
+            "max_abs": max(float(np.abs(x - y).max()) for x, y in pairs)}
+
+
+def _errors(keys: list[np.ndarray], values: list[np.ndarray]) -> list[dict]:
+    rows = []
+    values_per_block = TOKENS * WIDTH
+    for kind, blocks in (("keys", keys), ("values", values)):
+        f32 = [b.view(np.float16).astype(np.float32) for b in blocks]
+        for encoding in (Encoding.Q8, Encoding.Q4):
+            for grouping in Grouping:
+                for gs in (16, 32, 64, 128):
+                    pairs = []
+                    for b, x in zip(blocks, f32):
+                        p = quant.encode(b, encoding, grouping, gs)
+                        y = quant.decode(p, TOKENS, WIDTH, encoding, grouping, gs)
+                        pairs.append((x, y.view(np.float16).astype(np.float32)))
+                    size = quant.encoded_nbytes(TOKENS, WIDTH, encoding, grouping, gs)
+                    rows.append({"tensor": kind, "variant": f"{encoding.name} asym f16 params",
+                                 "grouping": grouping.name, "group_size": gs,
+                                 "bytes_per_value": size / values_per_block,
+                                 **_error_stats(pairs)})
+        gs = quant.DEFAULT_GROUP_SIZE
+        for levels, symmetric, f32_params, name, extra_bytes in [
+                (255, True, False, "Q8 sym f16 scale", 2), (255, False, True,
+                                                             "Q8 asym f32 params", 8),
+                (15, True, False, "Q4 sym f16 scale", 2), (15, False, True,
+                                                           "Q4 asym f32 params", 8)]:
+            for grouping in Grouping:
+                pairs = [(x, _fake_quant(x, levels, grouping, gs, symmetric, f32_params))
+                         for x in f32]
+                code_bits = 8 if levels == 255 else 4
+                rows.append({"tensor": kind, "variant": name, "grouping": grouping.name,
+                             "group_size": gs,
+                             "bytes_per_value": code_bits / 8 + extra_bytes / gs,
+                             **_error_stats(pairs)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _machine() -> dict[str, object]:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "numba_threads": numba.config.NUMBA_NUM_THREADS,
+            "threading_layer": numba.threading_layer(), "python": platform.python_version(),
+            "numpy": np.__version__, "numba": numba.__version__, "platform": platform.platform()}
+
+
+def _check_same_bytes(keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+    for encoding, grouping, kind in CASES:
+        bits = keys[0] if kind == "keys" else values[0]
+        payload = quant.encode(bits, encoding, grouping, quant.DEFAULT_GROUP_SIZE)
+        reference = np_encode(bits, encoding, grouping, quant.DEFAULT_GROUP_SIZE)
+        assert payload.tobytes() == reference.tobytes(), (encoding, grouping)
+        decoded = quant.decode(payload, TOKENS, WIDTH, encoding, grouping,
+                               quant.DEFAULT_GROUP_SIZE)
+        np.testing.assert_array_equal(decoded, np_decode(payload, TOKENS, WIDTH, encoding,
+                                                         grouping, quant.DEFAULT_GROUP_SIZE))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer blocks and repeats")
+    args = parser.parse_args()
+    n_blocks = 2 * BLOCKS if args.quick else LAYERS * BLOCKS
+    repeats, numpy_repeats = (3, 1) if args.quick else (7, 3)
+    keys, values = synthetic_kv(np.random.default_rng(0), n_blocks)
+    _check_same_bytes(keys, values)  # also compiles (or loads) every kernel
+    gs = quant.DEFAULT_GROUP_SIZE
+
+    throughput = []
+    print(f"{n_blocks} blocks of {TOKENS}x{WIDTH} f16 ({n_blocks * TOKENS * WIDTH * 2 / 1e6:.0f} "
+          f"MB), group {gs}, GB/s of f16, median of {repeats} (numpy {numpy_repeats})")
+    print(f"{'encoding':8} {'grouping':11} {'dir':6} {'numba 1T':>9} {'parallel':>9} "
+          f"{'workers':>9} {'numpy':>8} {'1T/numpy':>9} {'B/value':>8}")
+    for encoding, grouping, kind in CASES:
+        blocks = keys if kind == "keys" else values
+        row = _throughput(blocks, encoding, grouping, gs, repeats, numpy_repeats)
+        size = quant.encoded_nbytes(TOKENS, WIDTH, encoding, grouping, gs)
+        entry = {"encoding": encoding.name, "grouping": grouping.name, "data": kind,
+                 "group_size": gs, "bytes_per_value": size / (TOKENS * WIDTH), **row}
+        throughput.append(entry)
+        for d in ("encode", "decode"):
+            print(f"{encoding.name:8} {grouping.name:11} {d:6} {row[f'{d}_numba_1t']:9.2f} "
+                  f"{row[f'{d}_numba_parallel']:9.2f} {row[f'{d}_numba_workers']:9.2f} "
+                  f"{row[f'{d}_numpy']:8.3f} {row[f'{d}_numba_1t'] / row[f'{d}_numpy']:8.0f}x "
+                  f"{entry['bytes_per_value']:8.3f}")
+
+    crossover = _crossover(keys, repeats)
+    print("\nQ8 per-token, one call, microseconds: 1 thread vs all threads")
+    for r in crossover:
+        n = numba.config.NUMBA_NUM_THREADS
+        print(f"  {r['n_tokens']:5d} tokens: encode {r['encode_us_1t']:8.1f} / "
+              f"{r[f'encode_us_{n}t']:8.1f}   decode {r['decode_us_1t']:8.1f} / "
+              f"{r[f'decode_us_{n}t']:8.1f}")
+
+    errors = _errors(keys[:64], values[:64])
+    print("\nreconstruction error (64 blocks): relative RMSE, max |error|, bytes per value")
+    for e in errors:
+        print(f"  {e['tensor']:6} {e['variant']:20} {e['grouping']:11} g={e['group_size']:<4d}"
+              f" rel_rmse {e['rel_rmse']:.5f}  max_abs {e['max_abs']:.4f}  "
+              f"B/value {e['bytes_per_value']:.3f}")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "command": "python -m bench.bench_quant" + (" --quick" if args.quick else ""),
+        "machine": _machine(),
+        "block": {"tokens": TOKENS, "width": WIDTH, "blocks_per_timing": n_blocks,
+                  "repeats": repeats, "numpy_repeats": numpy_repeats, "group_size": gs,
+                  "parallel_min_values": quant.PARALLEL_MIN_VALUES},
+        "throughput_gbps": throughput, "parallel_crossover": crossover, "errors": errors,
+    }, indent=1) + "\n")
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Boundary types between the HTTP layer and the engine.
+
+The HTTP layer builds a :class:`GenerationRequest`, submits it with ``Engine.submit`` and reads
+:class:`TokenEvent`s then one :class:`Finished` (or an exception) from the returned
+:class:`GenerationHandle`. It never touches llama.cpp or the store directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.8
+    """0 means greedy."""
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+    max_tokens: int | None = None
+    """None: until the end of the context or an end-of-generation token."""
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """Exactly one of ``messages`` (chat) and ``prompt`` (plain completion) is set."""
+
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    session_id: str | None = None
+    """Continue (or create) this session: its stored messages come before ``messages``."""
+    model: str | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    text: str
+    """Text completed by this token (UTF-8 safe: may be empty while a character is incomplete)."""
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    """Prompt tokens whose KV came from the hot tier or the store instead of being computed."""
+    restored_tokens: int = 0
+    """Of ``cached_tokens``, those restored from a storage tier (the rest were still hot)."""
+    prefill_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+    session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    created: float
+    last_used: float
+    n_tokens: int
+    messages: list[dict[str, Any]]
+    blocks_per_tier: dict[str, int]
+    model: str
+    parent: str | None = None

@@ -1,0 +1,168 @@
+"""Snapshot and restore: between a slot of the hot tier and the block records of the store.
+
+Snapshots are incremental: a full block is written once (and not at all when another sequence
+already stored the same chain hash); the partial tail is written under a fresh id each time it
+changes, so blocks stay immutable and forks can share them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvtier.engine import state_codec
+from kvtier.engine.hot import HotContext, Slot
+from kvtier.engine.restore_policy import ThroughputModel
+from kvtier.errors import BlockCorrupt, BlockMissing
+from kvtier.storage.catalog import SequenceEntry
+from kvtier.storage.manager import TierManager
+from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StoredSequence:
+    """What the store holds of the conversation in a slot."""
+
+    seq_id: int
+    full: list[BlockId] = field(default_factory=list)
+    """Stored full blocks, in order, holding a prefix of the slot's tokens."""
+    chains: list[ChainHash] = field(default_factory=list)
+    """Chain hashes of the slot's full blocks (may run ahead of ``full``)."""
+    tail: BlockId | None = None
+    tail_tokens: int = 0
+
+    @property
+    def blocks(self) -> list[BlockId]:
+        return self.full + ([self.tail] if self.tail is not None else [])
+
+
+@dataclass(frozen=True, slots=True)
+class RestorePlan:
+    blocks: list[BlockId]
+    """Block b of the list holds positions [b*block_size, ...): full blocks, then maybe a tail."""
+    n_tokens: int
+
+
+@dataclass(slots=True)
+class Restored:
+    n_tokens: int
+    seconds: float
+    tiers: list[int]
+    """Tokens restored from each storage tier."""
+
+
+class Snapshotter:
+    def __init__(self, hot: HotContext, manager: TierManager, namespace: Namespace,
+                 block_size: int, throughput: ThroughputModel) -> None:
+        self.hot = hot
+        self.manager = manager
+        self.namespace = namespace
+        self.block_size = block_size
+        self.throughput = throughput
+        self.layout = state_codec.layout_of(hot.ptr)
+
+    # -- snapshot --------------------------------------------------------------------------------
+    def _chains(self, tokens: np.ndarray, known: list[ChainHash]) -> list[ChainHash]:
+        bs = self.block_size
+        chains = known[:len(tokens) // bs]
+        for b in range(len(chains), len(tokens) // bs):
+            chains.append(chain_hash(chains[-1] if chains else None, tokens[b * bs:(b + 1) * bs]))
+        return chains
+
+    def save(self, slot: Slot, seq: StoredSequence) -> StoredSequence:
+        """Store the blocks of ``slot`` that the store lacks and record the sequence."""
+        tokens = slot.tokens
+        bs = self.block_size
+        n_full = len(tokens) // bs
+        chains = self._chains(tokens, seq.chains)
+        full = seq.full[:n_full]
+        missing: list[int] = []
+        for b in range(len(full), n_full):
+            existing = self.manager.find_hash(self.namespace, chains[b])
+            full.append(existing) if existing is not None and not missing else missing.append(b)
+        tail_len = len(tokens) - n_full * bs
+        tail_changed = tail_len > 0 and (seq.tail is None or seq.tail_tokens != tail_len
+                                         or missing or len(full) < len(seq.full))
+        tail, tail_tokens = (seq.tail, seq.tail_tokens) if tail_len and not tail_changed \
+            else (None, 0)
+        if missing or tail_changed:
+            blocks = state_codec.split_blocks(
+                state_codec.parse(state_codec.read_state(self.hot.ptr, slot.index)), bs)
+            for b in missing:
+                stored = self.manager.put_block(self._fresh_id(seq.seq_id, b), blocks[b],
+                                                chains[b])
+                full.append(stored)
+            if tail_changed:
+                tail = self.manager.put_block(self._fresh_id(seq.seq_id, n_full), blocks[n_full])
+                tail_tokens = tail_len
+        saved = StoredSequence(seq.seq_id, full, chains, tail, tail_tokens)
+        self.manager.save_sequence(self.namespace, seq.seq_id, tokens, saved.blocks)
+        return saved
+
+    def _fresh_id(self, seq_id: int, block: int) -> BlockId:
+        candidate = BlockId(self.namespace, seq_id, block)
+        if not self.manager.has_block(candidate):
+            return candidate
+        return BlockId(self.namespace, self.manager.new_sequence(), block)
+
+    # -- restore ---------------------------------------------------------------------------------
+    def plan(self, tokens: np.ndarray, sequence: SequenceEntry | None = None) -> RestorePlan:
+        """The longest stored prefix of ``tokens``: shared full blocks, then the tail of
+        ``sequence`` (a session's own) when its tokens continue the prefix."""
+        bs = self.block_size
+        blocks = self.manager.match_prefix(self.namespace, tokens, bs)
+        n = len(blocks) * bs
+        if sequence is not None and len(sequence.blocks) == len(blocks) + 1:
+            stored = np.frombuffer(sequence.tokens, dtype="<i4")
+            tail_len = len(stored) - n
+            if 0 < tail_len < bs and len(tokens) >= len(stored) \
+                    and np.array_equal(stored[n:], tokens[n:len(stored)]):
+                blocks = blocks + [BlockId.from_bytes(sequence.blocks[-1])]
+                n = len(stored)
+        return RestorePlan(blocks, n)
+
+    def worth_restoring(self, plan: RestorePlan) -> bool:
+        per_tier = [0, 0, 0]
+        for b, block in enumerate(plan.blocks):
+            entry = self.manager.block_entry(block)
+            if entry is None:
+                return False
+            per_tier[entry.tier] += min(self.block_size, plan.n_tokens - b * self.block_size)
+        return self.throughput.restore_wins(per_tier)
+
+    def restore(self, slot: Slot, plan: RestorePlan, tokens: np.ndarray) -> Restored:
+        """Put the plan's blocks into ``slot`` (cleared first). Stops at the first block that is
+        missing or corrupt: what comes after it is recomputed, nothing is lost."""
+        start = time.perf_counter()
+        bs = self.block_size
+        loaded: list[tuple[int, list[LayerKV]]] = []
+        tiers = [0, 0, 0]
+        with self.manager.pinned(plan.blocks):
+            for b, block in enumerate(plan.blocks):
+                entry = self.manager.block_entry(block)
+                try:
+                    layers = self.manager.get_block(block)
+                except (BlockMissing, BlockCorrupt) as exc:
+                    log.warning("restore of %s stops at block %d: %s", block, b, exc)
+                    break
+                loaded.append((b, layers))
+                if entry is not None:
+                    tiers[entry.tier] += layers[0].n_tokens
+        n = min(plan.n_tokens, sum(layers[0].n_tokens for _, layers in loaded))
+        self.hot.clear(slot)
+        if n == 0:
+            return Restored(0, 0.0, tiers)
+        blob = state_codec.compose(self.layout, slot.index,
+                                   state_codec.stream_of(self.layout, slot.index), loaded, bs)
+        state_codec.write_state(self.hot.ptr, slot.index, blob)
+        slot.tokens = np.array(tokens[:n], dtype=np.int32)
+        seconds = time.perf_counter() - start
+        for tier, count in enumerate(tiers):
+            if count:
+                self.throughput.observe_restore(tier, count, seconds * count / n)
+        return Restored(n, seconds, tiers)

@@ -1,0 +1,67 @@
+"""Typed errors. The HTTP edge maps each to an OpenAI-style error once; nothing matches messages."""
+
+from __future__ import annotations
+
+
+class KvtierError(Exception):
+    """Base of every error kvtier raises on purpose."""
+
+
+class ConfigError(KvtierError):
+    """A configuration key has an unknown name or an impossible value."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+class BlockCorrupt(KvtierError):
+    """A stored record failed its checksum or could not be decoded; it is never returned as data."""
+
+
+class BlockMissing(KvtierError):
+    """A block the catalog lists is in no tier."""
+
+
+class ModelMismatch(KvtierError):
+    """KV computed by one model (or cache type) was about to be used with another."""
+
+
+class TierFull(KvtierError):
+    """A tier cannot take a record even after demoting everything it may demote."""
+
+
+class UnsupportedLayout(KvtierError):
+    """A llama.cpp state blob has a layout kvtier does not know; it never guesses."""
+
+
+class StoreLocked(KvtierError):
+    """Another process holds the data directory."""
+
+
+class SessionNotFound(KvtierError):
+    """No session has the given id."""
+
+
+class InvalidRequest(KvtierError):
+    """A request's content is impossible (bad parameter, bad session id, ...)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextOverflow(KvtierError):
+    """The prompt plus the requested tokens do not fit the model's context."""
+
+
+class Overloaded(KvtierError):
+    """More requests are waiting for a slot than the queue holds."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ModelNotFound(KvtierError):
+    """The request names a model this server does not serve."""

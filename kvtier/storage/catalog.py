@@ -1,0 +1,262 @@
+"""The persistent catalog: where every block lives, which sequences and sessions use it.
+
+An LMDB environment of its own (``<data_dir>/catalog``), synced on commit, with named databases:
+
+    meta       format version, next sequence id, clean-shutdown flag, namespaces' fingerprints
+    blocks     BlockId bytes            → BlockEntry (msgpack)
+    hashes     namespace | chain hash   → BlockId bytes of the one stored copy of that full block
+    sequences  namespace | sequence u64 → SequenceEntry (msgpack)
+    sessions   session id (utf-8)       → SessionEntry (msgpack)
+
+The catalog knows where blocks are; the codec knows their bytes. Block data is always written
+before the catalog entry that points at it, and deleted only after the entry's removal commits.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from kvtier.storage.records import BlockId, ChainHash, Namespace
+
+CATALOG_VERSION = 1
+_U64 = struct.Struct(">Q")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEntry:
+    """What the catalog knows of one block (all its layers)."""
+
+    tier: int
+    """Index into the manager's tiers (0 warm, 1 cool, 2 cold)."""
+    stored_bytes: int
+    """Bytes the block costs against its tier's budget."""
+    raw_bytes: int
+    """Bytes of the block as llama.cpp holds it (for compression ratios)."""
+    n_layers: int
+    n_tokens: int
+    refs: int = 1
+    """Sequences whose block lists name this block."""
+    chain: bytes = b""
+    """Chain hash of a full, shared block; empty for a sequence's partial tail."""
+    created: float = 0.0
+    last_access: float = 0.0
+    hits: float = 0.0
+    """Hit count decayed with ``eviction.hit_half_life_s`` as of ``last_access``."""
+    attention: float = -1.0
+    """Measured attention score; negative until the engine reports one."""
+
+    def pack(self) -> bytes:
+        return msgpack.packb(list(asdict(self).values()))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> BlockEntry:
+        return cls(*msgpack.unpackb(data))
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceEntry:
+    """A stored token sequence: its tokens and the blocks (possibly shared) that hold its KV."""
+
+    namespace: bytes
+    sequence: int
+    tokens: bytes
+    """Token ids as little-endian int32."""
+    blocks: tuple[bytes, ...]
+    """BlockId bytes, in order; full blocks first, then at most one partial tail block."""
+    created: float
+    updated: float
+
+    def pack(self) -> bytes:
+        return msgpack.packb([self.namespace, self.sequence, self.tokens, list(self.blocks),
+                              self.created, self.updated])
+
+    @classmethod
+    def unpack(cls, data: bytes) -> SequenceEntry:
+        ns, seq, tokens, blocks, created, updated = msgpack.unpackb(data)
+        return cls(ns, seq, tokens, tuple(blocks), created, updated)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens) // 4
+
+    def block_ids(self) -> list[BlockId]:
+        return [BlockId.from_bytes(b) for b in self.blocks]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEntry:
+    """A named conversation: its sequence and whatever the engine keeps about it."""
+
+    session_id: str
+    namespace: bytes
+    sequence: int
+    created: float
+    last_used: float
+    data: dict[str, Any] = field(default_factory=dict)
+    """Engine-owned metadata (messages, model name, ...), msgpack-able."""
+
+    def pack(self) -> bytes:
+        return msgpack.packb([self.session_id, self.namespace, self.sequence, self.created,
+                              self.last_used, self.data])
+
+    @classmethod
+    def unpack(cls, data: bytes) -> SessionEntry:
+        return cls(*msgpack.unpackb(data))
+
+
+def sequence_key(namespace: bytes, sequence: int) -> bytes:
+    return namespace + _U64.pack(sequence)
+
+
+class CatalogTxn:
+    """Typed access to the catalog inside one LMDB transaction."""
+
+    def __init__(self, catalog: Catalog, txn: lmdb.Transaction) -> None:
+        self._c = catalog
+        self._txn = txn
+
+    # blocks
+    def get_block(self, block: BlockId) -> BlockEntry | None:
+        data = self._txn.get(block.to_bytes(), db=self._c.blocks_db)
+        return BlockEntry.unpack(data) if data is not None else None
+
+    def put_block(self, block: BlockId, entry: BlockEntry) -> None:
+        self._txn.put(block.to_bytes(), entry.pack(), db=self._c.blocks_db)
+
+    def delete_block(self, block: BlockId) -> None:
+        self._txn.delete(block.to_bytes(), db=self._c.blocks_db)
+
+    def iter_blocks(self) -> Iterator[tuple[BlockId, BlockEntry]]:
+        cursor = self._txn.cursor(db=self._c.blocks_db)
+        for key, value in cursor:
+            yield BlockId.from_bytes(key), BlockEntry.unpack(value)
+
+    # content hashes of shared full blocks
+    def find_hash(self, namespace: Namespace, chain: ChainHash) -> BlockId | None:
+        data = self._txn.get(namespace + chain, db=self._c.hashes_db)
+        return BlockId.from_bytes(data) if data is not None else None
+
+    def put_hash(self, namespace: Namespace, chain: ChainHash, block: BlockId) -> None:
+        self._txn.put(namespace + chain, block.to_bytes(), db=self._c.hashes_db)
+
+    def delete_hash(self, namespace: Namespace, chain: bytes) -> None:
+        self._txn.delete(namespace + chain, db=self._c.hashes_db)
+
+    def iter_hashes(self) -> Iterator[tuple[bytes, BlockId]]:
+        cursor = self._txn.cursor(db=self._c.hashes_db)
+        for key, value in cursor:
+            yield bytes(key), BlockId.from_bytes(value)
+
+    # sequences
+    def next_sequence(self) -> int:
+        current = self._txn.get(b"next_seq", db=self._c.meta_db)
+        value = _U64.unpack(current)[0] if current else 1
+        self._txn.put(b"next_seq", _U64.pack(value + 1), db=self._c.meta_db)
+        return value
+
+    def get_sequence(self, namespace: bytes, sequence: int) -> SequenceEntry | None:
+        data = self._txn.get(sequence_key(namespace, sequence), db=self._c.sequences_db)
+        return SequenceEntry.unpack(data) if data is not None else None
+
+    def put_sequence(self, entry: SequenceEntry) -> None:
+        self._txn.put(sequence_key(entry.namespace, entry.sequence), entry.pack(),
+                      db=self._c.sequences_db)
+
+    def delete_sequence(self, namespace: bytes, sequence: int) -> None:
+        self._txn.delete(sequence_key(namespace, sequence), db=self._c.sequences_db)
+
+    def iter_sequences(self) -> Iterator[SequenceEntry]:
+        cursor = self._txn.cursor(db=self._c.sequences_db)
+        for _, value in cursor:
+            yield SequenceEntry.unpack(value)
+
+    # sessions
+    def get_session(self, session_id: str) -> SessionEntry | None:
+        data = self._txn.get(session_id.encode(), db=self._c.sessions_db)
+        return SessionEntry.unpack(data) if data is not None else None
+
+    def put_session(self, entry: SessionEntry) -> None:
+        self._txn.put(entry.session_id.encode(), entry.pack(), db=self._c.sessions_db)
+
+    def delete_session(self, session_id: str) -> None:
+        self._txn.delete(session_id.encode(), db=self._c.sessions_db)
+
+    def iter_sessions(self, after: str = "") -> Iterator[SessionEntry]:
+        cursor = self._txn.cursor(db=self._c.sessions_db)
+        if after:
+            if not cursor.set_range(after.encode()):
+                return
+            if bytes(cursor.key()) == after.encode() and not cursor.next():
+                return
+        elif not cursor.first():
+            return
+        for _, value in cursor:
+            yield SessionEntry.unpack(value)
+
+    # meta
+    def get_meta(self, name: bytes) -> bytes | None:
+        return self._txn.get(name, db=self._c.meta_db)
+
+    def put_meta(self, name: bytes, value: bytes) -> None:
+        self._txn.put(name, value, db=self._c.meta_db)
+
+
+class Catalog:
+    """The catalog's LMDB environment. Use :meth:`read` and :meth:`write` as context managers."""
+
+    def __init__(self, path: Path, map_size: int = 4 * 1024**3) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, readahead=False)
+        self.meta_db = self.env.open_db(b"meta")
+        self.blocks_db = self.env.open_db(b"blocks")
+        self.hashes_db = self.env.open_db(b"hashes")
+        self.sequences_db = self.env.open_db(b"sequences")
+        self.sessions_db = self.env.open_db(b"sessions")
+        with self.write() as txn:
+            version = txn.get_meta(b"version")
+            if version is None:
+                txn.put_meta(b"version", _U64.pack(CATALOG_VERSION))
+            elif _U64.unpack(version)[0] != CATALOG_VERSION:
+                raise RuntimeError(f"catalog format {_U64.unpack(version)[0]}, this kvtier "
+                                   f"reads {CATALOG_VERSION}")
+
+    @contextmanager
+    def read(self) -> Iterator[CatalogTxn]:
+        with self.env.begin() as txn:
+            yield CatalogTxn(self, txn)
+
+    @contextmanager
+    def write(self) -> Iterator[CatalogTxn]:
+        with self.env.begin(write=True) as txn:
+            yield CatalogTxn(self, txn)
+
+    def was_clean(self) -> bool:
+        with self.read() as txn:
+            return txn.get_meta(b"clean") == b"1"
+
+    def set_clean(self, clean: bool) -> None:
+        with self.write() as txn:
+            txn.put_meta(b"clean", b"1" if clean else b"0")
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def touched(entry: BlockEntry, now: float, half_life_s: float) -> BlockEntry:
+    """The entry after one more hit at ``now``: the old count decays, then one is added."""
+    decay = 0.5 ** (max(0.0, now - entry.last_access) / half_life_s) if entry.last_access else 1.0
+    return replace(entry, hits=entry.hits * decay + 1.0, last_access=now)
+
+
+def now() -> float:
+    return time.time()

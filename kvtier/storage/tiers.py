@@ -1,0 +1,223 @@
+"""Storage tiers: one small interface, an LMDB implementation (warm) and a RocksDB one (cool, cold).
+
+A tier stores opaque record bytes under record keys. It knows nothing of budgets, encodings or the
+catalog: the tier manager holds the tiers in order and never reaches inside one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lmdb
+from rocksdict import DBCompressionType, Options, Rdict, WriteBatch
+
+from kvtier.errors import TierFull
+
+LMDB_PAGE = 4096
+
+
+class Tier(ABC):
+    """get / put_many / contains / delete / stats / close, plus key iteration for collection."""
+
+    name: str
+
+    @abstractmethod
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return [self.get(k) for k in keys]
+
+    @abstractmethod
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Write all items or none; raise :class:`TierFull` when the tier has no room."""
+
+    def contains(self, key: bytes) -> bool:
+        return self.get(key) is not None
+
+    @abstractmethod
+    def delete(self, keys: Sequence[bytes]) -> None: ...
+
+    @abstractmethod
+    def keys(self) -> Iterator[bytes]:
+        """Every key, in order; for orphan collection and inspection, not the hot path."""
+
+    @abstractmethod
+    def disk_bytes(self) -> int:
+        """Bytes the tier's files take on disk."""
+
+    def stored_bytes(self, value_len: int) -> int:
+        """Bytes a value of ``value_len`` bytes costs against the tier's budget."""
+        return value_len
+
+    def compact(self) -> None:
+        """Give free space back to the file system, where the tier can."""
+
+    def stats(self) -> dict[str, int]:
+        return {"disk_bytes": self.disk_bytes()}
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+class LmdbTier(Tier):
+    """The warm tier: a memory-mapped LMDB environment whose map size is the host RAM budget."""
+
+    def __init__(self, path: Path, map_size: int, name: str = "warm") -> None:
+        self.name = name
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        # The warm tier is a cache of blocks whose catalog entries are written (synced) after them:
+        # a system crash can only lose data the catalog repair treats as missing, so skip fsync.
+        self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=1, sync=False,
+                             metasync=False, readahead=False, lock=True)
+        self.map_size = map_size
+
+    def get(self, key: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(key)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        with self.env.begin() as txn:
+            return [txn.get(k) for k in keys]
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        try:
+            with self.env.begin(write=True) as txn:
+                for key, value in items:
+                    txn.put(key, value)
+        except lmdb.MapFullError:
+            raise TierFull(f"{self.name}: LMDB map of {self.map_size} bytes is full") from None
+
+    def contains(self, key: bytes) -> bool:
+        with self.env.begin(buffers=True) as txn:
+            return txn.get(key) is not None
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        with self.env.begin(write=True) as txn:
+            for key in keys:
+                txn.delete(key)
+
+    def keys(self) -> Iterator[bytes]:
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            for key in cursor.iternext(keys=True, values=False):
+                yield bytes(key)
+
+    def stored_bytes(self, value_len: int) -> int:
+        # Values this large live on overflow pages; a page header comes first.
+        return -(-(value_len + 16) // LMDB_PAGE) * LMDB_PAGE
+
+    def disk_bytes(self) -> int:
+        return _dir_bytes(self.path)
+
+    def stats(self) -> dict[str, int]:
+        info = self.env.info()
+        stat = self.env.stat()
+        used = (info["last_pgno"] + 1) * stat["psize"]
+        return {"disk_bytes": self.disk_bytes(), "map_size": self.map_size, "map_used": used}
+
+    def copy_compacted(self, dest: Path) -> None:
+        """Write a compacted copy of the environment into the empty directory ``dest``."""
+        self.env.copy(str(dest), compact=True)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class RocksStore:
+    """One RocksDB database, holding one column family per tier that lives at its path."""
+
+    def __init__(self, path: Path, column_families: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        options = self._options()
+        existing = Rdict.list_cf(str(self.path), options) if (self.path / "CURRENT").exists() \
+            else ["default"]
+        wanted = set(existing) | set(column_families)
+        self.db = Rdict(str(self.path), options=options,
+                        column_families={cf: self._options() for cf in wanted if cf != "default"})
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _options() -> Options:
+        opt = Options(raw_mode=True)
+        opt.create_if_missing(True)
+        opt.create_missing_column_families(True)
+        # Values are already zstd-compressed, ~50 KB each: keep them out of the LSM tree in blob
+        # files so compactions move keys, not payloads, and do not compress them again.
+        opt.set_enable_blob_files(True)
+        opt.set_min_blob_size(4096)
+        opt.set_enable_blob_gc(True)
+        opt.set_compression_type(DBCompressionType.none())
+        opt.set_blob_compression_type(DBCompressionType.none())
+        return opt
+
+    def close(self) -> None:
+        self.db.close()
+        self.db = None
+
+
+class RocksTier(Tier):
+    """The cool (local SSD) and cold (NFS/HDD) tiers: a column family of a RocksDB database."""
+
+    def __init__(self, store: RocksStore, column_family: str) -> None:
+        self.name = column_family
+        self.store = store
+        self.cf = store.db.get_column_family(column_family)
+        self.cf_handle = store.db.get_column_family_handle(column_family)
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.cf.get(key)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return list(self.cf.get(list(keys))) if keys else []
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        batch = WriteBatch(raw_mode=True)
+        for key, value in items:
+            batch.put(key, value, self.cf_handle)
+        self.store.db.write(batch)
+
+    def contains(self, key: bytes) -> bool:
+        return self.cf.key_may_exist(key) and self.cf.get(key) is not None
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        batch = WriteBatch(raw_mode=True)
+        for key in keys:
+            batch.delete(key, self.cf_handle)
+        self.store.db.write(batch)
+
+    def keys(self) -> Iterator[bytes]:
+        yield from self.cf.keys()
+
+    def disk_bytes(self) -> int:
+        return _dir_bytes(self.store.path)
+
+    def compact(self) -> None:
+        self.cf.compact_range(None, None)
+
+    def flush(self) -> None:
+        self.store.db.flush()
+
+    def close(self) -> None:
+        """Drop the column family; its store is closed by its owner (it may hold others).
+
+        rocksdict keeps the database open, and its LOCK held, while a column family object
+        lives, so this must run before the store's close."""
+        self.cf = None
+        self.cf_handle = None

@@ -1,0 +1,88 @@
+"""The tier manager against a plain dict, with tiny budgets, reopening as it goes."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvtier.errors import BlockMissing
+from kvtier.storage.manager import TierManager
+from tests.factories import NS, block_id, f16, make_config, make_layers
+
+
+class TierManagerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="kvtier-stateful-"))
+        self.config = make_config(self.dir, **{"tiers.local_ssd_budget": "300KiB",
+                                               "tiers.nfs_budget": "300KiB"})
+        self.manager = TierManager(self.config, background=False)
+        self.model: dict[int, list] = {}
+        self.next_seq = 1
+        self.drops_before = 0
+
+    def teardown(self) -> None:
+        self.manager.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def drops(self) -> int:
+        return self.drops_before + sum(s.drops for s in self.manager.stats())
+
+    @rule(seed=st.integers(0, 10_000), n_tokens=st.sampled_from([1, 17, 64]))
+    def put(self, seed, n_tokens):
+        seq = self.next_seq
+        self.next_seq += 1
+        layers = make_layers(seed, n_tokens=n_tokens)
+        b = self.manager.put_block(block_id(seq, 0), layers)
+        self.manager.save_sequence(NS, seq, np.arange(n_tokens), [b])
+        self.model[seq] = layers
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def get(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.model)))
+        try:
+            back = self.manager.get_block(block_id(seq, 0))
+        except BlockMissing:
+            return  # dropped: the invariant below checks that it was counted
+        for a, b in zip(self.model[seq], back):
+            for x, y in ((f16(a.k), f16(b.k)), (f16(a.v), f16(b.v))):
+                assert y.shape == x.shape
+                assert np.abs(x - y).max() <= (x.max() - x.min()) / 15 + 1e-3
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def delete(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.model)))
+        self.manager.delete_sequence(NS, seq)
+        del self.model[seq]
+        assert self.manager.block_entry(block_id(seq, 0)) is None
+
+    @rule()
+    def reopen(self):
+        self.drops_before = self.drops()
+        self.manager.close()
+        self.manager = TierManager(self.config, background=False)
+        assert self.manager.repaired == {}
+
+    @invariant()
+    def budgets_hold(self):
+        for stat in self.manager.stats():
+            assert stat.stored_bytes <= stat.budget
+
+    @invariant()
+    def nothing_lost_uncounted(self):
+        present = sum(self.manager.block_entry(block_id(s, 0)) is not None for s in self.model)
+        assert len(self.model) - present <= self.drops()
+        stored = sum(s.blocks for s in self.manager.stats())
+        assert stored == present
+
+
+TierManagerMachine.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_tier_manager_against_a_dict = TierManagerMachine.TestCase
