@@ -35,6 +35,10 @@ class UnsupportedLayout(KvtierError):
     """A llama.cpp state blob has a layout kvtier does not know; it never guesses."""
 
 
+class StateRejected(KvtierError):
+    """llama.cpp refused to read or write a sequence's state (``set_data``/``get_data`` failed)."""
+
+
 class StoreLocked(KvtierError):
     """Another process holds the data directory."""
 

@@ -475,6 +475,7 @@ class Engine:
         """Decode the last sampled token (so the KV holds the whole reply), store, report."""
         self._active.remove(job)
         slot = job.slot
+        outcome: Finished | KvtierError
         try:
             if job.next_token is not None and len(slot.tokens) < self.n_ctx_per_slot:
                 self.hot.decode([BatchItem(slot.index, np.array([job.next_token], np.int32),
@@ -489,14 +490,15 @@ class Engine:
             usage = Usage(len(job.prompt), sum(1 for t in job.generated
                                                if not self.model.is_eog(t)),
                           job.cached, job.restored, len(job.prompt) - job.cached)
-            job.handle._emit(Finished(job.stream.text, job.finish_reason or "stop", usage,
-                                      session_id))
+            outcome = Finished(job.stream.text, job.finish_reason or "stop", usage, session_id)
         except Exception as exc:
             log.exception("finishing a request failed")
-            job.handle._emit(exc if isinstance(exc, KvtierError) else
-                             KvtierError(f"finishing the request failed: {exc}"))
-        finally:
-            self._release(job)
+            outcome = exc if isinstance(exc, KvtierError) else \
+                KvtierError(f"finishing the request failed: {exc}")
+        # Release first: a client that submits again as soon as it has the result must find the
+        # slot and the session free.
+        self._release(job)
+        job.handle._emit(outcome)
 
     def _save_session(self, job: _Job) -> str | None:
         sid = job.request.session_id
@@ -523,12 +525,12 @@ class Engine:
     def _fail(self, job: _Job, exc: Exception) -> None:
         if job in self._active:
             self._active.remove(job)
-        job.handle._emit(exc if isinstance(exc, KvtierError) else
-                         KvtierError(f"generation failed: {exc}"))
         if job.slot is not None:
             self.hot.clear(job.slot)
             self._slot_seq.pop(job.slot.index, None)
         self._release(job)
+        job.handle._emit(exc if isinstance(exc, KvtierError) else
+                         KvtierError(f"generation failed: {exc}"))
 
     def _release(self, job: _Job) -> None:
         if job.sampler is not None:

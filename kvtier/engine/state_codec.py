@@ -11,7 +11,7 @@ A blob from ``llama_state_seq_get_data`` (llama-cpp-python 0.3.36), all little-e
                                   n_layer x { i32 type ; u64 row_bytes ; cell_count rows }      K
                                   v_trans == 0: n_layer x { i32 type ; u64 row_bytes ; rows }   V
                                   v_trans == 1: n_layer x { i32 type ; u32 elem_bytes ;
-                                                            u32 n_embd ; n_embd x cell_count elems } }
+                                                  u32 n_embd ; n_embd x cell_count elems } }
 
 The blob has no version field: the magic, the exact byte count and the pinned llama-cpp-python
 (:func:`layout_of` checks it) are all that guard the layout, so anything unexpected is refused with
@@ -38,7 +38,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from kvtier.errors import KvtierError, ModelMismatch, UnsupportedLayout
+from kvtier.errors import ModelMismatch, StateRejected, UnsupportedLayout
 from kvtier.storage.records import LayerKV, TensorRows
 
 STATE_MAGIC = 0xAF143CD8
@@ -60,15 +60,12 @@ _CACHE_TYPES: dict[int, tuple[int, int]] = {
 _ELEM_DTYPES = {1: np.dtype(np.uint8), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _HEADER = struct.Struct("<Ii")
 _U32 = struct.Struct("<I")
+_TRANS_LAYERS = struct.Struct("<II")       # v_trans, n_layer
 _TENSOR_HEAD = struct.Struct("<iQ")        # K, and V when not transposed: type, row bytes
-_TENSOR_HEAD_T = struct.Struct("<iII")     # transposed V: type, element bytes, n_embd
+_TENSOR_HEAD_T = struct.Struct("<iII")     # transposed V: type, element bytes, n_embd; 12 bytes too
 _CELL_BYTES = 12                           # i32 pos, u32 n_seq_id, i32 seq_id
 _MAX_CACHES = 2
 _MAX_STREAMS = 256                         # LLAMA_MAX_SEQ
-
-
-class StateRejected(KvtierError):
-    """llama.cpp refused to read or write a sequence's state (``set_data``/``get_data`` failed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +111,7 @@ class CacheCells:
     k: tuple[np.ndarray, ...]
     """Per layer, uint8 (n_cells, row_bytes); may be read-only views into the blob."""
     v: tuple[np.ndarray, ...]
-    """Per layer, uint8 (n_cells, row_bytes), one row per token even when the blob has V transposed."""
+    """Per layer, uint8 (n_cells, row_bytes): one row per token even where the blob transposes V."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +224,7 @@ def _parse_cells(r: _Reader, data: np.ndarray, seq_id: int, n_stream: int, n_cel
     meta = meta.reshape(n_cells, 3)
     if np.any(meta[:, 1] != 1):
         # A per-sequence blob lists only the requested sequence per cell; more ids (or a
-        # llama_kv_cell_ext between n_seq_id and the ids, as M-RoPE models write) is not this layout.
+        # llama_kv_cell_ext between n_seq_id and the ids, as M-RoPE models write) is another layout.
         raise UnsupportedLayout("a cell does not list exactly one sequence id (cell ext or a "
                                 "whole-context state?)")
     if np.any(meta[:, 2] != seq_id):
@@ -235,7 +232,7 @@ def _parse_cells(r: _Reader, data: np.ndarray, seq_id: int, n_stream: int, n_cel
     positions = meta[:, 0].copy()
     if np.any(positions < 0):
         raise UnsupportedLayout("a cell has a negative position")
-    v_trans, n_layer = r.unpack(struct.Struct("<II"), "v_trans and n_layer")
+    v_trans, n_layer = r.unpack(_TRANS_LAYERS, "v_trans and n_layer")
     if v_trans not in (0, 1):
         raise UnsupportedLayout(f"v_trans is {v_trans}, not 0 or 1")
     if n_layer == 0 or n_layer * 2 * _TENSOR_HEAD.size > r.left:
@@ -310,8 +307,8 @@ def split_blocks(state: SequenceState, block_size: int) -> dict[int, list[LayerK
                  for lo, hi, p0 in (runs[b],)]
         end = max(e for _, e in spans)
         if min(s for s, _ in spans) != b * block_size or any(e != end for _, e in spans):
-            raise UnsupportedLayout(f"block {b}: the caches hold positions {spans} (half-open), not "
-                                    f"runs that end together with the longest starting at "
+            raise UnsupportedLayout(f"block {b}: the caches hold positions {spans} (half-open), "
+                                    f"not runs that end together with the longest starting at "
                                     f"{b * block_size}")
         layers: list[LayerKV] = []
         for cache, layout, (order, runs) in zip(state.caches, state.layout.caches, per_cache):
@@ -373,7 +370,7 @@ def compose(layout: StateLayout, seq_id: int, stream: int,
     for (b0, _), (b1, _) in zip(ordered, ordered[1:]):
         if b0 == b1:
             raise ValueError(f"block {b0} given twice")
-    # Per cache: the position of every cell, and (layers, first layer index) of each block with rows.
+    # Per cache: the positions of its cells and the records of each block that has rows in it.
     positions: list[list[np.ndarray]] = [[] for _ in layout.caches]
     segments: list[list[Sequence[LayerKV]]] = [[] for _ in layout.caches]
     for b, layers in ordered:
@@ -390,7 +387,8 @@ def compose(layout: StateLayout, seq_id: int, stream: int,
     n_cells = [sum(p.size for p in ps) for ps in positions]
     total = _HEADER.size + sum(
         _U32.size * (1 + c.n_stream)
-        + (n * (_CELL_BYTES + c.row_bytes) + 8 + 2 * c.n_layer * _TENSOR_HEAD.size if n else 0)
+        + (n * (_CELL_BYTES + c.row_bytes) + _TRANS_LAYERS.size + 2 * c.n_layer * _TENSOR_HEAD.size
+           if n else 0)
         for c, n in zip(layout.caches, n_cells))
     data = np.empty(total, dtype=np.uint8)
     out = memoryview(data)
@@ -441,7 +439,8 @@ def _explain(cache: CacheLayout, b: int, base: int, il: int, m: int, k: TensorRo
                               (v, cache.v_types[il], cache.v_row_bytes[il], "V")):
         where = f"block {b} layer {base + il} {kind}"
         if rows.rows.dtype != np.uint8 or rows.rows.ndim != 2:
-            raise ValueError(f"{where}: rows are {rows.rows.dtype} {rows.rows.shape}, not 2-D uint8")
+            raise ValueError(f"{where}: rows are {rows.rows.dtype} {rows.rows.shape}, "
+                             f"not 2-D uint8")
         if rows.ggml_type != t or rows.row_bytes != rb:
             raise ModelMismatch(f"{where}: type {rows.ggml_type} x {rows.row_bytes} bytes, the "
                                 f"context caches type {t} x {rb} bytes")
@@ -459,8 +458,8 @@ def _write_cells(out: memoryview, data: np.ndarray, off: int, cache: CacheLayout
     meta[:, 1] = 1
     meta[:, 2] = seq_id
     off += n * _CELL_BYTES
-    struct.pack_into("<II", out, off, int(cache.v_trans), cache.n_layer)
-    off += 8
+    _TRANS_LAYERS.pack_into(out, off, int(cache.v_trans), cache.n_layer)
+    off += _TRANS_LAYERS.size
     for il in range(cache.n_layer):
         rb = cache.k_row_bytes[il]
         _TENSOR_HEAD.pack_into(out, off, cache.k_types[il], rb)

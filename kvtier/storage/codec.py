@@ -36,6 +36,15 @@ RAW = -1
 """Encoding of rows that are not f16 (llama.cpp's own quantized cache types): stored as they are."""
 
 
+GROUP_SIZE = {Encoding.F16: 32, Encoding.Q8: 32, Encoding.Q4: 16}
+"""Values per quantization group. Measured on the default model (docs/quantization.md): Q8 at 32
+is already at the model's own noise floor; Q4 needs 16 to stay near it."""
+
+SINK_ROWS = 4
+"""Rows of a sequence's first block kept exact (f16) in every encoding: the first tokens are the
+attention sinks, with outliers that would inflate their per-channel key groups' scales."""
+
+
 @dataclass(frozen=True, slots=True)
 class RecordFormat:
     """How a tier stores f16 records: the encoding, and a zstd level (0: no compression)."""
@@ -69,6 +78,8 @@ class RecordHeader:
     key_min: bytes
     """Per-channel minimum of K as f16 bytes (empty when K is not f16)."""
     key_max: bytes
+    exact_rows: int = 0
+    """Leading rows stored as f16 before the quantized rest (see SINK_ROWS)."""
 
     @property
     def payload_nbytes(self) -> int:
@@ -102,14 +113,16 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def _encode_tensor(t: TensorRows, encoding: Encoding, grouping: Grouping
+def _encode_tensor(t: TensorRows, encoding: Encoding, grouping: Grouping, exact_rows: int
                    ) -> tuple[TensorHeader, np.ndarray]:
     if not t.is_f16:
         return (TensorHeader(t.ggml_type, RAW, 0, 0, t.row_bytes, t.rows.nbytes),
                 np.ascontiguousarray(t.rows).reshape(-1))
     bits = np.ascontiguousarray(t.rows).view(np.uint16)
-    group = quant.DEFAULT_GROUP_SIZE
-    payload = quant.encode(bits, encoding, grouping, group)
+    group = GROUP_SIZE[encoding]
+    payload = quant.encode(bits[exact_rows:], encoding, grouping, group)
+    if exact_rows:
+        payload = np.concatenate([bits[:exact_rows].reshape(-1).view(np.uint8), payload])
     return (TensorHeader(GGML_TYPE_F16, int(encoding), int(grouping), group, bits.shape[1],
                          payload.nbytes), payload)
 
@@ -121,18 +134,19 @@ def key_summary(k: TensorRows) -> tuple[bytes, bytes]:
     return values.min(axis=0).tobytes(), values.max(axis=0).tobytes()
 
 
-def encode_record(layer: LayerKV, fmt: RecordFormat) -> bytes:
-    """Serialize one layer of one block for a tier."""
+def encode_record(layer: LayerKV, fmt: RecordFormat, exact_rows: int = 0) -> bytes:
+    """Serialize one layer of one block for a tier, the first ``exact_rows`` rows exactly."""
     if layer.k.n_tokens != layer.v.n_tokens:
         raise ValueError("K and V hold different numbers of tokens")
-    k_head, k_payload = _encode_tensor(layer.k, fmt.encoding, quant.KEY_GROUPING)
-    v_head, v_payload = _encode_tensor(layer.v, fmt.encoding, quant.VALUE_GROUPING)
+    exact_rows = 0 if fmt.encoding == Encoding.F16 else min(exact_rows, layer.n_tokens - 1)
+    k_head, k_payload = _encode_tensor(layer.k, fmt.encoding, quant.KEY_GROUPING, exact_rows)
+    v_head, v_payload = _encode_tensor(layer.v, fmt.encoding, quant.VALUE_GROUPING, exact_rows)
     payload: bytes | bytearray = b"".join((k_payload.data, v_payload.data))
     if fmt.zstd_level:
         payload = _compressor(fmt.zstd_level).compress(payload)
     key_min, key_max = key_summary(layer.k)
     header = msgpack.packb([FORMAT_VERSION, layer.n_tokens, k_head.pack(), v_head.pack(),
-                            bool(fmt.zstd_level), key_min, key_max])
+                            bool(fmt.zstd_level), key_min, key_max, exact_rows])
     body = struct.pack("<I", len(header)) + header + payload
     return MAGIC + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)) + body
 
@@ -153,9 +167,9 @@ def _parse_header(view: memoryview) -> tuple[RecordHeader, memoryview]:
     (hlen,) = struct.unpack_from("<I", view, 12)
     try:
         fields = msgpack.unpackb(view[16:16 + hlen])
-        version, n_tokens, k, v, zstd, key_min, key_max = fields
+        version, n_tokens, k, v, zstd, key_min, key_max, exact_rows = fields
         header = RecordHeader(version, n_tokens, TensorHeader(*k), TensorHeader(*v), bool(zstd),
-                              key_min, key_max)
+                              key_min, key_max, exact_rows)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise BlockCorrupt(f"unreadable header: {exc}") from None
     if header.version != FORMAT_VERSION:
@@ -168,12 +182,16 @@ def read_header(data: bytes | memoryview) -> RecordHeader:
     return _parse_header(_verify(data))[0]
 
 
-def _decode_tensor(head: TensorHeader, payload: memoryview, n_tokens: int) -> TensorRows:
+def _decode_tensor(head: TensorHeader, payload: memoryview, n_tokens: int, exact_rows: int
+                   ) -> TensorRows:
     if head.encoding == RAW:
         rows = np.frombuffer(payload, dtype=np.uint8).reshape(n_tokens, head.width).copy()
         return TensorRows(head.ggml_type, rows)
-    bits = quant.decode(payload, n_tokens, head.width, Encoding(head.encoding),
-                        Grouping(head.grouping), head.group_size)
+    bits = np.empty((n_tokens, head.width), dtype=np.uint16)
+    exact = exact_rows * head.width * 2
+    bits[:exact_rows] = np.frombuffer(payload[:exact], dtype="<u2").reshape(-1, head.width)
+    quant.decode_into(payload[exact:], bits[exact_rows:], Encoding(head.encoding),
+                      Grouping(head.grouping), head.group_size)
     return TensorRows(head.ggml_type, bits.view(np.uint8))
 
 
@@ -189,12 +207,12 @@ def decode_record(data: bytes | memoryview) -> tuple[RecordHeader, LayerKV]:
     if len(payload) != header.payload_nbytes:
         raise BlockCorrupt(f"payload is {len(payload)} bytes, header says "
                            f"{header.payload_nbytes}")
-    k = _decode_tensor(header.k, payload[:header.k.nbytes], header.n_tokens)
-    v = _decode_tensor(header.v, payload[header.k.nbytes:], header.n_tokens)
+    k = _decode_tensor(header.k, payload[:header.k.nbytes], header.n_tokens, header.exact_rows)
+    v = _decode_tensor(header.v, payload[header.k.nbytes:], header.n_tokens, header.exact_rows)
     return header, LayerKV(k, v)
 
 
 def transcode(data: bytes | memoryview, fmt: RecordFormat) -> bytes:
     """Re-encode a record for another tier (e.g. warm Q8 → cool Q4 + zstd)."""
-    _, layer = decode_record(data)
-    return encode_record(layer, fmt)
+    header, layer = decode_record(data)
+    return encode_record(layer, fmt, header.exact_rows)

@@ -202,7 +202,9 @@ class TierManager:
             if block in self._state.entries:
                 # Blocks are immutable: a sequence that shares one must never see it change.
                 raise ValueError(f"{block} is already stored")
-        records = [(block.key(i).to_bytes(), codec.encode_record(layer, self.formats[WARM]))
+        exact = codec.SINK_ROWS if block.block == 0 else 0
+        records = [(block.key(i).to_bytes(),
+                    codec.encode_record(layer, self.formats[WARM], exact))
                    for i, layer in enumerate(layers)]
         raw = sum(layer.nbytes for layer in layers)
         stored = sum(self.tiers[WARM].stored_bytes(len(v)) for _, v in records)

@@ -312,6 +312,21 @@ def test_unverified_llama_cpp_versions_are_refused(fa_live: Live,
         sc.layout_of(fa_live.ctx, fa_live.seq_id)
 
 
+def test_m_rope_models_are_refused(fa_live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llama_cpp, "llama_model_rope_type",
+                        lambda model: llama_cpp.LLAMA_ROPE_TYPE_MROPE)
+    with pytest.raises(UnsupportedLayout, match="M-RoPE"):
+        sc.layout_of(fa_live.ctx, fa_live.seq_id)
+
+
+def test_a_blob_without_cells_leaves_the_sequence_alone(fa: Live) -> None:
+    # What compose's docstring warns about: llama.cpp clears a sequence only in the cache sections
+    # that bring cells, so the engine must seq_rm before restoring.
+    empty = sc.compose(sc.parse(fa.blob).layout, fa.seq_id, 0, [], BLOCK)
+    assert sc.write_state(fa.ctx, fa.seq_id, empty) == len(empty)
+    assert llama_cpp.llama_memory_seq_pos_max(fa.mem, fa.seq_id) == len(fa.tokens) - 2
+
+
 @pytest.mark.slow
 def test_codec_speed_on_a_1000_token_state(model: llama_cpp.llama_model_p) -> None:
     lv = _live(model, 1001, 2048, **CONTEXTS["flash_attn"])
@@ -421,6 +436,16 @@ def test_a_cache_section_without_cells_has_no_layout() -> None:
     blob = sc.compose(layout, 0, 0, sorted(_synthetic_blocks(layout, {0: (8, 0)}).items()), 8)
     with pytest.raises(UnsupportedLayout, match="no cells"):
         sc.parse(blob)
+
+
+def test_cells_in_two_streams_are_refused() -> None:
+    layout = sc.StateLayout(_layout(False, n_stream=2).caches[:1])
+    blocks = sorted(_synthetic_blocks(layout, {0: (4,)}).items())
+    in_0 = bytes(sc.compose(layout, 0, 0, blocks, 4))   # header, n_stream, 4, cells..., 0
+    in_1 = bytes(sc.compose(layout, 0, 1, blocks, 4))   # header, n_stream, 0, 4, cells...
+    both = in_0[:-4] + in_1[16:]
+    with pytest.raises(UnsupportedLayout, match="streams 0 and 1"):
+        sc.parse(both)
 
 
 def test_compose_checks_the_records() -> None:

@@ -14,10 +14,13 @@ from hypothesis.extra import numpy as hnp
 from kvtier.errors import BlockCorrupt
 from kvtier.storage import quant
 from kvtier.storage.quant import (Encoding, Grouping, decode, decode_into, encode, encoded_nbytes,
-                                  float32_to_float16_bits)
+                                  float16_bits_to_float32, float32_to_float16_bits)
 
 QUANTIZED = [Encoding.Q8, Encoding.Q4]
 LEVELS = {Encoding.Q8: 255, Encoding.Q4: 15}
+ALL_BITS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+F16_TABLE = ALL_BITS.view(np.float16).astype(np.float32)  # numpy's own f16 -> f32, every pattern
+IS_NAN = np.isnan(F16_TABLE)
 # (n_tokens, width, group_size): the product's block, partial groups both ways, tiny and odd.
 SHAPES = [(256, 192, 32), (1, 192, 32), (37, 50, 16), (5, 7, 4), (33, 64, 32), (3, 5, 1),
           (300, 16, 64)]
@@ -104,10 +107,11 @@ def reference_encode(bits: np.ndarray, encoding: Encoding, grouping: Grouping,
             codes[rows, cols] = np.minimum(q, levels).astype(np.uint8)
             mins.append(np.float16(lo).view(np.uint16))
             scales.append(scale_bits)
-    if encoding == Encoding.Q4:
-        padded = np.zeros((n_tokens, width + (width & 1)), np.uint8)
+    if encoding == Encoding.Q4:  # column j in the low nibble, column j + ceil(width/2) high
+        half = (width + 1) // 2
+        padded = np.zeros((n_tokens, 2 * half), np.uint8)
         padded[:, :width] = codes
-        codes = padded[:, 0::2] | (padded[:, 1::2] << 4)
+        codes = padded[:, :half] | (padded[:, half:] << 4)
     return (np.array(mins, "<u2").tobytes() + np.array(scales, "<u2").tobytes()
             + codes.tobytes())
 
@@ -123,18 +127,26 @@ def threads():
 # --- f16 conversions ------------------------------------------------------------------------
 
 
-def test_lookup_table_is_numpys_f16_to_f32():
-    expected = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-    np.testing.assert_array_equal(quant.F16_TO_F32, expected.astype(np.float32))
+def test_f16_to_f32_is_exact_for_every_pattern():
+    got = float16_bits_to_float32(ALL_BITS)
+    np.testing.assert_array_equal(got[~IS_NAN].view(np.uint32), F16_TABLE[~IS_NAN].view(np.uint32))
+    assert np.isnan(got[IS_NAN]).all()
 
 
 def test_f32_to_f16_round_trips_every_pattern():
-    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    back = float32_to_float16_bits(quant.F16_TO_F32)
-    nan = (patterns & 0x7C00 == 0x7C00) & (patterns & 0x3FF != 0)
-    np.testing.assert_array_equal(back[~nan], patterns[~nan])
-    assert np.isnan(back[nan].view(np.float16)).all()
-    np.testing.assert_array_equal(back[nan] & 0x8000, patterns[nan] & 0x8000)
+    back = float32_to_float16_bits(F16_TABLE)
+    np.testing.assert_array_equal(back[~IS_NAN], ALL_BITS[~IS_NAN])
+    assert np.isnan(back[IS_NAN].view(np.float16)).all()
+    np.testing.assert_array_equal(back[IS_NAN] & 0x8000, ALL_BITS[IS_NAN] & 0x8000)
+
+
+def test_finite_f32_to_f16_used_by_decode_matches_numpy():
+    rng = np.random.default_rng(14)
+    finite = F16_TABLE[np.isfinite(F16_TABLE)]
+    ranged = (rng.uniform(-1, 1, 4000) * 2.0 ** rng.uniform(-30, 16, 4000)).astype(np.float32)
+    values = np.concatenate([finite, ranged, np.float32([65504, -65504, 65519.99, 2.0**-25])])
+    got = np.array([quant._f32_to_f16_finite(v) for v in values], np.uint16)
+    np.testing.assert_array_equal(got, values.astype(np.float16).view(np.uint16))
 
 
 def test_f32_to_f16_matches_numpy_on_random_and_tie_values():
@@ -143,7 +155,7 @@ def test_f32_to_f16_matches_numpy_on_random_and_tie_values():
     raw = raw.view(np.float32)
     ranged = (rng.uniform(-1, 1, 1 << 20) * 2.0 ** rng.uniform(-30, 17, 1 << 20)).astype(
         np.float32)
-    finite = quant.F16_TO_F32[np.isfinite(quant.F16_TO_F32)]
+    finite = F16_TABLE[np.isfinite(F16_TABLE)]
     ordered = np.unique(finite.astype(np.float64))
     ties = ((ordered[1:] + ordered[:-1]) / 2).astype(np.float32)  # exact in f32: 12 bits
     assert (ties.astype(np.float64) == (ordered[1:] + ordered[:-1]) / 2).all()
@@ -335,14 +347,16 @@ def test_any_f16_bits_round_trip_within_bound(data, encoding, grouping, n_tokens
 
 @pytest.mark.parametrize("encoding", list(Encoding))
 @pytest.mark.parametrize("grouping", list(Grouping))
-def test_decode_into_strided_view_writes_only_its_rows(encoding, grouping):
-    n_tokens, width, gs = 37, 48, 16
+@pytest.mark.parametrize("shape", [(37, 48, 16), (37, 50, 16), (1, 20, 8)])
+def test_decode_into_strided_view_writes_only_its_rows(encoding, grouping, shape):
+    n_tokens, width, gs = shape
     bits = keys_like(np.random.default_rng(7), n_tokens, width)
     payload = encode(bits, encoding, grouping, gs)
     expected = decode(payload, n_tokens, width, encoding, grouping, gs)
     # Inside a larger buffer, and as the last columns of the last rows (no slack after the view).
-    for rows, cols, view in [(slice(3, 3 + n_tokens), slice(5, 5 + width), (50, 60)),
-                             (slice(2, 2 + n_tokens), slice(width, 2 * width), (39, 2 * width))]:
+    for rows, cols, view in [(slice(3, 3 + n_tokens), slice(5, 5 + width), (n_tokens + 13, 70)),
+                             (slice(2, 2 + n_tokens), slice(width, 2 * width),
+                              (n_tokens + 2, 2 * width))]:
         buf = np.full(view, 0xABCD, np.uint16)
         decode_into(payload, buf[rows, cols], encoding, grouping, gs)
         np.testing.assert_array_equal(buf[rows, cols], expected)
@@ -364,12 +378,14 @@ def test_decode_accepts_bytes_memoryview_and_unaligned_read_only_views(encoding)
             decode(view, 20, 32, encoding, Grouping.PER_CHANNEL, 8), expected)
 
 
-def test_encode_accepts_row_strided_input():
+@pytest.mark.parametrize("encoding", list(Encoding))
+@pytest.mark.parametrize("grouping", list(Grouping))
+def test_encode_accepts_row_strided_input(encoding, grouping):
     big = keys_like(np.random.default_rng(9), 40, 100)
-    view = big[3:35, 10:74]
-    for encoding in Encoding:
-        assert (encode(view, encoding, Grouping.PER_TOKEN, 16).tobytes()
-                == encode(view.copy(), encoding, Grouping.PER_TOKEN, 16).tobytes())
+    big[7, 20:23] = f16_bits(np.float32([np.inf, -np.inf, np.nan]))  # the non-finite path too
+    for view in (big[3:35, 10:74], big[39:, 36:], big[5:6, :50], big[:, 1:]):
+        assert (encode(view, encoding, grouping, 16).tobytes()
+                == encode(view.copy(), encoding, grouping, 16).tobytes())
 
 
 @pytest.mark.parametrize("encoding", list(Encoding))
