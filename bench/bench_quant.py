@@ -118,10 +118,11 @@ def np_encode(bits: np.ndarray, encoding: Encoding, grouping: Grouping, gs: int)
         q = np.minimum(np.where(q > 0, q, np.float32(0)), levels)
     padded_width = g.shape[1] * gs if axis == 2 else width
     codes = q.astype(np.uint8).reshape(-1, padded_width)[:n_tokens, :width]
-    if encoding == Encoding.Q4:
+    if encoding == Encoding.Q4:  # column j low nibble, column j + ceil(width/2) high nibble
+        half = (width + 1) // 2
         if width & 1:
             codes = np.concatenate([codes, np.zeros((n_tokens, 1), np.uint8)], axis=1)
-        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        codes = codes[:, :half] | (codes[:, half:] << 4)
     return np.concatenate([min_bits.reshape(-1).view(np.uint8),
                            scale_bits.reshape(-1).view(np.uint8), codes.reshape(-1)])
 
@@ -144,9 +145,7 @@ def np_decode(payload: np.ndarray, n_tokens: int, width: int, encoding: Encoding
     body = payload[4 * n_groups:]
     if encoding == Encoding.Q4:
         packed = body.reshape(n_tokens, -1)
-        codes = np.empty((n_tokens, 2 * packed.shape[1]), np.uint8)
-        codes[:, 0::2] = packed & 0xF
-        codes[:, 1::2] = packed >> 4
+        codes = np.concatenate([packed & 0xF, packed >> 4], axis=1)
     else:
         codes = body.reshape(n_tokens, width)
     padded = np.zeros((codes_shape[0] * codes_shape[1], width) if grouping == Grouping.PER_CHANNEL
@@ -158,17 +157,21 @@ def np_decode(payload: np.ndarray, n_tokens: int, width: int, encoding: Encoding
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing
+# Timing. Wall-clock medians, and for single-threaded runs also the median CPU time of the
+# calling thread: on a shared machine the second is the per-core figure that survives other
+# processes taking turns on the cores.
 
 
-def _median_seconds(fn: Callable[[], None], repeats: int) -> float:
+def _timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """(median wall seconds, median thread-CPU seconds) of ``fn``, after one warm-up call."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.thread_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.thread_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def _throughput(blocks: list[np.ndarray], encoding: Encoding, grouping: Grouping, gs: int,
@@ -187,14 +190,16 @@ def _throughput(blocks: list[np.ndarray], encoding: Encoding, grouping: Grouping
         for p in items:
             quant.decode_into(p, target, encoding, grouping, gs)
 
+    pool = ThreadPoolExecutor(n_all)
+
     def workers(fn: Callable, items: list) -> Callable[[], None]:
+        """One single-threaded worker per core, as the server's thread pool calls them."""
         shards = [items[i::n_all] for i in range(n_all)]
         targets = [np.empty((TOKENS, WIDTH), np.uint16) for _ in range(n_all)]
+        args = [(s,) if fn is enc else (s, t) for s, t in zip(shards, targets)]
 
         def run() -> None:
-            with ThreadPoolExecutor(n_all) as pool:
-                args = [(s,) if fn is enc else (s, t) for s, t in zip(shards, targets)]
-                list(pool.map(lambda a: fn(*a), args))
+            list(pool.map(lambda a: fn(*a), args))
         return run
 
     row: dict[str, float] = {}
@@ -203,46 +208,55 @@ def _throughput(blocks: list[np.ndarray], encoding: Encoding, grouping: Grouping
             ("numba_parallel", n_all, lambda: enc(blocks), lambda: dec(payloads)),
             ("numba_workers", 1, workers(enc, blocks), workers(dec, payloads))]:
         quant.set_threads(threads)
-        row[f"encode_{name}"] = nbytes / _median_seconds(enc_fn, repeats) / 1e9
-        row[f"decode_{name}"] = nbytes / _median_seconds(dec_fn, repeats) / 1e9
-    quant.set_threads(n_all)
-    row["encode_numpy"] = nbytes / _median_seconds(
-        lambda: [np_encode(b, encoding, grouping, gs) for b in blocks], numpy_repeats) / 1e9
-    row["decode_numpy"] = nbytes / _median_seconds(
-        lambda: [np_decode(p, TOKENS, WIDTH, encoding, grouping, gs) for p in payloads],
-        numpy_repeats) / 1e9
+        for direction, fn in (("encode", enc_fn), ("decode", dec_fn)):
+            wall, cpu = _timed(fn, repeats)
+            row[f"{direction}_{name}"] = nbytes / wall / 1e9
+            if threads == 1 and name == "numba_1t":
+                row[f"{direction}_{name}_cpu"] = nbytes / cpu / 1e9
+    pool.shutdown()
+    quant.set_threads(1)
+    for direction, fn in (
+            ("encode", lambda: [np_encode(b, encoding, grouping, gs) for b in blocks]),
+            ("decode", lambda: [np_decode(p, TOKENS, WIDTH, encoding, grouping, gs)
+                                for p in payloads])):
+        wall, cpu = _timed(fn, numpy_repeats)
+        row[f"{direction}_numpy"] = nbytes / wall / 1e9
+        row[f"{direction}_numpy_cpu"] = nbytes / cpu / 1e9
     return row
 
 
 def _crossover(blocks: list[np.ndarray], repeats: int) -> list[dict[str, float]]:
-    """Single-call time of Q8 on one vs all threads by block size (sets PARALLEL_MIN_VALUES)."""
+    """Single-call wall time of Q8 on one vs all threads by block size (for PARALLEL_MIN_VALUES)."""
     saved = quant.PARALLEL_MIN_VALUES
     quant.PARALLEL_MIN_VALUES = 0
+    n_all = numba.config.NUMBA_NUM_THREADS
     rows = []
     big = np.concatenate(blocks[:16])
     try:
-        for n_tokens in (16, 32, 64, 128, 256, 512, 1024, 4096):
+        for n_tokens in (32, 64, 128, 256, 512, 1024, 4096):
             bits = big[:n_tokens]
-            payload = quant.encode(bits, Encoding.Q8, Grouping.PER_TOKEN, 32)
-            out = np.empty_like(bits)
             row: dict[str, float] = {"n_tokens": n_tokens, "values": bits.size}
-            for threads in (1, numba.config.NUMBA_NUM_THREADS):
-                quant.set_threads(threads)
-                loops = max(1, 200_000 // bits.size)
+            for grouping in Grouping:
+                payload = quant.encode(bits, Encoding.Q8, grouping, 32)
+                out = np.empty_like(bits)
+                loops = max(1, 400_000 // bits.size)
+                for threads in (1, n_all):
+                    quant.set_threads(threads)
 
-                def enc() -> None:
-                    for _ in range(loops):
-                        quant.encode(bits, Encoding.Q8, Grouping.PER_TOKEN, 32)
+                    def enc() -> None:
+                        for _ in range(loops):
+                            quant.encode(bits, Encoding.Q8, grouping, 32)
 
-                def dec() -> None:
-                    for _ in range(loops):
-                        quant.decode_into(payload, out, Encoding.Q8, Grouping.PER_TOKEN, 32)
-                row[f"encode_us_{threads}t"] = _median_seconds(enc, repeats) / loops * 1e6
-                row[f"decode_us_{threads}t"] = _median_seconds(dec, repeats) / loops * 1e6
+                    def dec() -> None:
+                        for _ in range(loops):
+                            quant.decode_into(payload, out, Encoding.Q8, grouping, 32)
+                    key = f"{grouping.name.lower()}_{threads}t"
+                    row[f"encode_us_{key}"] = _timed(enc, repeats)[0] / loops * 1e6
+                    row[f"decode_us_{key}"] = _timed(dec, repeats)[0] / loops * 1e6
             rows.append(row)
     finally:
         quant.PARALLEL_MIN_VALUES = saved
-        quant.set_threads(numba.config.NUMBA_NUM_THREADS)
+        quant.set_threads(1)
     return rows
 
 
@@ -319,6 +333,7 @@ def _errors(keys: list[np.ndarray], values: list[np.ndarray]) -> list[dict]:
 
 
 def _machine() -> dict[str, object]:
+    """The machine and library versions the numbers came from."""
     model = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -329,7 +344,8 @@ def _machine() -> dict[str, object]:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "numba_threads": numba.config.NUMBA_NUM_THREADS,
             "threading_layer": numba.threading_layer(), "python": platform.python_version(),
-            "numpy": np.__version__, "numba": numba.__version__, "platform": platform.platform()}
+            "numpy": np.__version__, "numba": numba.__version__, "platform": platform.platform(),
+            "load_average": os.getloadavg()}
 
 
 def _check_same_bytes(keys: list[np.ndarray], values: list[np.ndarray]) -> None:
@@ -355,30 +371,37 @@ def main() -> None:
     gs = quant.DEFAULT_GROUP_SIZE
 
     throughput = []
+    n_all = numba.config.NUMBA_NUM_THREADS
     print(f"{n_blocks} blocks of {TOKENS}x{WIDTH} f16 ({n_blocks * TOKENS * WIDTH * 2 / 1e6:.0f} "
-          f"MB), group {gs}, GB/s of f16, median of {repeats} (numpy {numpy_repeats})")
-    print(f"{'encoding':8} {'grouping':11} {'dir':6} {'numba 1T':>9} {'parallel':>9} "
-          f"{'workers':>9} {'numpy':>8} {'1T/numpy':>9} {'B/value':>8}")
+          f"MB) per timing, group {gs}; GB/s of f16, median of {repeats} (numpy "
+          f"{numpy_repeats}); wall clock unless 'cpu' (thread CPU time); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'':25} {'numba':>7} {'numba':>7} {'numba':>9} {'numba':>9} {'numpy':>7} "
+          f"{'numpy':>7} {'ratio':>6} {'bytes/':>7}")
+    print(f"{'encoding grouping   dir':25} {'1T':>7} {'1T cpu':>7} {f'{n_all}T par':>9} "
+          f"{f'{n_all} wkrs':>9} {'':>7} {'cpu':>7} {'cpu':>6} {'value':>7}")
     for encoding, grouping, kind in CASES:
         blocks = keys if kind == "keys" else values
         row = _throughput(blocks, encoding, grouping, gs, repeats, numpy_repeats)
         size = quant.encoded_nbytes(TOKENS, WIDTH, encoding, grouping, gs)
         entry = {"encoding": encoding.name, "grouping": grouping.name, "data": kind,
                  "group_size": gs, "bytes_per_value": size / (TOKENS * WIDTH), **row}
-        throughput.append(entry)
         for d in ("encode", "decode"):
-            print(f"{encoding.name:8} {grouping.name:11} {d:6} {row[f'{d}_numba_1t']:9.2f} "
-                  f"{row[f'{d}_numba_parallel']:9.2f} {row[f'{d}_numba_workers']:9.2f} "
-                  f"{row[f'{d}_numpy']:8.3f} {row[f'{d}_numba_1t'] / row[f'{d}_numpy']:8.0f}x "
-                  f"{entry['bytes_per_value']:8.3f}")
+            entry[f"{d}_ratio_cpu"] = row[f"{d}_numba_1t_cpu"] / row[f"{d}_numpy_cpu"]
+            print(f"{encoding.name:4} {grouping.name:11} {d[:3]:6}  {row[f'{d}_numba_1t']:7.2f} "
+                  f"{row[f'{d}_numba_1t_cpu']:7.2f} {row[f'{d}_numba_parallel']:9.2f} "
+                  f"{row[f'{d}_numba_workers']:9.2f} {row[f'{d}_numpy']:7.3f} "
+                  f"{row[f'{d}_numpy_cpu']:7.3f} {entry[f'{d}_ratio_cpu']:5.0f}x "
+                  f"{entry['bytes_per_value']:7.3f}")
+        throughput.append(entry)
 
     crossover = _crossover(keys, repeats)
-    print("\nQ8 per-token, one call, microseconds: 1 thread vs all threads")
+    print(f"\nQ8, one call, wall microseconds: 1 thread / {n_all} threads")
     for r in crossover:
-        n = numba.config.NUMBA_NUM_THREADS
-        print(f"  {r['n_tokens']:5d} tokens: encode {r['encode_us_1t']:8.1f} / "
-              f"{r[f'encode_us_{n}t']:8.1f}   decode {r['decode_us_1t']:8.1f} / "
-              f"{r[f'decode_us_{n}t']:8.1f}")
+        parts = [f"{d} {g.name.lower()} {r[f'{d}_us_{g.name.lower()}_1t']:7.1f} / "
+                 f"{r[f'{d}_us_{g.name.lower()}_{n_all}t']:7.1f}"
+                 for g in Grouping for d in ("encode", "decode")]
+        print(f"  {r['n_tokens']:5d} tokens: " + "   ".join(parts))
 
     errors = _errors(keys[:64], values[:64])
     print("\nreconstruction error (64 blocks): relative RMSE, max |error|, bytes per value")

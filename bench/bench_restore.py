@@ -29,7 +29,6 @@ from kvtier.storage.manager import COLD, COOL, TIER_NAMES, WARM, TierManager
 
 
 def prefill(hot: HotContext, tokens: np.ndarray, start: int = 0) -> None:
-    slot = hot.slots[0]
     for i in range(start, len(tokens), hot.n_batch):
         chunk = tokens[i:i + hot.n_batch]
         hot.decode([BatchItem(0, chunk, i, i + len(chunk) == len(tokens))])

@@ -106,6 +106,8 @@ class ServerConfig:
     max_body_bytes: int = 8 * 1024**2
     max_queue: int = 64
     """Requests waiting for a slot before new ones get 429."""
+    shutdown_grace_s: float = 10.0
+    """On SIGTERM/SIGINT, how long running generations may finish before they are cut."""
 
 
 @dataclass(slots=True)
@@ -244,6 +246,8 @@ def validate(config: Config) -> None:
         raise ConfigError("server.listen", f"expected HOST:PORT, got {config.server.listen!r}")
     if config.server.max_queue < 0:
         raise ConfigError("server.max_queue", "must not be negative")
+    if config.server.shutdown_grace_s < 0:
+        raise ConfigError("server.shutdown_grace_s", "must not be negative")
 
 
 def load_config(path: str | os.PathLike[str] | None = None,

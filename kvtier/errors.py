@@ -47,6 +47,10 @@ class SessionNotFound(KvtierError):
     """No session has the given id."""
 
 
+class SessionBusy(KvtierError):
+    """The session is generating a reply already; a session takes one request at a time."""
+
+
 class InvalidRequest(KvtierError):
     """A request's content is impossible (bad parameter, bad session id, ...)."""
 

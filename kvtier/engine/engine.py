@@ -17,14 +17,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kvtier.config import Config
-from kvtier.engine.api import (ChatMessage, Finished, GenerationRequest, SessionInfo,
-                               TokenEvent, Usage)
+from kvtier.engine.api import Finished, GenerationRequest, SessionInfo, TokenEvent, Usage
 from kvtier.engine.hot import BatchItem, HotContext, Slot
 from kvtier.engine.model import Model, default_model_path
 from kvtier.engine.restore_policy import ThroughputModel
@@ -32,20 +31,22 @@ from kvtier.engine.sampling import Sampler
 from kvtier.engine.snapshot import Snapshotter, StoredSequence
 from kvtier.engine.text import TextStream
 from kvtier.errors import (ContextOverflow, InvalidRequest, KvtierError, ModelMismatch,
-                           ModelNotFound, Overloaded, SessionNotFound)
+                           ModelNotFound, Overloaded, SessionBusy, SessionNotFound)
 from kvtier.storage.catalog import SessionEntry
 from kvtier.storage.manager import TIER_NAMES, TierManager
-from kvtier.storage.records import BlockId, Namespace
+from kvtier.storage.records import Namespace
 
 log = logging.getLogger(__name__)
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+"""Session ids: safe in URLs and as catalog keys (no paths, no separators)."""
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 
 def check_session_id(session_id: str) -> str:
-    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
-        raise InvalidRequest("session_id must be 1-128 characters of letters, digits, '_', '-', "
-                             "'.' or ':'", "session_id")
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        raise InvalidRequest("session_id must be 1-128 letters, digits, '_' or '-'",
+                             "session_id")
     return session_id
 
 
@@ -183,7 +184,7 @@ class Engine:
             if job.session is not None or request.session_id:
                 sid = request.session_id or ""
                 if sid in self._busy_sessions:
-                    raise InvalidRequest(f"session {sid!r} is already generating", "session_id")
+                    raise SessionBusy(f"session {sid!r} is already generating a reply")
                 self._busy_sessions.add(sid)
             self._queue.append(job)
             self._cv.notify()
@@ -223,7 +224,7 @@ class Engine:
     def delete_session(self, session_id: str) -> None:
         with self._cv:
             if session_id in self._busy_sessions:
-                raise InvalidRequest(f"session {session_id!r} is generating", "session_id")
+                raise SessionBusy(f"session {session_id!r} is generating a reply")
         if not self.manager.delete_session(check_session_id(session_id)):
             raise SessionNotFound(f"no session {session_id!r}")
 

@@ -131,18 +131,21 @@ class DataDirLock:
 class TierManager:
     """Owns the tiers and the catalog of one data directory."""
 
-    def __init__(self, config: Config, *, background: bool = True) -> None:
+    def __init__(self, config: Config, *, background: bool = True,
+                 balance_on_open: bool = True) -> None:
+        """``balance_on_open=False`` opens without demoting to the configured budgets (for
+        inspection with a config whose budgets may differ from the server's)."""
         self.config = config
         self._lock_file = DataDirLock(config.data_path)
         self._lock = threading.RLock()
         self._closed = False
         try:
-            self._open(config, background)
+            self._open(config, background, balance_on_open)
         except BaseException:
             self._lock_file.release()
             raise
 
-    def _open(self, config: Config, background: bool) -> None:
+    def _open(self, config: Config, background: bool, balance_on_open: bool) -> None:
         t = config.tiers
         self.catalog = Catalog(config.data_path / "catalog")
         warm = LmdbTier(config.warm_path, map_size=t.host_ram_budget)
@@ -172,7 +175,8 @@ class TierManager:
         if not self.catalog.was_clean():
             self.repaired = self.repair()
         self.catalog.set_clean(False)
-        self._enforce_budgets(self.budgets)
+        if balance_on_open:
+            self._enforce_budgets(self.budgets)
         self._queue: queue.Queue[tuple[str, BlockId | None]] = queue.Queue()
         self._worker: threading.Thread | None = None
         if background:
@@ -435,14 +439,20 @@ class TierManager:
         return out
 
     def delete_session(self, session_id: str) -> bool:
-        """Delete a session and its sequence; shared blocks live on while others reference them."""
+        """Delete a session and its sequence in one transaction; shared blocks live on while
+        other sequences reference them."""
         with self._lock:
             with self.catalog.write() as txn:
                 entry = txn.get_session(session_id)
                 if entry is None:
                     return False
                 txn.delete_session(session_id)
-            self.delete_sequence(Namespace(entry.namespace), entry.sequence)
+                seq = txn.get_sequence(entry.namespace, entry.sequence)
+                released = []
+                if seq is not None:
+                    txn.delete_sequence(entry.namespace, entry.sequence)
+                    released = self._move_refs(txn, seq.block_ids(), [])
+            self._delete_data(released)
         return True
 
     def register_namespace(self, namespace: Namespace, description: bytes) -> None:
@@ -462,15 +472,20 @@ class TierManager:
 
     # -- budgets, demotion, promotion ------------------------------------------------------------
     def _priority(self, entry: BlockEntry, now: float) -> float:
+        # A block shared by n sequences is worth n of them: dropping a common prefix would cut
+        # every conversation that starts with it.
         score = policy.importance(entry.attention, entry.hits, entry.last_access, now,
-                                  self.half_life_s)
+                                  self.half_life_s) * max(entry.refs, 1)
         return policy.eviction_priority(score, now - entry.last_access, entry.tier, self.weights)
 
     def _candidates(self, tier: int) -> list[tuple[BlockId, float, int]]:
+        # Candidates come later blocks first, so that among equal priorities a sequence loses
+        # its tail before the prefix that the tail needs (choose_victims' sort is stable).
         now = time.time()
-        return [(b, self._priority(e, now), e.stored_bytes)
-                for b, e in self._state.entries.items()
-                if e.tier == tier and b not in self._pins]
+        entries = sorted(((b, e) for b, e in self._state.entries.items()
+                          if e.tier == tier and b not in self._pins),
+                         key=lambda item: -item[0].block)
+        return [(b, self._priority(e, now), e.stored_bytes) for b, e in entries]
 
     def _make_room(self, tier: int, incoming: int) -> None:
         """Demote (or, from the last tier, drop) until ``incoming`` bytes fit ``tier``'s budget."""
@@ -517,6 +532,21 @@ class TierManager:
             self.counters[source].demotions += 1
         else:
             self.counters[dest].promotions += 1
+
+    def move(self, block: BlockId, dest: int) -> bool:
+        """Move a block to tier ``dest`` (re-encoded for it); False if it is gone or pinned."""
+        with self._lock:
+            entry = self._state.entries.get(block)
+            if entry is None or block in self._pins or entry.tier == dest:
+                return False
+            self._move(block, dest)
+            return True
+
+    def compact_files(self) -> None:
+        """Give free space back to the file system in every tier (offline maintenance)."""
+        with self._lock:
+            for tier in self.tiers:
+                tier.compact()
 
     def _enforce_budgets(self, limits: Sequence[int]) -> None:
         with self._lock:
@@ -589,36 +619,21 @@ class TierManager:
 
     # -- repair and collection --------------------------------------------------------------------
     def repair(self) -> dict[str, int]:
-        """Make the catalog and the tiers agree: drop entries whose data is missing (or another
-        tier's), unreferenced blocks, stale hashes, sequences' references to lost blocks; then
-        delete data no entry points at. Runs at open after an unclean shutdown."""
+        """Make the catalog and the tiers agree, in one pass: drop entries whose data is missing
+        (or in another tier), truncate sequences at their first lost block, recount references
+        from what is left and drop unreferenced blocks and stale hashes; then delete data no
+        entry points at. Runs at open after an unclean shutdown."""
         found = {"missing_blocks": 0, "unreferenced_blocks": 0, "orphan_records": 0,
                  "stale_hashes": 0, "truncated_sequences": 0}
         with self._lock:
-            referenced: Counter[BlockId] = Counter()
-            for seq in self.sequences():
-                referenced.update(seq.block_ids())
-            doomed = []
-            for block, entry in list(self._state.entries.items()):
-                tier = self.tiers[entry.tier]
-                keys = [block.key(i).to_bytes() for i in range(entry.n_layers)]
-                if not all(tier.contains(k) for k in keys):
-                    found["missing_blocks"] += 1
-                    doomed.append(block)
-                elif referenced[block] == 0:
-                    found["unreferenced_blocks"] += 1
-                    doomed.append(block)
-                elif referenced[block] != entry.refs:
-                    self._state.entries[block] = replace(entry, refs=referenced[block])
-                    self._state.dirty.add(block)
             with self.catalog.write() as txn:
-                for block in doomed:
-                    self._remove_entry(txn, block, self._state.entries[block])
-                for key, block in list(txn.iter_hashes()):
-                    if block not in self._state.entries:
-                        txn.delete_hash(Namespace(key[:16]), key[16:])
-                        self._hashes.pop(key, None)
-                        found["stale_hashes"] += 1
+                for block, entry in list(self._state.entries.items()):
+                    tier = self.tiers[entry.tier]
+                    if not all(tier.contains(block.key(i).to_bytes())
+                               for i in range(entry.n_layers)):
+                        found["missing_blocks"] += 1
+                        self._remove_entry(txn, block, entry)
+                referenced: Counter[BlockId] = Counter()
                 for seq in list(txn.iter_sequences()):
                     ids = seq.block_ids()
                     keep = next((i for i, b in enumerate(ids) if b not in self._state.entries),
@@ -626,6 +641,19 @@ class TierManager:
                     if keep < len(ids):
                         found["truncated_sequences"] += 1
                         txn.put_sequence(replace(seq, blocks=seq.blocks[:keep]))
+                    referenced.update(ids[:keep])
+                for block, entry in list(self._state.entries.items()):
+                    if referenced[block] == 0:
+                        found["unreferenced_blocks"] += 1
+                        self._remove_entry(txn, block, entry)
+                    elif referenced[block] != entry.refs:
+                        self._state.entries[block] = replace(entry, refs=referenced[block])
+                        self._state.dirty.add(block)
+                for key, block in list(txn.iter_hashes()):
+                    if block not in self._state.entries:
+                        txn.delete_hash(Namespace(key[:16]), key[16:])
+                        self._hashes.pop(key, None)
+                        found["stale_hashes"] += 1
             self.flush_stats()
             found["orphan_records"] = self.collect_orphans()
         if any(found.values()):

@@ -203,7 +203,7 @@ def _params(kmin: np.ndarray, kmax: np.ndarray, levels: int, mins: np.ndarray,
 def _pack_q4(pairs: np.ndarray, body: np.ndarray, t: int) -> None:
     """Row ``t`` of Q4 codes from ``pairs`` (2, ceil(width/2)): low nibbles, then high ones."""
     for j in range(pairs.shape[1]):
-        body[t, j] = pairs[1, j] | (pairs[0, j] << 4)
+        body[t, j] = pairs[0, j] | (pairs[1, j] << 4)
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -7,15 +7,17 @@ catalog: the tier manager holds the tiers in order and never reaches inside one.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lmdb
-from rocksdict import DBCompressionType, Options, Rdict, WriteBatch
+from rocksdict import (BottommostLevelCompaction, CompactOptions, DBCompressionType, Options,
+                       Rdict, WriteBatch)
 
-from kvtier.errors import TierFull
+from kvtier.errors import KvtierError, TierFull
 
 LMDB_PAGE = 4096
 
@@ -63,6 +65,14 @@ class Tier(ABC):
     def close(self) -> None: ...
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _dir_bytes(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -83,9 +93,12 @@ class LmdbTier(Tier):
         self.path.mkdir(parents=True, exist_ok=True)
         # The warm tier is a cache of blocks whose catalog entries are written (synced) after them:
         # a system crash can only lose data the catalog repair treats as missing, so skip fsync.
-        self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=1, sync=False,
-                             metasync=False, readahead=False, lock=True)
         self.map_size = map_size
+        self.env = self._open_env()
+
+    def _open_env(self) -> lmdb.Environment:
+        return lmdb.open(str(self.path), map_size=self.map_size, max_dbs=1, sync=False,
+                         metasync=False, readahead=False, lock=True)
 
     def get(self, key: bytes) -> bytes | None:
         with self.env.begin() as txn:
@@ -131,9 +144,40 @@ class LmdbTier(Tier):
         used = (info["last_pgno"] + 1) * stat["psize"]
         return {"disk_bytes": self.disk_bytes(), "map_size": self.map_size, "map_used": used}
 
-    def copy_compacted(self, dest: Path) -> None:
-        """Write a compacted copy of the environment into the empty directory ``dest``."""
-        self.env.copy(str(dest), compact=True)
+    @property
+    def scratch_path(self) -> Path:
+        """Where :meth:`compact` writes its copy; a leftover one is stale and may be removed."""
+        return self.path.with_name(self.path.name + ".compact")
+
+    def compact(self) -> None:
+        """Swap a compacted copy of the environment in for its data file, so the file shrinks.
+
+        The copy is written to :attr:`scratch_path`, synced, checked to hold every entry, and
+        renamed over ``data.mdb`` while the environment is closed (LMDB must never have its file
+        replaced under an open environment). A kill before the rename leaves the old file and a
+        stale scratch directory; after it, the new file. Both hold the same records.
+        """
+        scratch = self.scratch_path
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        self.env.copy(str(scratch), compact=True)
+        copied = scratch / "data.mdb"
+        _fsync(copied)
+        entries = self.env.stat()["entries"]
+        check = lmdb.open(str(scratch), map_size=self.map_size, max_dbs=1, readonly=True,
+                          lock=False)
+        try:
+            if check.stat()["entries"] != entries:
+                raise KvtierError(f"the compacted copy of {self.path} lost entries; kept the old")
+        finally:
+            check.close()
+        self.env.close()
+        try:
+            os.replace(copied, self.path / "data.mdb")
+            _fsync(self.path)
+        finally:
+            self.env = self._open_env()
+        shutil.rmtree(scratch, ignore_errors=True)
 
     def close(self) -> None:
         self.env.close()
@@ -165,6 +209,7 @@ class RocksStore:
         opt.set_enable_blob_gc(True)
         opt.set_compression_type(DBCompressionType.none())
         opt.set_blob_compression_type(DBCompressionType.none())
+        opt.set_keep_log_file_num(2)
         return opt
 
     def close(self) -> None:
@@ -209,7 +254,24 @@ class RocksTier(Tier):
         return _dir_bytes(self.store.path)
 
     def compact(self) -> None:
+        """Compact the column family, then collect blob garbage if payloads are still held.
+
+        A manual compaction relocates only the blobs of the oldest quarter of blob files, so
+        payloads deleted from newer ones keep their disk space: a second, forced compaction with
+        an age cutoff over every blob file reclaims them. The cutoff goes back to RocksDB's
+        default afterwards; the force threshold is never lowered instead: at 0 RocksDB compacts
+        in an endless loop. On a compacted column family this rewrites nothing.
+        """
         self.cf.compact_range(None, None)
+        if not self.cf.property_int_value("rocksdb.live-blob-file-garbage-size"):
+            return
+        options = CompactOptions()
+        options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+        self.cf.set_options({"blob_garbage_collection_age_cutoff": "1.0"})
+        try:
+            self.cf.compact_range(None, None, options)
+        finally:
+            self.cf.set_options({"blob_garbage_collection_age_cutoff": "0.25"})
 
     def flush(self) -> None:
         self.store.db.flush()

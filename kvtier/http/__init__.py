@@ -1,0 +1,1 @@
+"""kvtier's OpenAI-compatible HTTP API (aiohttp): see docs/http.md."""

@@ -1,0 +1,83 @@
+"""Prometheus metrics: request counters kept by the HTTP layer, cache figures read from the engine.
+
+Each application owns its :class:`~prometheus_client.CollectorRegistry`, so several servers (as in
+the tests) never share or clash over series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvtier.engine.api import Usage
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TIER_GAUGES = ("blocks", "bytes", "budget", "compression_ratio")
+_TIER_COUNTERS = ("hits", "misses", "promotions", "demotions", "drops", "corrupt")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0)
+
+
+class EngineCollector(Collector):
+    """Reads ``cache_stats()`` at scrape time, so the numbers are the engine's own."""
+
+    def __init__(self, cache_stats: Callable[[], dict[str, Any]]) -> None:
+        self._cache_stats = cache_stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._cache_stats()
+        gauges = {name: GaugeMetricFamily(f"kvtier_tier_{name}", f"Tier {name}.", labels=["tier"])
+                  for name in _TIER_GAUGES}
+        counters = {name: CounterMetricFamily(f"kvtier_tier_{name}", f"Tier {name}.",
+                                              labels=["tier"]) for name in _TIER_COUNTERS}
+        for tier in stats.get("tiers", []):
+            for name, family in (*gauges.items(), *counters.items()):
+                family.add_metric([str(tier["name"])], float(tier.get(name, 0)))
+        yield from gauges.values()
+        yield from counters.values()
+        tokens = CounterMetricFamily("kvtier_engine_tokens", "Tokens by how the engine got them "
+                                     "(restored, prefilled, hot_reused, generated).",
+                                     labels=["kind"])
+        for kind, value in stats.get("tokens", {}).items():
+            tokens.add_metric([kind], float(value))
+        yield tokens
+        slots = GaugeMetricFamily("kvtier_slots", "Generation slots (total, busy, queued).",
+                                  labels=["state"])
+        for state, value in stats.get("slots", {}).items():
+            slots.add_metric([state], float(value))
+        yield slots
+
+
+class Metrics:
+    def __init__(self, cache_stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kvtier_http_requests", "HTTP requests by route and status.",
+                                ["method", "route", "status"], registry=r)
+        self.duration = Histogram("kvtier_http_request_duration_seconds",
+                                  "Time from request to the last byte of the response.",
+                                  ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("kvtier_http_requests_in_flight", "Requests being handled.",
+                               registry=r)
+        self.ttft = Histogram("kvtier_time_to_first_token_seconds",
+                              "Time from request to the first generated token.",
+                              ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("kvtier_request_tokens", "Tokens of finished requests "
+                              "(prompt, cached, completion).", ["kind"], registry=r)
+        self.disconnects = Counter("kvtier_client_disconnects",
+                                   "Generations cancelled because the client went away.",
+                                   registry=r)
+        r.register(EngineCollector(cache_stats))
+
+    def observe_usage(self, usage: Usage) -> None:
+        self.tokens.labels("prompt").inc(usage.prompt_tokens)
+        self.tokens.labels("cached").inc(usage.cached_tokens)
+        self.tokens.labels("completion").inc(usage.completion_tokens)
+
+    def render(self) -> bytes:
+        """The exposition text; it calls into the engine, so run it off the event loop."""
+        return generate_latest(self.registry)

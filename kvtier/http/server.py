@@ -1,0 +1,87 @@
+"""Running the HTTP server: ``kvtier serve`` and its graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from kvtier.config import Config
+from kvtier.errors import ConfigError
+from kvtier.http.app import create_app, drain
+
+if TYPE_CHECKING:
+    from kvtier.engine.engine import Engine
+
+log = logging.getLogger("kvtier.http")
+
+API_KEY_ENV = "KVTIER_API_KEY"
+
+
+def api_key_of(config: Config) -> str:
+    """``server.api_key`` (also set by ``--api-key``), else the KVTIER_API_KEY variable."""
+    return config.server.api_key or os.environ.get(API_KEY_ENV, "")
+
+
+async def run(config: Config, stop: asyncio.Event, engine: Engine | None = None,
+              on_ready: Callable[[str], None] | None = None) -> None:
+    """Serves until ``stop`` is set, then drains and shuts down; closes the engine it made.
+
+    ``on_ready`` gets the base URL once the socket listens.
+    """
+    own_engine = engine is None
+    if engine is None:
+        from kvtier.engine.engine import Engine
+        engine = await asyncio.to_thread(Engine, config)
+    try:
+        if stop.is_set():
+            return
+        app = create_app(engine, api_key_of(config), config.server.max_body_bytes)
+        # handler_cancellation: a client that disconnects cancels its handler, which cancels
+        # the generation. The access log is written by the app's own middleware.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=config.server.shutdown_grace_s)
+        await runner.setup()
+        try:
+            host, _, port = config.server.listen.rpartition(":")
+            site = web.TCPSite(runner, host.strip("[]"), int(port))
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ConfigError("server.listen", f"cannot listen on {config.server.listen}: "
+                                  f"{exc.strerror or exc}") from None
+            url = f"http://{config.server.listen}"
+            log.info("serving %s on %s (%d slots, %d tokens each)", engine.model_name, url,
+                     engine.n_slots, engine.n_ctx_per_slot)
+            if on_ready is not None:
+                on_ready(url)
+            await stop.wait()
+            log.info("shutting down: finishing running requests (up to %.0f s)",
+                     config.server.shutdown_grace_s)
+            await site.stop()  # no new connections
+            await drain(app, config.server.shutdown_grace_s)
+        finally:
+            await runner.cleanup()
+    finally:
+        if own_engine:
+            await asyncio.to_thread(engine.close)
+            log.info("store flushed and closed")
+
+
+def serve(config: Config) -> int:
+    """``kvtier serve``: runs until SIGTERM or SIGINT; returns the exit status."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run(config, stop)
+
+    asyncio.run(main())
+    return 0

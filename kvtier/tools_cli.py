@@ -1,0 +1,227 @@
+"""The ``inspect`` and ``compact`` sub-commands of ``kvtier`` (the logic is in ``kvtier.tools``).
+
+Building the parser imports nothing heavy: ``kvtier serve`` builds it too, and must be free to load
+llama.cpp before numpy (DESIGN.md).
+
+Exit codes: 0 success; 1 a failure, or problems found by ``inspect verify``; 2 a bad argument or
+configuration; 3 the data directory is in use (stop the server first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from kvtier.errors import BlockMissing, ConfigError, KvtierError, StoreLocked
+
+if TYPE_CHECKING:
+    from kvtier.storage.manager import TierManager
+    from kvtier.tools.verify import VerifyReport
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+VIEWS = ("summary", "sessions", "session", "blocks", "verify")
+
+
+def add_tool_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    inspect = sub.add_parser(
+        "inspect", parents=[common], help="show what a store holds; verify it",
+        description="Show a stopped server's store. VIEW is summary (the default), sessions, "
+                    "session ID, blocks or verify.")
+    inspect.add_argument("view", nargs="?", default="summary", choices=VIEWS, metavar="VIEW",
+                         help="summary | sessions | session ID | blocks | verify")
+    inspect.add_argument("ident", nargs="?", metavar="ID", help="the session id (for session)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    inspect.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    group = inspect.add_argument_group("session")
+    group.add_argument("--full", action="store_true", help="print whole messages")
+    group = inspect.add_argument_group("blocks")
+    group.add_argument("--session", metavar="ID", help="blocks of this session, in order")
+    group.add_argument("--sequence", type=int, metavar="N", help="blocks of sequence N, in order")
+    group.add_argument("--namespace", metavar="HEX", help="blocks of namespaces with this prefix")
+    group.add_argument("--tier", choices=("warm", "cool", "cold"), help="blocks in this tier")
+    group.add_argument("--block", metavar="[NS:]SEQ:BLOCK",
+                       help="one block: its header and statistics, layer by layer")
+    group.add_argument("--layer", type=int, action="append", metavar="L",
+                       help="with --stats or --block: only layer L (repeatable)")
+    group.add_argument("--stats", action="store_true",
+                       help="read the listed blocks: header, min/max/mean of K and V per layer")
+    group.add_argument("--quant-error", action="store_true",
+                       help="with --stats or --block: the error re-encoding as Q8 and Q4 adds")
+    group.add_argument("--limit", type=int, default=0, metavar="N", help="list at most N blocks")
+    group = inspect.add_argument_group("verify")
+    group.add_argument("--quick", action="store_true",
+                       help="check checksums and headers without decoding the payloads")
+    inspect.set_defaults(run=_guarded(_run_inspect))
+
+    compact = sub.add_parser(
+        "compact", parents=[common], help="collect garbage, expire, demote, shrink the files",
+        description="Compact a stopped server's store: repair and collect orphans, expire "
+                    "sessions, demote to the tier targets, compact RocksDB and rewrite the "
+                    "LMDB file. Safe to kill at any moment; a second run changes nothing.")
+    compact.add_argument("--dry-run", action="store_true", help="print what would be done")
+    compact.add_argument("--max-age", metavar="DURATION",
+                         help="expire sessions unused for longer (30d, 12h, 90m, 3600s); also "
+                              "sequences without a session unchanged for longer")
+    compact.add_argument("--keep", type=int, metavar="N",
+                         help="keep only the N most recently used sessions")
+    compact.add_argument("--warm-target", metavar="SIZE|PCT", default=None,
+                         help="demote from warm down to this many bytes or percent of its "
+                              "budget (default 85%%)")
+    compact.add_argument("--cool-target", metavar="SIZE|PCT", default=None,
+                         help="demote from cool down to this many bytes or percent of its "
+                              "budget (default 85%%)")
+    compact.add_argument("--scrub", action="store_true",
+                         help="first read every block and drop those that fail their checksum")
+    compact.add_argument("--no-rewrite", action="store_true",
+                         help="leave the files as they are (no RocksDB compaction, no LMDB "
+                              "rewrite)")
+    compact.add_argument("--force-rewrite", action="store_true",
+                         help="rewrite the LMDB file even when little of it is free")
+    compact.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    compact.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    compact.set_defaults(run=_guarded(_run_compact))
+
+
+def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Map the tools' expected failures to a message and an exit code."""
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except StoreLocked as exc:
+            print(f"kvtier {args.command}: {exc}", file=sys.stderr)
+            return EXIT_LOCKED
+        except ConfigError:
+            raise
+        except KvtierError as exc:    # no store there, no such session or block, ...
+            print(f"kvtier {args.command}: {exc}", file=sys.stderr)
+            return EXIT_PROBLEMS
+        except _UsageError as exc:
+            print(f"kvtier {args.command}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    return guarded
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def _open(args: argparse.Namespace) -> TierManager:
+    from kvtier.cli import build_config
+    from kvtier.tools.store import open_store
+    return open_store(build_config(args))
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from kvtier.tools.render import write_json
+    from kvtier.tools.verify import verify
+
+    if args.view == "session" and not args.ident:
+        raise _UsageError("inspect session needs a session ID")
+    if args.ident and args.view != "session":
+        raise _UsageError(f"inspect {args.view} takes no ID")
+    with _open(args) as manager:
+        if args.view == "verify":
+            report = verify(manager, quick=args.quick, progress=_progress(args))
+            data: Any = report.to_json()
+            code = EXIT_OK if report.ok else EXIT_PROBLEMS
+
+            def text() -> str:
+                return _render_verify(report)
+        else:
+            data, text = _inspect_view(args, manager)
+            code = EXIT_OK
+        if args.json:
+            write_json(data)
+        else:
+            print(text())
+    return code
+
+
+def _inspect_view(args: argparse.Namespace, manager: TierManager
+                  ) -> tuple[Any, Callable[[], str]]:
+    """The data of one ``inspect`` view, and how to render it as text."""
+    from kvtier.tools import inspect
+    from kvtier.tools.store import StoreView, parse_block, tier_index
+
+    view = StoreView.load(manager)
+    if args.view == "summary":
+        summary = inspect.summary(manager, view)
+        return summary, lambda: inspect.render_summary(summary)
+    if args.view == "sessions":
+        rows = inspect.sessions(view)
+        return rows, lambda: inspect.render_sessions(rows)
+    if args.view == "session":
+        session = inspect.session(view, args.ident)
+        return session, lambda: inspect.render_session(session, full=args.full)
+    try:
+        block = parse_block(args.block, set(view.namespaces), view.blocks) if args.block \
+            else None
+        tier = tier_index(args.tier) if args.tier else None
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    selected = inspect.select_blocks(view, inspect.BlockFilter(
+        args.session, args.sequence, args.namespace, tier, block))
+    if block is not None and not selected:
+        raise BlockMissing(f"no block {args.block}")
+    if args.limit:
+        selected = selected[:args.limit]
+    if args.stats or block is not None:
+        layers = set(args.layer) if args.layer else None
+        records = [inspect.records(manager, b, layers, args.quant_error) for b in selected]
+        return records, lambda: "\n\n".join(inspect.render_records(r) for r in records) \
+            or "no blocks match"
+    rows = inspect.blocks(manager, view, selected)
+    return rows, lambda: inspect.render_blocks(rows)
+
+
+def _render_verify(report: VerifyReport) -> str:
+    from kvtier.tools.render import table
+    c = report.checked
+    lines = [f"checked {c.get('blocks', 0)} blocks ({c.get('records_read', 0)} records read, "
+             f"{c.get('record_keys', 0)} record keys), {c.get('sequences', 0)} sequences, "
+             f"{c.get('sessions', 0)} sessions, {c.get('hashes', 0)} hash entries"]
+    if report.repaired_at_open:
+        lines.append("repaired when opened (it was not closed cleanly): " + ", ".join(
+            f"{v} {k.replace('_', ' ')}" for k, v in report.repaired_at_open.items()))
+    if report.ok:
+        lines.append("ok: no problems")
+        return "\n".join(lines)
+    rows = [[p.kind.value, p.subject, p.tier or "", "" if p.layer is None else p.layer, p.detail]
+            for p in report.problems]
+    lines += [table(["PROBLEM", "SUBJECT", "TIER", "LAYER", "DETAIL"], rows),
+              f"{len(report.problems)} problems: " + ", ".join(
+                  f"{v} {k}" for k, v in report.counts().items()),
+              "`kvtier compact` repairs references and orphans; `kvtier compact --scrub` also "
+              "drops corrupt blocks"]
+    return "\n".join(lines)
+
+
+def _run_compact(args: argparse.Namespace) -> int:
+    from kvtier.tools.compact import DEFAULT_TARGET, CompactOptions, Target, compact, render
+    from kvtier.tools.render import parse_duration, write_json
+
+    try:
+        max_age = parse_duration(args.max_age) if args.max_age else None
+        warm = Target.parse(args.warm_target) if args.warm_target else DEFAULT_TARGET
+        cool = Target.parse(args.cool_target) if args.cool_target else DEFAULT_TARGET
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    if args.keep is not None and args.keep < 0:
+        raise _UsageError("--keep must not be negative")
+    options = CompactOptions(max_age_s=max_age, keep=args.keep, warm_target=warm,
+                             cool_target=cool, scrub=args.scrub, rewrite=not args.no_rewrite,
+                             force_rewrite=args.force_rewrite, dry_run=args.dry_run,
+                             progress=_progress(args))
+    with _open(args) as manager:
+        report = compact(manager, options)
+    if args.json:
+        write_json(report.to_json())
+    else:
+        print(render(report))
+    return EXIT_OK
