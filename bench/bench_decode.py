@@ -10,6 +10,7 @@ end-to-end time includes kvtier's snapshot of the request's blocks after the las
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -52,7 +53,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     n_ctx = 2048
-    llm = Llama(str(default_model_path()), n_ctx=n_ctx, verbose=False, n_batch=512)
+    # The same llama.cpp settings on both sides: kvtier's defaults (every core, flash attention
+    # auto = on for this CPU build); llama-cpp-python would otherwise use half the cores, no FA.
+    threads = len(os.sched_getaffinity(0))
+    llm = Llama(str(default_model_path()), n_ctx=n_ctx, verbose=False, n_batch=512,
+                n_threads=threads, n_threads_batch=threads, flash_attn=True)
     prompt = llm.detokenize(document_tokens_for(llm, args.prompt_tokens).tolist()).decode(
         errors="ignore")
     tmp = tempfile.mkdtemp(prefix="kvtier-bench-decode-")

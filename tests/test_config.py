@@ -60,3 +60,23 @@ def test_sizes():
     assert parse_size(42, "k") == 42
     with pytest.raises(ConfigError):
         parse_size(True, "k")
+
+
+def test_every_key_is_documented():
+    import dataclasses
+    from pathlib import Path
+
+    from kvtier.config import Config
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    missing = [k for k in keys(Config()) if f"`{k}`" not in doc]
+    assert missing == []

@@ -42,11 +42,15 @@ def default_model_path() -> Path:
 def _ensure_backend() -> None:
     global _backend_ready
     if not _backend_ready:
-        # llama.cpp logs every tensor it loads to stderr; keep that for --verbose only.
+        llama_cpp.llama_backend_init()
+        # llama.cpp logs every tensor it loads to stderr; route its log through the Python
+        # logger "llama-cpp-python" (set after backend init, which may install its own) and keep
+        # it for --verbose only.
+        from llama_cpp._logger import llama_log_callback
+        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
         llama_log = logging.getLogger("llama-cpp-python")
         if llama_log.level == logging.NOTSET:
             llama_log.setLevel(logging.WARNING)
-        llama_cpp.llama_backend_init()
         _backend_ready = True
 
 

@@ -143,16 +143,15 @@ class Snapshotter:
         loaded: list[tuple[int, list[LayerKV]]] = []
         tiers = [0, 0, 0]
         with self.manager.pinned(plan.blocks):
-            for b, block in enumerate(plan.blocks):
-                entry = self.manager.block_entry(block)
-                try:
-                    layers = self.manager.get_block(block)
-                except (BlockMissing, BlockCorrupt) as exc:
-                    log.warning("restore of %s stops at block %d: %s", block, b, exc)
+            tier_of = [self.manager.block_entry(block) for block in plan.blocks]
+            for b, result in enumerate(self.manager.get_blocks(plan.blocks)):
+                if isinstance(result, (BlockMissing, BlockCorrupt)):
+                    log.warning("restore stops at block %d of %d: %s", b, len(plan.blocks),
+                                result)
                     break
-                loaded.append((b, layers))
-                if entry is not None:
-                    tiers[entry.tier] += layers[0].n_tokens
+                loaded.append((b, result))
+                if tier_of[b] is not None:
+                    tiers[tier_of[b].tier] += result[0].n_tokens
         n = min(plan.n_tokens, sum(layers[0].n_tokens for _, layers in loaded))
         self.hot.clear(slot)
         if n == 0:

@@ -27,6 +27,7 @@ from kvtier.errors import BlockCorrupt
 from kvtier.storage import quant
 from kvtier.storage.quant import Encoding, Grouping
 from kvtier.storage.records import GGML_TYPE_F16, LayerKV, TensorRows
+from kvtier.storage.summary import key_min_max
 
 MAGIC = b"KVB1"
 FORMAT_VERSION = 1
@@ -130,8 +131,8 @@ def _encode_tensor(t: TensorRows, encoding: Encoding, grouping: Grouping, exact_
 def key_summary(k: TensorRows) -> tuple[bytes, bytes]:
     if not k.is_f16 or k.n_tokens == 0:
         return b"", b""
-    values = k.rows.view(np.float16)
-    return values.min(axis=0).tobytes(), values.max(axis=0).tobytes()
+    lo, hi = key_min_max(k.rows.view(np.uint16))
+    return lo.tobytes(), hi.tobytes()
 
 
 def encode_record(layer: LayerKV, fmt: RecordFormat, exact_rows: int = 0) -> bytes:

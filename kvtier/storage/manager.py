@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtier.config import Config
-from kvtier.errors import BlockCorrupt, BlockMissing, StoreLocked, TierFull
+from kvtier.errors import BlockCorrupt, BlockMissing, KvtierError, StoreLocked, TierFull
 from kvtier.storage import codec, policy
 from kvtier.storage.catalog import BlockEntry, Catalog, SequenceEntry, SessionEntry, touched
 from kvtier.storage.codec import RecordFormat
@@ -104,6 +105,18 @@ class _State:
             self.count[old.tier] -= 1
         self.dirty.discard(block)
         return old
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    """Threads that decode records in parallel, one per core, shared by every manager."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)),
+                                   thread_name_prefix="kvtier-decode")
+    return _pool
 
 
 class DataDirLock:
@@ -248,27 +261,50 @@ class TierManager:
         Raises :class:`BlockMissing` if no tier has it, :class:`BlockCorrupt` if its data fails
         its checksum; a corrupt block is removed, so the next lookup reports it missing.
         """
+        result = self._decode(block, self._fetch(block))
+        if isinstance(result, KvtierError):
+            raise result
+        return result
+
+    def get_blocks(self, blocks: Sequence[BlockId]) -> list[list[LayerKV] | KvtierError]:
+        """Several blocks, decoded in parallel (the quantizers hold no GIL): for each, its layers
+        or the :class:`BlockMissing` / :class:`BlockCorrupt` that reading it met."""
+        fetched = [self._fetch(block) for block in blocks]
+        if len(blocks) < 2:
+            return [self._decode(b, f) for b, f in zip(blocks, fetched)]
+        return list(_decode_pool().map(self._decode, blocks, fetched))
+
+    def _fetch(self, block: BlockId) -> tuple[int, list[bytes | None]] | KvtierError:
+        """The tier and record bytes of a block, read under the lock so that no move can delete
+        them between the catalog lookup and the read."""
         with self._lock:
             entry = self._state.entries.get(block)
             if entry is None:
                 self.counters[WARM].misses += 1
-                raise BlockMissing(f"{block} is in no tier")
-            tier = entry.tier
+                return BlockMissing(f"{block} is in no tier")
             keys = [block.key(i).to_bytes() for i in range(entry.n_layers)]
-            values = self.tiers[tier].get_many(keys)
+            values = self.tiers[entry.tier].get_many(keys)
             self._state.entries[block] = touched(entry, time.time(), self.half_life_s)
             self._state.dirty.add(block)
+            return entry.tier, values
+
+    def _decode(self, block: BlockId, fetched: tuple[int, list[bytes | None]] | KvtierError
+                ) -> list[LayerKV] | KvtierError:
+        if isinstance(fetched, KvtierError):
+            return fetched
+        tier, values = fetched
         try:
             if any(v is None for v in values):
                 raise BlockCorrupt(f"{block}: {sum(v is None for v in values)} layers missing "
                                    f"from {TIER_NAMES[tier]}")
             layers = [codec.decode_record(v)[1] for v in values]
-        except BlockCorrupt:
+        except BlockCorrupt as exc:
             with self._lock:
                 self.counters[tier].corrupt += 1
                 self._forget([block])
-            raise
-        self.counters[tier].hits += 1
+            return exc
+        with self._lock:
+            self.counters[tier].hits += 1
         if tier != WARM:
             self._schedule("promote", block)
         return layers

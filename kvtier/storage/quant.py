@@ -67,11 +67,12 @@ class Grouping(IntEnum):
 KEY_GROUPING = Grouping.PER_CHANNEL
 """Keys have outlier channels: per-channel groups keep them from inflating every token's scale."""
 VALUE_GROUPING = Grouping.PER_TOKEN
-"""Values have no channel structure to exploit; per-token groups follow each token's scale."""
+"""Values per token, as KIVI does: each token's error stays in that token's row of V."""
 DEFAULT_GROUP_SIZE = 32
 """Values per group; docs/quantization.md has the error and size measurements behind it."""
 PARALLEL_MIN_VALUES = 1 << 15
-"""Blocks smaller than this run on one thread even when more are allowed (measured crossover)."""
+"""Blocks smaller than this run on one thread even when more are allowed: splitting a block of
+128 x 192 values was a wash, 256 x 192 gained 1.2-2.5x (docs/quantization.md)."""
 
 _LEVELS = (0, 255, 15)
 _F16_MAX = np.float32(65504.0)
@@ -126,9 +127,13 @@ def _f16_to_f32(bits: np.uint16) -> np.float32:
 
 @njit(cache=True, nogil=True)
 def _order_key(bits: np.uint16) -> np.int32:
-    """f16 bits -> an integer with the same order as the values, so min/max are integer ops."""
+    """f16 bits -> an integer with the same order as the values, so min/max are integer ops:
+    ``b ^ 0x8000`` for positive values, ``b ^ 0xFFFF`` for negative ones. Arithmetic, not a
+    select: where LLVM leaves a loop scalar, a select became a branch that mispredicted on every
+    other value (30x slower)."""
     b = np.int32(bits)
-    return np.int32(b ^ (np.int32(0xFFFF) if b >= np.int32(0x8000) else np.int32(0x8000)))
+    return np.int32(b ^ (np.int32(np.int32(b >> np.int32(15)) * np.int32(0x7FFF))
+                         | np.int32(0x8000)))
 
 
 @njit(cache=True, nogil=True)
@@ -145,7 +150,9 @@ def _range_has_non_finite(kmin: np.int32, kmax: np.int32) -> bool:
 
 @njit(cache=True, nogil=True)
 def _key_bits(k: np.int32) -> np.int32:
-    return np.int32(k ^ (np.int32(0x8000) if k >= np.int32(0x8000) else np.int32(0xFFFF)))
+    """The inverse of ``_order_key``."""
+    negative = np.int32(np.int32(k >> np.int32(15)) ^ np.int32(1))
+    return np.int32(k ^ (np.int32(negative * np.int32(0x7FFF)) | np.int32(0x8000)))
 
 
 @njit(cache=True, nogil=True)
@@ -164,19 +171,6 @@ def _dequantize(code: np.uint8, lo: np.float32, scale: np.float32) -> np.uint16:
 
 # Helpers that take arrays are inlined by numba itself ("always"): a call that passes arrays
 # costs reference-count updates, which made the kernels 2.5x slower.
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _finite_range(values: np.ndarray) -> tuple[np.int32, np.int32]:
-    """(min, max) order keys of the finite values; (0xFFFF, 0) when there are none."""
-    kmin = np.int32(0xFFFF)
-    kmax = np.int32(0)
-    for i in range(values.size):
-        finite = _is_finite(values[i])
-        k = _order_key(values[i])
-        kmin = min(kmin, k if finite else np.int32(0xFFFF))
-        kmax = max(kmax, k if finite else np.int32(0))
-    return kmin, kmax
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -243,8 +237,11 @@ def _copy_rows(src: np.ndarray, src_last: np.ndarray, n_src: int, dst: np.ndarra
 
 @njit(cache=True, nogil=True)
 def _encode_units(src: np.ndarray, src_last: np.ndarray, n_src: int, n_tokens: int, width: int,
-                  levels: int, per_channel: bool, gs: int, mins: np.ndarray, scales: np.ndarray,
-                  body: np.ndarray, u0: int, u1: int) -> None:
+                  levels: int, per_channel: bool, gs: int, n_groups: int, payload: np.ndarray,
+                  u0: int, u1: int) -> None:
+    mins = payload[:2 * n_groups].view(np.uint16)
+    scales = payload[2 * n_groups:4 * n_groups].view(np.uint16)
+    body = payload[4 * n_groups:].reshape(n_tokens, -1)
     top = np.float32(levels)
     pairs = np.zeros((2, (width + 1) // 2), np.uint8)
     codes = pairs.reshape(1, pairs.size)
@@ -299,15 +296,21 @@ def _encode_units(src: np.ndarray, src_last: np.ndarray, n_src: int, n_tokens: i
                 s = src if t < n_src else src_last
                 st = t if t < n_src else t - n_src
                 for j in range(n_col):
-                    group = s[st, j * gs:min(j * gs + gs, width)]
+                    c0 = np.uint64(j * gs)
+                    c1 = np.uint64(min(j * gs + gs, width))
                     gmin = np.int32(0xFFFF)
                     gmax = np.int32(0)
-                    for i in range(group.size):
-                        k = _order_key(group[i])
+                    for c in range(c0, c1):
+                        k = _order_key(s[st, c])
                         gmin = min(gmin, k)
                         gmax = max(gmax, k)
                     if _range_has_non_finite(gmin, gmax):
-                        gmin, gmax = _finite_range(group)
+                        gmin = np.int32(0xFFFF)
+                        gmax = np.int32(0)
+                        for c in range(c0, c1):
+                            if _is_finite(s[st, c]):
+                                gmin = min(gmin, _order_key(s[st, c]))
+                                gmax = max(gmax, _order_key(s[st, c]))
                     kmin[(t - r0) * n_col + j] = gmin
                     kmax[(t - r0) * n_col + j] = gmax
             _params(kmin, kmax, levels, mins[r0 * n_col:r1 * n_col],
@@ -316,23 +319,29 @@ def _encode_units(src: np.ndarray, src_last: np.ndarray, n_src: int, n_tokens: i
                 s = src if t < n_src else src_last
                 st = t if t < n_src else t - n_src
                 for j in range(n_col):
-                    g = (t - r0) * n_col + j
+                    # Scalars, not glo[g] in the loop: LLVM cannot prove the stores leave
+                    # glo alone, and reloading it each time kept the loop scalar.
+                    low = glo[(t - r0) * n_col + j]
+                    inv = ginv[(t - r0) * n_col + j]
                     c0 = np.uint64(j * gs)
                     c1 = np.uint64(min(j * gs + gs, width))
                     if levels == 255:
                         for c in range(c0, c1):
-                            body[t, c] = _quantize(s[st, c], glo[g], ginv[g], top)
+                            body[t, c] = _quantize(s[st, c], low, inv, top)
                     else:
                         for c in range(c0, c1):
-                            codes[0, c] = _quantize(s[st, c], glo[g], ginv[g], top)
+                            codes[0, c] = _quantize(s[st, c], low, inv, top)
                 if levels != 255:
                     _pack_q4(pairs, body, t)
 
 
 @njit(cache=True, nogil=True)
-def _decode_units(mins: np.ndarray, scales: np.ndarray, body: np.ndarray, levels: int,
-                  per_channel: bool, gs: int, dst: np.ndarray, dst_last: np.ndarray, n_dst: int,
-                  n_tokens: int, width: int, u0: int, u1: int) -> None:
+def _decode_units(payload: np.ndarray, n_groups: int, levels: int, per_channel: bool, gs: int,
+                  dst: np.ndarray, dst_last: np.ndarray, n_dst: int, n_tokens: int, width: int,
+                  u0: int, u1: int) -> None:
+    mins = payload[:2 * n_groups].view(np.uint16)
+    scales = payload[2 * n_groups:4 * n_groups].view(np.uint16)
+    body = payload[4 * n_groups:].reshape(n_tokens, -1)
     pairs = np.zeros((2, (width + 1) // 2), np.uint8)
     codes = pairs.reshape(1, pairs.size)
     if per_channel:
@@ -386,20 +395,20 @@ def _copy_rows_parallel(src: np.ndarray, src_last: np.ndarray, n_src: int, dst: 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _encode_parallel(src: np.ndarray, src_last: np.ndarray, n_src: int, n_tokens: int,
-                     width: int, levels: int, per_channel: bool, gs: int, mins: np.ndarray,
-                     scales: np.ndarray, body: np.ndarray, n_units: int, n_chunks: int) -> None:
+                     width: int, levels: int, per_channel: bool, gs: int, n_groups: int,
+                     payload: np.ndarray, n_units: int, n_chunks: int) -> None:
     for k in prange(n_chunks):
-        _encode_units(src, src_last, n_src, n_tokens, width, levels, per_channel, gs, mins,
-                      scales, body, k * n_units // n_chunks, (k + 1) * n_units // n_chunks)
+        _encode_units(src, src_last, n_src, n_tokens, width, levels, per_channel, gs, n_groups,
+                      payload, k * n_units // n_chunks, (k + 1) * n_units // n_chunks)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _decode_parallel(mins: np.ndarray, scales: np.ndarray, body: np.ndarray, levels: int,
-                     per_channel: bool, gs: int, dst: np.ndarray, dst_last: np.ndarray,
-                     n_dst: int, n_tokens: int, width: int, n_units: int, n_chunks: int) -> None:
+def _decode_parallel(payload: np.ndarray, n_groups: int, levels: int, per_channel: bool,
+                     gs: int, dst: np.ndarray, dst_last: np.ndarray, n_dst: int, n_tokens: int,
+                     width: int, n_units: int, n_chunks: int) -> None:
     for k in prange(n_chunks):
-        _decode_units(mins, scales, body, levels, per_channel, gs, dst, dst_last, n_dst,
-                      n_tokens, width, k * n_units // n_chunks, (k + 1) * n_units // n_chunks)
+        _decode_units(payload, n_groups, levels, per_channel, gs, dst, dst_last, n_dst, n_tokens,
+                      width, k * n_units // n_chunks, (k + 1) * n_units // n_chunks)
 
 
 @njit(cache=True, nogil=True)
@@ -422,8 +431,9 @@ _threads = 1
 # waits for its slowest thread; on a loaded 2-core machine one 256-token call then took
 # milliseconds instead of tens of microseconds. The server gets parallelism from its own worker
 # threads instead (every kernel releases the GIL).
-# One parallel kernel at a time: it already uses every allowed core, and numba's default
-# (workqueue) threading layer aborts the process when two threads launch parallel kernels at once.
+# One parallel kernel at a time: it already uses every allowed core, and numba's workqueue
+# threading layer (its fallback without OpenMP or TBB) aborts the process when two threads
+# launch parallel kernels at once.
 _parallel_lock = threading.Lock()
 
 
@@ -451,28 +461,39 @@ def float16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return out
 
 
-def _check_shape(n_tokens: int, width: int, encoding: Encoding, group_size: int) -> None:
+_ENCODINGS = {e: e for e in Encoding}  # IntEnum members hash like their ints: 1 finds Q8
+_GROUPINGS = {g: g for g in Grouping}
+
+
+def _enum(table: dict, value: int, name: str):
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown {name} {value!r}") from None
+
+
+def _layout(n_tokens: int, width: int, encoding: Encoding, grouping: Grouping,
+            group_size: int) -> tuple[int, int]:
+    """(groups, payload bytes) of a block."""
     if n_tokens < 1 or width < 1:
         raise ValueError(f"empty block ({n_tokens} x {width})")
-    if encoding != Encoding.F16 and group_size < 1:
+    if encoding == Encoding.F16:
+        return 0, 2 * n_tokens * width
+    if group_size < 1:
         raise ValueError(f"group_size must be positive, got {group_size}")
-
-
-def _n_groups(n_tokens: int, width: int, grouping: Grouping, group_size: int) -> int:
     if grouping == Grouping.PER_CHANNEL:
-        return -(-n_tokens // group_size) * width
-    return n_tokens * -(-width // group_size)
+        n_groups = -(-n_tokens // group_size) * width
+    else:
+        n_groups = n_tokens * -(-width // group_size)
+    row_bytes = width if encoding == Encoding.Q8 else (width + 1) // 2
+    return n_groups, 4 * n_groups + n_tokens * row_bytes
 
 
 def encoded_nbytes(n_tokens: int, width: int, encoding: Encoding, grouping: Grouping,
                    group_size: int) -> int:
     """Bytes of the payload of a (n_tokens, width) block."""
-    encoding = Encoding(encoding)
-    _check_shape(n_tokens, width, encoding, group_size)
-    if encoding == Encoding.F16:
-        return 2 * n_tokens * width
-    row_bytes = width if encoding == Encoding.Q8 else (width + 1) // 2
-    return 4 * _n_groups(n_tokens, width, Grouping(grouping), group_size) + n_tokens * row_bytes
+    return _layout(n_tokens, width, _enum(_ENCODINGS, encoding, "encoding"),
+                   _enum(_GROUPINGS, grouping, "grouping"), group_size)[1]
 
 
 def _row_views(a: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -481,7 +502,7 @@ def _row_views(a: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, int]:
         raise ValueError(f"{name} must be a 2-D uint16 array of f16 bits")
     n_tokens, width = a.shape
     if a.flags.c_contiguous:
-        return a, a[:1], n_tokens
+        return a, a, n_tokens
     if a.strides[1] != 2 or a.strides[0] < 2 * width or a.strides[0] % 2:
         raise ValueError(f"{name} needs contiguous, non-overlapping rows, strides {a.strides}")
     stride = a.strides[0] // 2
@@ -489,12 +510,6 @@ def _row_views(a: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, int]:
     flat = as_strided(a, shape=((n_tokens - 1) * stride + width,), strides=(2,))
     return (flat[:(n_tokens - 1) * stride].reshape(n_tokens - 1, stride),
             flat[(n_tokens - 1) * stride:].reshape(1, width), n_tokens - 1)
-
-
-def _n_units(n_tokens: int, encoding: Encoding, grouping: Grouping, group_size: int) -> int:
-    if encoding != Encoding.F16 and grouping == Grouping.PER_CHANNEL:
-        return -(-n_tokens // group_size)
-    return n_tokens
 
 
 def _run(serial, parallel, args: tuple, n_values: int, n_units: int) -> None:
@@ -513,23 +528,22 @@ def encode(bits: np.ndarray, encoding: Encoding, grouping: Grouping,
 
     Returns a new 1-D uint8 payload of ``encoded_nbytes(...)`` bytes.
     """
-    encoding = Encoding(encoding)
-    grouping = Grouping(grouping)
-    src = _row_views(bits, "bits")
+    encoding = _enum(_ENCODINGS, encoding, "encoding")
+    grouping = _enum(_GROUPINGS, grouping, "grouping")
+    src, src_last, n_src = _row_views(bits, "bits")
     n_tokens, width = bits.shape
-    out = np.empty(encoded_nbytes(n_tokens, width, encoding, grouping, group_size), np.uint8)
+    n_groups, nbytes = _layout(n_tokens, width, encoding, grouping, group_size)
+    out = np.empty(nbytes, np.uint8)
     if encoding == Encoding.F16:
         dst = out.view(np.uint16).reshape(n_tokens, width)
-        _run(_copy_rows, _copy_rows_parallel, (*src, dst, dst[:1], n_tokens, width), bits.size,
-             n_tokens)
+        _run(_copy_rows, _copy_rows_parallel, (src, src_last, n_src, dst, dst, n_tokens, width),
+             n_tokens * width, n_tokens)
         return out
-    n_groups = _n_groups(n_tokens, width, grouping, group_size)
-    args = (*src, n_tokens, width, _LEVELS[encoding], grouping == Grouping.PER_CHANNEL,
-            group_size, out[:2 * n_groups].view(np.uint16),
-            out[2 * n_groups:4 * n_groups].view(np.uint16),
-            out[4 * n_groups:].reshape(n_tokens, -1))
-    _run(_encode_units, _encode_parallel, args, bits.size,
-         _n_units(n_tokens, encoding, grouping, group_size))
+    per_channel = grouping == Grouping.PER_CHANNEL
+    _run(_encode_units, _encode_parallel,
+         (src, src_last, n_src, n_tokens, width, _LEVELS[encoding], per_channel, group_size,
+          n_groups, out),
+         n_tokens * width, -(-n_tokens // group_size) if per_channel else n_tokens)
     return out
 
 
@@ -548,32 +562,32 @@ def decode_into(payload: bytes | bytearray | memoryview | np.ndarray, out: np.nd
     Only ``out``'s own elements are written. A payload of the wrong length for ``out``'s shape
     raises :class:`BlockCorrupt`.
     """
-    encoding = Encoding(encoding)
-    grouping = Grouping(grouping)
+    encoding = _enum(_ENCODINGS, encoding, "encoding")
+    grouping = _enum(_GROUPINGS, grouping, "grouping")
     data = _payload_array(payload)
-    dst = _row_views(out, "out")
+    dst, dst_last, n_dst = _row_views(out, "out")
     n_tokens, width = out.shape
-    expected = encoded_nbytes(n_tokens, width, encoding, grouping, group_size)
-    if data.size != expected:
+    n_groups, nbytes = _layout(n_tokens, width, encoding, grouping, group_size)
+    if data.size != nbytes:
         raise BlockCorrupt(f"{encoding.name} payload of {data.size} bytes, a {n_tokens}x{width} "
-                           f"block needs {expected}")
+                           f"block needs {nbytes}")
     if encoding == Encoding.F16:
         src = data.view(np.uint16).reshape(n_tokens, width)
-        _run(_copy_rows, _copy_rows_parallel, (src, src[:1], n_tokens, *dst, width), out.size,
-             n_tokens)
+        _run(_copy_rows, _copy_rows_parallel, (src, src, n_tokens, dst, dst_last, n_dst, width),
+             n_tokens * width, n_tokens)
         return
-    n_groups = _n_groups(n_tokens, width, grouping, group_size)
-    args = (data[:2 * n_groups].view(np.uint16), data[2 * n_groups:4 * n_groups].view(np.uint16),
-            data[4 * n_groups:].reshape(n_tokens, -1), _LEVELS[encoding],
-            grouping == Grouping.PER_CHANNEL, group_size, *dst, n_tokens, width)
-    _run(_decode_units, _decode_parallel, args, out.size,
-         _n_units(n_tokens, encoding, grouping, group_size))
+    per_channel = grouping == Grouping.PER_CHANNEL
+    _run(_decode_units, _decode_parallel,
+         (data, n_groups, _LEVELS[encoding], per_channel, group_size, dst, dst_last, n_dst,
+          n_tokens, width),
+         n_tokens * width, -(-n_tokens // group_size) if per_channel else n_tokens)
 
 
 def decode(payload: bytes | bytearray | memoryview | np.ndarray, n_tokens: int, width: int,
            encoding: Encoding, grouping: Grouping, group_size: int) -> np.ndarray:
     """Decode a payload to a new (n_tokens, width) uint16 array of f16 bits."""
-    _check_shape(n_tokens, width, Encoding(encoding), group_size)
+    if n_tokens < 1 or width < 1:
+        raise ValueError(f"empty block ({n_tokens} x {width})")
     out = np.empty((n_tokens, width), np.uint16)
     decode_into(payload, out, encoding, grouping, group_size)
     return out

@@ -1,4 +1,4 @@
-"""kvtier.storage.quant: exact payload sizes and layout, bit-exact f16 paths, per-group error bounds."""
+"""kvtier.storage.quant: exact sizes and layout, bit-exact f16 paths, per-group error bounds."""
 
 from __future__ import annotations
 
@@ -166,6 +166,20 @@ def test_f32_to_f16_matches_numpy_on_random_and_tie_values():
         with np.errstate(over="ignore"):
             expected = x.astype(np.float16).view(np.uint16)
         np.testing.assert_array_equal(float32_to_float16_bits(x), expected)
+
+
+def test_order_keys_sort_like_the_values_and_invert():
+    finite = ALL_BITS[np.isfinite(F16_TABLE)]
+    keys = np.array([quant._order_key(b) for b in finite], np.int64)
+    assert (np.array([quant._key_bits(k) for k in keys], np.uint16) == finite).all()
+    order = np.argsort(keys, kind="stable")
+    values = F16_TABLE[finite][order]
+    assert (np.diff(values) >= 0).all()  # -0.0 sorts just below +0.0
+    non_finite = ALL_BITS[~np.isfinite(F16_TABLE)]
+    for b in non_finite:  # every inf/NaN key lands where _range_has_non_finite looks
+        k = quant._order_key(b)
+        assert quant._range_has_non_finite(k, k)
+    assert not any(quant._range_has_non_finite(k, k) for k in keys)
 
 
 # --- sizes ----------------------------------------------------------------------------------

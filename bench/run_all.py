@@ -1,0 +1,24 @@
+"""Run every benchmark in turn (what `make bench` does); each writes bench/results/<name>.json.
+
+Run them on an otherwise idle machine: llama.cpp's threads spin-wait, so any other load distorts
+every timing here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHES = ["bench_quant", "bench_tiers", "bench_restore", "bench_decode", "bench_fidelity",
+           "bench_http"]
+
+
+def main() -> None:
+    for name in BENCHES:
+        print(f"== {name}", flush=True)
+        subprocess.run([sys.executable, "-m", f"bench.{name}"], check=True)
+    subprocess.run([sys.executable, "-m", "bench.plot_restore"], check=True)
+
+
+if __name__ == "__main__":
+    main()
