@@ -72,7 +72,7 @@ DEFAULT_GROUP_SIZE = 32
 """Values per group; docs/quantization.md has the error and size measurements behind it."""
 PARALLEL_MIN_VALUES = 1 << 15
 """Blocks smaller than this run on one thread even when more are allowed: splitting a block of
-128 x 192 values was a wash, 256 x 192 gained 1.2-2.5x (docs/quantization.md)."""
+128 x 192 values was a wash or a loss, 256 x 192 gained 1.2-2.9x (docs/quantization.md)."""
 
 _LEVELS = (0, 255, 15)
 _F16_MAX = np.float32(65504.0)
