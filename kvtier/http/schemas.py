@@ -126,12 +126,17 @@ class Integer:
             raise _fail(param, self.message or f"must be at most {self.maximum}")
 
     def json_schema(self, components: dict[str, JsonSchema]) -> JsonSchema:
-        schema: JsonSchema = {"type": "integer"}
-        if self.minimum is not None:
-            schema["minimum"] = self.minimum
-        if self.maximum is not None:
-            schema["maximum"] = self.maximum
-        return _doc(schema, self.description)
+        return _bounded("integer", self.minimum, self.maximum, self.description)
+
+
+def _bounded(kind: str, minimum: float | None, maximum: float | None, description: str
+             ) -> JsonSchema:
+    schema: JsonSchema = {"type": kind}
+    if minimum is not None:
+        schema["minimum"] = minimum
+    if maximum is not None:
+        schema["maximum"] = maximum
+    return _doc(schema, description)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +158,7 @@ class Number:
         return value
 
     def json_schema(self, components: dict[str, JsonSchema]) -> JsonSchema:
-        schema: JsonSchema = {"type": "number"}
-        if self.minimum is not None:
-            schema["minimum"] = self.minimum
-        if self.maximum is not None:
-            schema["maximum"] = self.maximum
-        return _doc(schema, self.description)
+        return _bounded("number", self.minimum, self.maximum, self.description)
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,7 +73,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
+    """Bytes the files under ``path`` take on disk (allocated blocks, so sparse files count what
+    they use); 0 if it does not exist."""
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
@@ -136,7 +138,7 @@ class LmdbTier(Tier):
         return -(-(value_len + 16) // LMDB_PAGE) * LMDB_PAGE
 
     def disk_bytes(self) -> int:
-        return _dir_bytes(self.path)
+        return dir_bytes(self.path)
 
     def stats(self) -> dict[str, int]:
         info = self.env.info()
@@ -251,7 +253,7 @@ class RocksTier(Tier):
         yield from self.cf.keys()
 
     def disk_bytes(self) -> int:
-        return _dir_bytes(self.store.path)
+        return dir_bytes(self.store.path)
 
     def compact(self) -> None:
         """Compact the column family, then collect blob garbage if payloads are still held.

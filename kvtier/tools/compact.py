@@ -38,9 +38,9 @@ from kvtier.errors import BlockCorrupt, KvtierError
 from kvtier.storage import policy
 from kvtier.storage.manager import COLD, COOL, LOW_WATERMARK, TIER_NAMES, WARM, TierManager
 from kvtier.storage.records import BlockId, Namespace
-from kvtier.storage.tiers import LmdbTier, RocksTier
+from kvtier.storage.tiers import LmdbTier, RocksTier, dir_bytes
 from kvtier.tools.render import human_bytes, table
-from kvtier.tools.store import StoreView, block_name, dir_bytes
+from kvtier.tools.store import StoreView, block_name
 from kvtier.tools.verify import Kind, Problem, check_records, check_references, corrupt_blocks
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ from kvtier.storage.manager import TIER_NAMES, TierManager
 from kvtier.storage.quant import Encoding, Grouping
 from kvtier.storage.records import BlockId, LayerKV, TensorRows
 from kvtier.tools.render import human_bytes, human_time, percent, ratio, table
-from kvtier.tools.store import StoreView, block_name, describe_namespace, dir_bytes
+from kvtier.storage.tiers import dir_bytes
+from kvtier.tools.store import StoreView, block_name, describe_namespace
 
 GGML_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0",
               30: "bf16"}

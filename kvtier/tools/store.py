@@ -8,11 +8,9 @@ background worker: nothing moves unless a tool moves it.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kvtier.config import Config
@@ -131,16 +129,3 @@ class StoreView:
 
 def namespace_prefix(namespace: bytes) -> str:
     return namespace[:NAMESPACE_BYTES].hex()[:8]
-
-
-def dir_bytes(path: Path) -> int:
-    """Bytes the files under ``path`` take on disk (allocated blocks, so sparse files count
-    what they use); 0 if it does not exist."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_blocks * 512
-            except FileNotFoundError:
-                pass
-    return total

@@ -6,7 +6,7 @@ import pytest
 
 from kvtier.storage.manager import COLD, COOL, TIER_NAMES, WARM, TierManager
 from kvtier.tools.compact import CompactOptions, Target, compact
-from kvtier.tools.store import dir_bytes
+from kvtier.storage.tiers import dir_bytes
 from kvtier.tools.verify import verify
 from tests.factories import NS
 from tests.tools.stores import (DAY, FULL_BLOCKS, N_LAYERS, N_SESSIONS, SHARED_BLOCKS,
