@@ -16,7 +16,7 @@ import numpy as np
 from kvtier.engine import state_codec
 from kvtier.engine.hot import HotContext, Slot
 from kvtier.engine.restore_policy import ThroughputModel
-from kvtier.errors import BlockCorrupt, BlockMissing
+from kvtier.errors import KvtierError
 from kvtier.storage.catalog import SequenceEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
@@ -139,25 +139,21 @@ class Snapshotter:
         """Put the plan's blocks into ``slot`` (cleared first). Stops at the first block that is
         missing or corrupt: what comes after it is recomputed, nothing is lost."""
         start = time.perf_counter()
-        bs = self.block_size
-        loaded: list[tuple[int, list[LayerKV]]] = []
-        tiers = [0, 0, 0]
         with self.manager.pinned(plan.blocks):
-            tier_of = [self.manager.block_entry(block) for block in plan.blocks]
-            for b, result in enumerate(self.manager.get_blocks(plan.blocks)):
-                if isinstance(result, (BlockMissing, BlockCorrupt)):
-                    log.warning("restore stops at block %d of %d: %s", b, len(plan.blocks),
-                                result)
-                    break
-                loaded.append((b, result))
-                if tier_of[b] is not None:
-                    tiers[tier_of[b].tier] += result[0].n_tokens
-        n = min(plan.n_tokens, sum(layers[0].n_tokens for _, layers in loaded))
+            entries = [self.manager.block_entry(block) for block in plan.blocks]
+            usable = next((j for j, e in enumerate(entries) if e is None), len(entries))
+            blocks = plan.blocks[:usable]
+            if self._direct:
+                blob, n_blocks = self._decode_into_blob(slot, blocks, entries)
+            else:
+                blob, n_blocks = self._compose(slot, blocks)
+        tiers = [0, 0, 0]
+        for entry in entries[:n_blocks]:
+            tiers[entry.tier] += entry.n_tokens
+        n = min(plan.n_tokens, sum(tiers))
         self.hot.clear(slot)
         if n == 0:
             return Restored(0, 0.0, tiers)
-        blob = state_codec.compose(self.layout, slot.index,
-                                   state_codec.stream_of(self.layout, slot.index), loaded, bs)
         state_codec.write_state(self.hot.ptr, slot.index, blob)
         slot.tokens = np.array(tokens[:n], dtype=np.int32)
         seconds = time.perf_counter() - start
@@ -165,3 +161,39 @@ class Snapshotter:
             if count:
                 self.throughput.observe_restore(tier, count, seconds * count / n)
         return Restored(n, seconds, tiers)
+
+    @property
+    def _direct(self) -> bool:
+        """Records can be decoded straight into the blob: one cache, V stored per token."""
+        return len(self.layout.caches) == 1 and not self.layout.caches[0].v_trans
+
+    def _decode_into_blob(self, slot: Slot, blocks: list[BlockId], entries
+                          ) -> tuple[memoryview, int]:
+        cache = self.layout.caches[0]
+        while True:
+            target = state_codec.allocate(
+                self.layout, slot.index, state_codec.stream_of(self.layout, slot.index),
+                [(j, [entries[j].n_tokens]) for j in range(len(blocks))], self.block_size)
+
+            def destination(j: int, layer: int):
+                k, v = target.rows(j, layer)
+                return k, v, cache.k_types[layer], cache.v_types[layer]
+
+            errors = self.manager.get_blocks_into(blocks, destination)
+            bad = next((j for j, e in enumerate(errors) if e is not None), None)
+            if bad is None:
+                return target.blob, len(blocks)
+            log.warning("restore stops at block %d of %d: %s", bad, len(blocks), errors[bad])
+            blocks = blocks[:bad]
+
+    def _compose(self, slot: Slot, blocks: list[BlockId]) -> tuple[memoryview, int]:
+        loaded: list[tuple[int, list[LayerKV]]] = []
+        for j, result in enumerate(self.manager.get_blocks(blocks)):
+            if isinstance(result, KvtierError):
+                log.warning("restore stops at block %d of %d: %s", j, len(blocks), result)
+                break
+            loaded.append((j, result))
+        blob = state_codec.compose(self.layout, slot.index,
+                                   state_codec.stream_of(self.layout, slot.index), loaded,
+                                   self.block_size)
+        return blob, len(loaded)

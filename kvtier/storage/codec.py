@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from kvtier.errors import BlockCorrupt
+from kvtier.errors import BlockCorrupt, ModelMismatch
 from kvtier.storage import quant
 from kvtier.storage.quant import Encoding, Grouping
 from kvtier.storage.records import GGML_TYPE_F16, LayerKV, TensorRows
@@ -183,21 +183,24 @@ def read_header(data: bytes | memoryview) -> RecordHeader:
     return _parse_header(_verify(data))[0]
 
 
-def _decode_tensor(head: TensorHeader, payload: memoryview, n_tokens: int, exact_rows: int
-                   ) -> TensorRows:
+def _decode_tensor_into(head: TensorHeader, payload: memoryview, exact_rows: int,
+                        out: np.ndarray) -> None:
+    """Decode one tensor into ``out``: uint8 (n_tokens, row_bytes) with contiguous rows."""
     if head.encoding == RAW:
-        rows = np.frombuffer(payload, dtype=np.uint8).reshape(n_tokens, head.width).copy()
-        return TensorRows(head.ggml_type, rows)
-    bits = np.empty((n_tokens, head.width), dtype=np.uint16)
+        out[...] = np.frombuffer(payload, dtype=np.uint8).reshape(out.shape)
+        return
+    bits = out.view(np.uint16)
     exact = exact_rows * head.width * 2
     bits[:exact_rows] = np.frombuffer(payload[:exact], dtype="<u2").reshape(-1, head.width)
     quant.decode_into(payload[exact:], bits[exact_rows:], Encoding(head.encoding),
                       Grouping(head.grouping), head.group_size)
-    return TensorRows(head.ggml_type, bits.view(np.uint8))
 
 
-def decode_record(data: bytes | memoryview) -> tuple[RecordHeader, LayerKV]:
-    """Verify and decode a record back to llama.cpp rows (f16 for quantized encodings)."""
+def _row_bytes(head: TensorHeader) -> int:
+    return head.width if head.encoding == RAW else 2 * head.width
+
+
+def _payload(data: bytes | memoryview) -> tuple[RecordHeader, memoryview]:
     header, payload = _parse_header(_verify(data))
     if header.zstd:
         try:
@@ -208,9 +211,37 @@ def decode_record(data: bytes | memoryview) -> tuple[RecordHeader, LayerKV]:
     if len(payload) != header.payload_nbytes:
         raise BlockCorrupt(f"payload is {len(payload)} bytes, header says "
                            f"{header.payload_nbytes}")
-    k = _decode_tensor(header.k, payload[:header.k.nbytes], header.n_tokens, header.exact_rows)
-    v = _decode_tensor(header.v, payload[header.k.nbytes:], header.n_tokens, header.exact_rows)
-    return header, LayerKV(k, v)
+    return header, payload
+
+
+def decode_record(data: bytes | memoryview) -> tuple[RecordHeader, LayerKV]:
+    """Verify and decode a record back to llama.cpp rows (f16 for quantized encodings)."""
+    header, payload = _payload(data)
+    tensors = []
+    for head, part in ((header.k, payload[:header.k.nbytes]),
+                       (header.v, payload[header.k.nbytes:])):
+        rows = np.empty((header.n_tokens, _row_bytes(head)), dtype=np.uint8)
+        _decode_tensor_into(head, part, header.exact_rows, rows)
+        tensors.append(TensorRows(head.ggml_type, rows))
+    return header, LayerKV(*tensors)
+
+
+def decode_record_into(data: bytes | memoryview, k_out: np.ndarray, v_out: np.ndarray,
+                       k_type: int, v_type: int) -> RecordHeader:
+    """Verify a record and decode its K and V rows straight into ``k_out`` / ``v_out`` (uint8,
+    (n_tokens, row_bytes), contiguous rows: e.g. a restore's state blob). Raises
+    :class:`ModelMismatch` when the record's types or shapes are not the destination's."""
+    header, payload = _payload(data)
+    for head, out, ggml_type, name in ((header.k, k_out, k_type, "K"),
+                                       (header.v, v_out, v_type, "V")):
+        if head.ggml_type != ggml_type or out.shape != (header.n_tokens, _row_bytes(head)):
+            raise ModelMismatch(f"{name}: a record of type {head.ggml_type}, "
+                                f"{header.n_tokens} x {_row_bytes(head)} bytes, for a "
+                                f"destination of type {ggml_type}, {out.shape[0]} x "
+                                f"{out.shape[1]} bytes")
+    _decode_tensor_into(header.k, payload[:header.k.nbytes], header.exact_rows, k_out)
+    _decode_tensor_into(header.v, payload[header.k.nbytes:], header.exact_rows, v_out)
+    return header
 
 
 def transcode(data: bytes | memoryview, fmt: RecordFormat) -> bytes:

@@ -23,11 +23,12 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -41,6 +42,10 @@ from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain
 from kvtier.storage.tiers import LmdbTier, RocksStore, RocksTier, Tier
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RowDestination = Callable[[int, int], tuple[np.ndarray, np.ndarray, int, int]]
+"""(block position, layer) -> (k_out, v_out, k_type, v_type): where a restore decodes rows."""
 
 TIER_NAMES = ("warm", "cool", "cold")
 WARM, COOL, COLD = 0, 1, 2
@@ -274,6 +279,23 @@ class TierManager:
             return [self._decode(b, f) for b, f in zip(blocks, fetched)]
         return list(_decode_pool().map(self._decode, blocks, fetched))
 
+    def get_blocks_into(self, blocks: Sequence[BlockId], destination: RowDestination
+                        ) -> list[KvtierError | None]:
+        """Decode several blocks in parallel straight into caller-owned rows:
+        ``destination(j, layer)`` gives ``(k_out, v_out, k_type, v_type)`` for layer ``layer``
+        of ``blocks[j]`` (see :func:`codec.decode_record_into`). For each block, None or the
+        error that reading it met (a corrupt block is removed, as with :meth:`get_block`)."""
+        fetched = [self._fetch(block) for block in blocks]
+
+        def decode(j: int) -> KvtierError | None:
+            def into(values: list[bytes]) -> None:
+                for layer, value in enumerate(values):
+                    codec.decode_record_into(value, *destination(j, layer))
+            result = self._checked(blocks[j], fetched[j], into)
+            return result if isinstance(result, KvtierError) else None
+
+        return list(_decode_pool().map(decode, range(len(blocks))))
+
     def _fetch(self, block: BlockId) -> tuple[int, list[bytes | None]] | KvtierError:
         """The tier and record bytes of a block, read under the lock so that no move can delete
         them between the catalog lookup and the read."""
@@ -290,6 +312,13 @@ class TierManager:
 
     def _decode(self, block: BlockId, fetched: tuple[int, list[bytes | None]] | KvtierError
                 ) -> list[LayerKV] | KvtierError:
+        return self._checked(block, fetched,
+                             lambda values: [codec.decode_record(v)[1] for v in values])
+
+    def _checked(self, block: BlockId, fetched: tuple[int, list[bytes | None]] | KvtierError,
+                 decode: Callable[[list[bytes]], T]) -> T | KvtierError:
+        """Run ``decode`` on a fetched block's records; count the hit, or remove a corrupt block
+        and return the error; schedule the promotion of a block read from below warm."""
         if isinstance(fetched, KvtierError):
             return fetched
         tier, values = fetched
@@ -297,7 +326,7 @@ class TierManager:
             if any(v is None for v in values):
                 raise BlockCorrupt(f"{block}: {sum(v is None for v in values)} layers missing "
                                    f"from {TIER_NAMES[tier]}")
-            layers = [codec.decode_record(v)[1] for v in values]
+            result = decode(values)
         except BlockCorrupt as exc:
             with self._lock:
                 self.counters[tier].corrupt += 1
@@ -307,7 +336,7 @@ class TierManager:
             self.counters[tier].hits += 1
         if tier != WARM:
             self._schedule("promote", block)
-        return layers
+        return result
 
     def read_records(self, block: BlockId) -> tuple[int, list[bytes | None]]:
         """The tier and raw record bytes of every layer of a block (for inspection tools)."""
