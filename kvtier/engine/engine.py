@@ -378,7 +378,9 @@ class Engine:
         prompt = job.prompt
         hot = _common_prefix(slot.tokens, prompt)
         seq = self._slot_seq.get(slot.index)
-        owner_matches = job.owner == "" or slot.owner == job.owner
+        # A stateless request may extend the anonymous conversation resident in its slot, never
+        # a session's: that would rewrite the session's stored sequence under it.
+        continues_slot = job.owner == "" and (slot.owner or "").startswith("seq:")
         session_seq = None
         if job.session is not None:
             session_seq = self.manager.get_sequence(Namespace(job.session.namespace),
@@ -399,7 +401,7 @@ class Engine:
             seq_id = job.session.sequence
             seq = _truncated(seq, keep, self.block_size) if seq and seq.seq_id == seq_id \
                 else StoredSequence(seq_id)
-        elif seq is None or not owner_matches or keep < len(seq.blocks) * self.block_size - \
+        elif seq is None or not continues_slot or keep < len(seq.blocks) * self.block_size - \
                 (self.block_size - seq.tail_tokens if seq.tail else 0):
             seq = StoredSequence(self.manager.new_sequence())
         else:

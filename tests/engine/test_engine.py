@@ -14,6 +14,7 @@ from kvtier.config import load_config
 from kvtier.engine.api import ChatMessage, GenerationRequest, SamplingParams, TokenEvent
 from kvtier.engine.engine import Engine
 from kvtier.errors import ContextOverflow, InvalidRequest, ModelMismatch, SessionNotFound
+from kvtier.storage import codec
 from kvtier.storage.manager import WARM
 from kvtier.storage.records import Namespace
 from tests.engine.conftest import document_text
@@ -218,5 +219,45 @@ def test_stop_strings_and_streaming_text_add_up(tmp_path):
                 final = event
         assert "".join(pieces) == final.text
         assert "\n" not in final.text
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_quantized_cache_blocks_are_stored_as_they_are_and_restore_exactly(tmp_path):
+    q8 = {"model.cache_type_k": "q8_0", "model.cache_type_v": "q8_0"}
+    request = GenerationRequest(prompt=document_text()[:2000], sampling=GREEDY)
+    engine = make_engine(tmp_path, **q8)
+    first = engine.generate(request)
+    engine.close()
+    engine = make_engine(tmp_path, **q8)
+    try:
+        block = engine.manager.match_prefix(engine.namespace, engine.model.tokenize(
+            request.prompt), engine.block_size)[0]
+        _, records = engine.manager.read_records(block)
+        header = codec.read_header(records[0])
+        assert (header.k.ggml_type, header.k.encoding) == (8, codec.RAW)  # q8_0, kept as is
+        again = engine.generate(request)
+        assert again.usage.restored_tokens >= engine.block_size
+        assert again.text == first.text
+    finally:
+        engine.close()
+
+
+def test_stateless_request_never_rewrites_a_resident_session(tmp_path):
+    # Regression: a stateless request that extended the session held by its slot used to
+    # continue the session's stored sequence and overwrite it.
+    engine = make_engine(tmp_path, **{"model.n_slots": 1})
+    try:
+        first = engine.generate(chat(TURN_1, "s"))
+        entry = engine.manager.get_session("s")
+        before = engine.manager.get_sequence(engine.namespace, entry.sequence)
+        follow_up = GenerationRequest(messages=(ChatMessage("user", TURN_1),
+                                                ChatMessage("assistant", first.text),
+                                                ChatMessage("user", TURN_2)), sampling=GREEDY)
+        result = engine.generate(follow_up)
+        assert result.usage.cached_tokens > 0
+        after = engine.manager.get_sequence(engine.namespace, entry.sequence)
+        assert after.tokens == before.tokens and after.blocks == before.blocks
     finally:
         engine.close()
