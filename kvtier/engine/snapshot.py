@@ -81,10 +81,14 @@ class Snapshotter:
         n_full = len(tokens) // bs
         chains = self._chains(tokens, seq.chains)
         full = seq.full[:n_full]
-        missing: list[int] = []
-        for b in range(len(full), n_full):
-            existing = self.manager.find_hash(self.namespace, chains[b])
-            full.append(existing) if existing is not None and not missing else missing.append(b)
+        # Full blocks that some sequence already stored are shared; from the first one the store
+        # lacks, the rest are written (put_block still shares any that exist by then).
+        while len(full) < n_full:
+            existing = self.manager.find_hash(self.namespace, chains[len(full)])
+            if existing is None:
+                break
+            full.append(existing)
+        missing = list(range(len(full), n_full))
         tail_len = len(tokens) - n_full * bs
         tail_changed = tail_len > 0 and (seq.tail is None or seq.tail_tokens != tail_len
                                          or missing or len(full) < len(seq.full))

@@ -248,3 +248,15 @@ def transcode(data: bytes | memoryview, fmt: RecordFormat) -> bytes:
     """Re-encode a record for another tier (e.g. warm Q8 → cool Q4 + zstd)."""
     header, layer = decode_record(data)
     return encode_record(layer, fmt, header.exact_rows)
+
+
+def warm_up() -> None:
+    """Run every kernel once on a tiny record, so that numba compiles (or loads its cache) now
+    rather than in the first request that stores or restores a block (~12 s on a cold cache)."""
+    bits = np.arange(64 * 32, dtype=np.uint16).reshape(64, 32) & 0x3BFF
+    rows = TensorRows(GGML_TYPE_F16, bits.view(np.uint8))
+    layer = LayerKV(rows, rows)
+    for encoding in Encoding:
+        record = encode_record(layer, RecordFormat(encoding, 1), SINK_ROWS)
+        k_out = np.empty_like(layer.k.rows)
+        decode_record_into(record, k_out, np.empty_like(k_out), GGML_TYPE_F16, GGML_TYPE_F16)

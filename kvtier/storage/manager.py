@@ -200,6 +200,7 @@ class TierManager:
         if background:
             self._worker = threading.Thread(target=self._work, name="kvtier-tiers", daemon=True)
             self._worker.start()
+            threading.Thread(target=codec.warm_up, name="kvtier-warm-up", daemon=True).start()
 
     def _store(self, path: Path, cf: str) -> RocksStore:
         resolved = path.resolve()
@@ -643,27 +644,36 @@ class TierManager:
             self._enforce_budgets([int(b * LOW_WATERMARK) for b in self.budgets])
 
     def _work(self) -> None:
+        """The background worker: demotions to the low watermarks, promotions, and a periodic
+        write of access statistics (every 30 s, or after 5 s without work)."""
         last_flush = time.monotonic()
         while True:
             try:
                 op, block = self._queue.get(timeout=5.0)
             except queue.Empty:
-                op, block = "flush", None
+                self._run_op("flush", None)
+                last_flush = time.monotonic()
+                continue
             try:
                 if op == "stop":
                     return
-                if op == "promote" and block is not None:
-                    self._promote(block)
-                if op in ("balance", "promote"):
-                    self._enforce_budgets([int(b * LOW_WATERMARK) for b in self.budgets])
-                if time.monotonic() - last_flush > 30.0 or op == "flush":
-                    self.flush_stats()
+                self._run_op(op, block)
+                if time.monotonic() - last_flush > 30.0:
+                    self._run_op("flush", None)
                     last_flush = time.monotonic()
-            except Exception:
-                log.exception("tier worker: %s %s failed", op, block)
             finally:
-                if op != "flush" or block is not None:
-                    self._queue.task_done()
+                self._queue.task_done()
+
+    def _run_op(self, op: str, block: BlockId | None) -> None:
+        try:
+            if op == "promote" and block is not None:
+                self._promote(block)
+            if op in ("balance", "promote"):
+                self._enforce_budgets([int(b * LOW_WATERMARK) for b in self.budgets])
+            if op == "flush":
+                self.flush_stats()
+        except Exception:  # the worker must survive; the failure is logged with its cause
+            log.exception("tier worker: %s %s failed", op, block)
 
     def drain(self) -> None:
         """Wait until the background worker has done everything queued so far."""
