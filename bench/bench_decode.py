@@ -4,14 +4,19 @@ on the same model, context and prompt, greedy.
     python -m bench.bench_decode [--tokens 256] [--prompt-tokens 600] [--repeats 3]
 
 Both stream; decode speed is measured from the first to the last generated token, and the
-end-to-end time includes kvtier's snapshot of the request's blocks after the last token.
+end-to-end time includes kvtier's snapshot of the request's blocks after the last token. Each run
+is its own process, alternating between the two: two llama.cpp contexts driven from two threads of
+one process slow each other down (their OpenMP thread pools compete for the cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -46,38 +51,53 @@ def run_kvtier(engine: Engine, prompt: str, n: int) -> tuple[float, float, int]:
     return stamps[-1] - stamps[0], end - start, len(stamps)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--prompt-tokens", type=int, default=600)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def run_one(runner: str, prompt_tokens: int, n: int, salt: int) -> tuple[float, float, int]:
     n_ctx = 2048
     # The same llama.cpp settings on both sides: kvtier's defaults (every core, flash attention
     # auto = on for this CPU build); llama-cpp-python would otherwise use half the cores, no FA.
     threads = len(os.sched_getaffinity(0))
     llm = Llama(str(default_model_path()), n_ctx=n_ctx, verbose=False, n_batch=512,
                 n_threads=threads, n_threads_batch=threads, flash_attn=True)
-    prompt = llm.detokenize(document_tokens_for(llm, args.prompt_tokens).tolist()).decode(
-        errors="ignore")
-    tmp = tempfile.mkdtemp(prefix="kvtier-bench-decode-")
-    engine = Engine(load_config(None, {"data_dir": tmp, "model.context_size": n_ctx,
-                                       "model.n_slots": 1}))
-    plain, kv = [], []
+    prompt = f"{salt}: " + llm.detokenize(
+        document_tokens_for(llm, prompt_tokens).tolist()).decode(errors="ignore")
+    if runner == "plain":
+        return run_llama(llm, prompt, n)
+    del llm
+    engine = Engine(load_config(None, {"data_dir": tempfile.mkdtemp(prefix="kvtier-bench-"),
+                                       "model.context_size": n_ctx, "model.n_slots": 1}))
+    try:
+        return run_kvtier(engine, prompt, n)
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=600)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runner", choices=["plain", "kvtier"], help=argparse.SUPPRESS)
+    parser.add_argument("--salt", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.runner:
+        print(json.dumps(run_one(args.runner, args.prompt_tokens, args.tokens, args.salt)))
+        return
+    runs: dict[str, list] = {"plain": [], "kvtier": []}
     for i in range(args.repeats):
-        # Vary the prompt so that neither side reuses the previous run's KV.
-        p = f"{i}: {prompt}"
-        plain.append(run_llama(llm, p, args.tokens))
-        kv.append(run_kvtier(engine, p, args.tokens))
-    engine.close()
+        for runner in runs:
+            out = subprocess.run([sys.executable, "-m", "bench.bench_decode", "--runner", runner,
+                                  "--salt", str(i), "--tokens", str(args.tokens),
+                                  "--prompt-tokens", str(args.prompt_tokens)],
+                                 capture_output=True, text=True, check=True)
+            runs[runner].append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    def summary(runs):
-        decode = statistics.median(r[0] / (r[2] - 1) for r in runs)
-        total = statistics.median(r[1] for r in runs)
-        return decode, total, runs[0][2]
+    def summary(results):
+        decode = statistics.median(r[0] / (r[2] - 1) for r in results)
+        total = statistics.median(r[1] for r in results)
+        return decode, total, results[0][2]
 
-    p_dec, p_tot, p_n = summary(plain)
-    k_dec, k_tot, k_n = summary(kv)
+    p_dec, p_tot, p_n = summary(runs["plain"])
+    k_dec, k_tot, k_n = summary(runs["kvtier"])
     rows = [["llama-cpp-python", p_n, p_dec * 1000, 1 / p_dec, p_tot, 1.0],
             ["kvtier (snapshots on)", k_n, k_dec * 1000, 1 / k_dec, k_tot, k_dec / p_dec]]
     print_table(["runner", "tokens", "ms/token", "tokens/s", "end-to-end s",

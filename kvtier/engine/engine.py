@@ -151,13 +151,10 @@ class Engine:
         self.block_size = mc.block_size
         self.fingerprint = self.model.fingerprint(mc.cache_type_k, mc.cache_type_v, mc.block_size)
         self.namespace: Namespace = self.fingerprint.namespace
-        self.hot = HotContext(self.model, mc, self.n_ctx_per_slot)
         self.manager = manager if manager is not None else TierManager(config)
         self._owns_manager = manager is None
         self.manager.register_namespace(self.namespace, self.fingerprint.to_bytes())
         self.throughput = ThroughputModel()
-        self.snapshots = Snapshotter(self.hot, self.manager, self.namespace, self.block_size,
-                                     self.throughput)
         self.counters = {"restored": 0, "prefilled": 0, "hot_reused": 0, "generated": 0}
         self._queue: deque[_Job] = deque()
         self._cv = threading.Condition()
@@ -165,8 +162,37 @@ class Engine:
         self._busy_sessions: set[str] = set()
         self._slot_seq: dict[int, StoredSequence] = {}
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="kvtier-engine", daemon=True)
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="kvtier-engine", daemon=True)
         self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            if self._owns_manager:
+                self.manager.close()
+            self.model.close()
+            raise self._start_error
+
+    def _main(self) -> None:
+        """The engine thread: it creates, uses and frees the llama.cpp context. Every decode
+        runs on this one thread: llama.cpp's OpenMP thread pool is per calling thread, and a
+        second thread's pool (even an idle one) halved decode speed on a 2-core machine."""
+        try:
+            self.hot = HotContext(self.model, self.config.model, self.n_ctx_per_slot)
+            self.snapshots = Snapshotter(self.hot, self.manager, self.namespace,
+                                         self.block_size, self.throughput)
+        except BaseException as exc:
+            self._start_error = exc
+            if getattr(self, "hot", None) is not None:
+                self.hot.close()
+            return
+        finally:
+            self._started.set()
+        try:
+            self._run()
+        finally:
+            self.hot.close()
 
     # -- public API (any thread) -----------------------------------------------------------------
     def submit(self, request: GenerationRequest,
@@ -273,7 +299,6 @@ class Engine:
                 job.handle.cancel()
             self._cv.notify()
         self._thread.join()
-        self.hot.close()
         if self._owns_manager:
             self.manager.close()
         self.model.close()
