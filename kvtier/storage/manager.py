@@ -282,58 +282,80 @@ class TierManager:
 
     def get_blocks_into(self, blocks: Sequence[BlockId], destination: RowDestination
                         ) -> list[KvtierError | None]:
-        """Decode several blocks in parallel straight into caller-owned rows:
+        """Decode several **pinned** blocks in parallel straight into caller-owned rows:
         ``destination(j, layer)`` gives ``(k_out, v_out, k_type, v_type)`` for layer ``layer``
         of ``blocks[j]`` (see :func:`codec.decode_record_into`). For each block, None or the
-        error that reading it met (a corrupt block is removed, as with :meth:`get_block`)."""
-        fetched = [self._fetch(block) for block in blocks]
+        error that reading it met (a corrupt block is removed, as with :meth:`get_block`).
+
+        Each block is read in its decoding thread, zero-copy where the tier allows (LMDB), and
+        without the manager's lock: the pin (a restore holds one) keeps it from moving."""
+        located = [self._locate(block) for block in blocks]
 
         def decode(j: int) -> KvtierError | None:
-            def into(values: list[bytes]) -> None:
-                for layer, value in enumerate(values):
-                    codec.decode_record_into(value, *destination(j, layer))
-            result = self._checked(blocks[j], fetched[j], into)
+            if isinstance(located[j], KvtierError):
+                return located[j]
+            tier, keys = located[j]
+
+            def into(values: list[bytes | memoryview | None]) -> None | BlockCorrupt:
+                return self._decode_values(blocks[j], tier, values, lambda vs: [
+                    codec.decode_record_into(v, *destination(j, layer))
+                    for layer, v in enumerate(vs)])
+
+            result = self._account(blocks[j], tier, self.tiers[tier].read_many(keys, into))
             return result if isinstance(result, KvtierError) else None
 
         return list(_decode_pool().map(decode, range(len(blocks))))
 
-    def _fetch(self, block: BlockId) -> tuple[int, list[bytes | None]] | KvtierError:
-        """The tier and record bytes of a block, read under the lock so that no move can delete
-        them between the catalog lookup and the read."""
+    def _locate(self, block: BlockId) -> tuple[int, list[bytes]] | KvtierError:
+        """The tier and record keys of a block, counting the access."""
         with self._lock:
             entry = self._state.entries.get(block)
             if entry is None:
                 self.counters[WARM].misses += 1
                 return BlockMissing(f"{block} is in no tier")
-            keys = [block.key(i).to_bytes() for i in range(entry.n_layers)]
-            values = self.tiers[entry.tier].get_many(keys)
             self._state.entries[block] = touched(entry, time.time(), self.half_life_s)
             self._state.dirty.add(block)
-            return entry.tier, values
+            return entry.tier, [block.key(i).to_bytes() for i in range(entry.n_layers)]
+
+    def _fetch(self, block: BlockId) -> tuple[int, list[bytes | None]] | KvtierError:
+        """The tier and record bytes of a block, read under the lock so that no move can delete
+        them between the catalog lookup and the read."""
+        with self._lock:
+            located = self._locate(block)
+            if isinstance(located, KvtierError):
+                return located
+            tier, keys = located
+            return tier, self.tiers[tier].get_many(keys)
 
     def _decode(self, block: BlockId, fetched: tuple[int, list[bytes | None]] | KvtierError
                 ) -> list[LayerKV] | KvtierError:
-        return self._checked(block, fetched,
-                             lambda values: [codec.decode_record(v)[1] for v in values])
-
-    def _checked(self, block: BlockId, fetched: tuple[int, list[bytes | None]] | KvtierError,
-                 decode: Callable[[list[bytes]], T]) -> T | KvtierError:
-        """Run ``decode`` on a fetched block's records; count the hit, or remove a corrupt block
-        and return the error; schedule the promotion of a block read from below warm."""
         if isinstance(fetched, KvtierError):
             return fetched
         tier, values = fetched
+        result = self._decode_values(block, tier, values,
+                                     lambda vs: [codec.decode_record(v)[1] for v in vs])
+        return self._account(block, tier, result)
+
+    @staticmethod
+    def _decode_values(block: BlockId, tier: int, values: Sequence[bytes | memoryview | None],
+                       decode: Callable[[list[bytes | memoryview]], T]) -> T | BlockCorrupt:
+        """``decode`` of a block's records, or the BlockCorrupt that it or a missing layer met;
+        no side effects, so it can run inside a tier's read transaction."""
         try:
             if any(v is None for v in values):
                 raise BlockCorrupt(f"{block}: {sum(v is None for v in values)} layers missing "
                                    f"from {TIER_NAMES[tier]}")
-            result = decode(values)
+            return decode(list(values))
         except BlockCorrupt as exc:
-            with self._lock:
+            return exc
+
+    def _account(self, block: BlockId, tier: int, result: T) -> T:
+        """Count a read; remove a corrupt block; schedule promoting one read from below warm."""
+        with self._lock:
+            if isinstance(result, BlockCorrupt):
                 self.counters[tier].corrupt += 1
                 self._forget([block])
-            return exc
-        with self._lock:
+                return result
             self.counters[tier].hits += 1
         if tier != WARM:
             self._schedule("promote", block)

@@ -10,8 +10,9 @@ import os
 import shutil
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 from rocksdict import (BottommostLevelCompaction, CompactOptions, DBCompressionType, Options,
@@ -20,6 +21,7 @@ from rocksdict import (BottommostLevelCompaction, CompactOptions, DBCompressionT
 from kvtier.errors import KvtierError, TierFull
 
 LMDB_PAGE = 4096
+T = TypeVar("T")
 
 
 class Tier(ABC):
@@ -32,6 +34,12 @@ class Tier(ABC):
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         return [self.get(k) for k in keys]
+
+    def read_many(self, keys: Sequence[bytes],
+                  use: Callable[[list[bytes | memoryview | None]], T]) -> T:
+        """``use`` the values of ``keys``, which are valid only during the call (zero-copy
+        buffers where the tier has them); ``use`` must not write to this tier."""
+        return use(list(self.get_many(keys)))
 
     @abstractmethod
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
@@ -109,6 +117,12 @@ class LmdbTier(Tier):
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         with self.env.begin() as txn:
             return [txn.get(k) for k in keys]
+
+    def read_many(self, keys: Sequence[bytes],
+                  use: Callable[[list[bytes | memoryview | None]], T]) -> T:
+        # Buffers point into the memory map: valid while the read transaction is open.
+        with self.env.begin(buffers=True) as txn:
+            return use([txn.get(k) for k in keys])
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         try:
