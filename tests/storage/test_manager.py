@@ -158,3 +158,13 @@ def test_delete_session_releases_unshared_blocks(config):
         assert m.delete_session("a") is True
         assert m.delete_session("a") is False
         assert all(m.block_entry(b) is None for b in ids)
+
+
+def test_measured_attention_replaces_hit_counts_in_eviction(config):
+    with open_manager(config) as m:
+        ids = fill(m, 1, 12)
+        m.report_attention({ids[0]: 50.0})   # the oldest block, never read, but attended to
+        fill(m, 2, 12, seed=100)
+        assert m.block_entry(ids[0]).tier == WARM
+        assert m.block_entry(ids[0]).attention == 50.0
+        assert m.block_entry(ids[1]).tier == COOL
