@@ -27,6 +27,7 @@ from typing import Callable
 import numba
 import numpy as np
 
+from bench.common import machine
 from kvtier.storage import quant
 from kvtier.storage.quant import Encoding, Grouping
 
@@ -335,18 +336,9 @@ def _errors(keys: list[np.ndarray], values: list[np.ndarray]) -> list[dict]:
 
 
 def _machine() -> dict[str, object]:
-    """The machine and library versions the numbers came from."""
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "numba_threads": numba.config.NUMBA_NUM_THREADS,
-            "threading_layer": numba.threading_layer(), "python": platform.python_version(),
-            "numpy": np.__version__, "numba": numba.__version__, "platform": platform.platform(),
+    """The machine and library versions the numbers came from, with numba's threading."""
+    return {**machine(), "numba_threads": numba.config.NUMBA_NUM_THREADS,
+            "threading_layer": numba.threading_layer(), "platform": platform.platform(),
             "load_average": os.getloadavg()}
 
 

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -220,22 +220,16 @@ class Engine:
         """Run a request to the end on the calling thread's behalf (blocking)."""
         return self.submit(request).result()
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.model.tokenize(text, add_special=False))
-
     # -- sessions --------------------------------------------------------------------------------
     def _session_info(self, entry: SessionEntry) -> SessionInfo:
         seq = self.manager.get_sequence(Namespace(entry.namespace), entry.sequence)
-        per_tier = {name: 0 for name in TIER_NAMES}
-        n_tokens = 0
-        if seq is not None:
-            n_tokens = seq.n_tokens
-            for block in seq.block_ids():
-                e = self.manager.block_entry(block)
-                per_tier[TIER_NAMES[e.tier] if e else "missing"] = \
-                    per_tier.get(TIER_NAMES[e.tier] if e else "missing", 0) + 1
-        return SessionInfo(entry.session_id, entry.created, entry.last_used, n_tokens,
-                           list(entry.data.get("messages", [])), per_tier,
+        per_tier = Counter({name: 0 for name in TIER_NAMES})
+        for block in seq.block_ids() if seq is not None else []:
+            e = self.manager.block_entry(block)
+            per_tier[TIER_NAMES[e.tier] if e else "missing"] += 1
+        return SessionInfo(entry.session_id, entry.created, entry.last_used,
+                           seq.n_tokens if seq is not None else 0,
+                           list(entry.data.get("messages", [])), dict(per_tier),
                            entry.data.get("model", ""), entry.data.get("parent"))
 
     def list_sessions(self, after: str = "", limit: int = 20) -> list[SessionInfo]:

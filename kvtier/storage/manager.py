@@ -630,12 +630,6 @@ class TierManager:
             self._move(block, dest)
             return True
 
-    def compact_files(self) -> None:
-        """Give free space back to the file system in every tier (offline maintenance)."""
-        with self._lock:
-            for tier in self.tiers:
-                tier.compact()
-
     def _enforce_budgets(self, limits: Sequence[int]) -> None:
         with self._lock:
             for tier in range(len(self.tiers)):
