@@ -2,13 +2,30 @@
 
 The HTTP layer builds a :class:`GenerationRequest`, submits it with ``Engine.submit`` and reads
 :class:`TokenEvent`s then one :class:`Finished` (or an exception) from the returned
-:class:`GenerationHandle`. It never touches llama.cpp or the store directly.
+:class:`GenerationHandle`; it reads the cache's state as a :class:`CacheStats`. It never touches
+llama.cpp or the store directly. This module imports nothing of kvtier's: importing it (as the HTTP
+schemas do) must not load llama.cpp, numba or the stores.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from kvtier.errors import InvalidRequest
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+"""Session ids: safe in URLs and as catalog keys (no paths, no separators)."""
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
+
+
+def check_session_id(session_id: str) -> str:
+    """The id itself, or :class:`InvalidRequest` naming ``session_id``."""
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        raise InvalidRequest("session_id must be 1-128 letters, digits, '_' or '-'",
+                             "session_id")
+    return session_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +100,56 @@ class SessionInfo:
     blocks_per_tier: dict[str, int]
     model: str
     parent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    """One storage tier as /v1/cache/stats and /metrics show it."""
+
+    name: str
+    blocks: int
+    bytes: int
+    """Bytes counted against the budget."""
+    budget: int
+    compression_ratio: float
+    """Bytes as llama.cpp holds them over bytes stored (0 when empty)."""
+    hits: int
+    misses: int
+    promotions: int
+    demotions: int
+    drops: int
+    corrupt: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStats:
+    """Tokens since start, by how the engine got their KV."""
+
+    restored: int = 0
+    prefilled: int = 0
+    hot_reused: int = 0
+    generated: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStats:
+    total: int
+    busy: int
+    queued: int
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputStats:
+    """What the restore-or-recompute decision believes, measured on this machine."""
+
+    prefill_tokens_per_s: float
+    restore_tokens_per_s: tuple[float, ...]
+    """Per storage tier, fastest first."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    tiers: tuple[TierStats, ...]
+    tokens: TokenStats
+    slots: SlotStats
+    throughput: ThroughputStats

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import re
 import threading
 import time
 import uuid
@@ -23,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from kvtier.config import Config
-from kvtier.engine.api import Finished, GenerationRequest, SessionInfo, TokenEvent, Usage
+from kvtier.engine.api import (CacheStats, Finished, GenerationRequest, SessionInfo, SlotStats,
+                               ThroughputStats, TierStats, TokenEvent, TokenStats, Usage,
+                               check_session_id)
 from kvtier.engine.hot import BatchItem, HotContext, Slot
 from kvtier.engine.model import Model, default_model_path
 from kvtier.engine.restore_policy import ThroughputModel
@@ -37,18 +38,6 @@ from kvtier.storage.manager import TIER_NAMES, TierManager
 from kvtier.storage.records import Namespace
 
 log = logging.getLogger(__name__)
-
-SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
-"""Session ids: safe in URLs and as catalog keys (no paths, no separators)."""
-_SESSION_ID = re.compile(SESSION_ID_PATTERN)
-
-
-def check_session_id(session_id: str) -> str:
-    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
-        raise InvalidRequest("session_id must be 1-128 letters, digits, '_' or '-'",
-                             "session_id")
-    return session_id
-
 
 _END = object()
 
@@ -267,18 +256,16 @@ class Engine:
         self.manager.put_session(SessionEntry(new_id, entry.namespace, new_seq, now, now, data))
         return self.get_session(new_id)
 
-    def cache_stats(self) -> dict[str, Any]:
-        tiers = [{"name": s.name, "blocks": s.blocks, "bytes": s.stored_bytes,
-                  "budget": s.budget, "compression_ratio": round(s.compression_ratio, 3),
-                  "hits": s.hits, "misses": s.misses, "promotions": s.promotions,
-                  "demotions": s.demotions, "drops": s.drops, "corrupt": s.corrupt}
-                 for s in self.manager.stats()]
+    def cache_stats(self) -> CacheStats:
+        tiers = tuple(TierStats(s.name, s.blocks, s.stored_bytes, s.budget,
+                                round(s.compression_ratio, 3), s.hits, s.misses, s.promotions,
+                                s.demotions, s.drops, s.corrupt)
+                      for s in self.manager.stats())
         with self._cv:
-            slots = {"total": self.n_slots, "busy": len(self._active), "queued": len(self._queue)}
-        return {"tiers": tiers, "tokens": dict(self.counters), "slots": slots,
-                "throughput": {"prefill_tokens_per_s": round(self.throughput.prefill_tps, 1),
-                               "restore_tokens_per_s": [round(x, 1) for x in
-                                                        self.throughput.restore_tps]}}
+            slots = SlotStats(self.n_slots, len(self._active), len(self._queue))
+        return CacheStats(tiers, TokenStats(**self.counters), slots, ThroughputStats(
+            round(self.throughput.prefill_tps, 1),
+            tuple(round(x, 1) for x in self.throughput.restore_tps)))
 
     def close(self) -> None:
         """Cut queued requests, finish active ones as cancelled (their KV is stored), close."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -346,16 +347,16 @@ async def fork_session(request: web.Request) -> web.Response:
 
 async def cache_stats(request: web.Request) -> web.Response:
     stats = await asyncio.to_thread(request.app[STATE].engine.cache_stats)
-    return _json({"object": "cache.stats", **stats})
+    return _json({"object": "cache.stats", **dataclasses.asdict(stats)})
 
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     stats = await asyncio.to_thread(state.engine.cache_stats)
     return _json({"status": "shutting_down" if state.closing else "ok",
-                  "model": state.engine.model_name, "slots": stats.get("slots", {}),
-                  "cache": [{"name": t["name"], "blocks": t["blocks"], "bytes": t["bytes"]}
-                            for t in stats.get("tiers", [])]},
+                  "model": state.engine.model_name, "slots": dataclasses.asdict(stats.slots),
+                  "cache": [{"name": t.name, "blocks": t.blocks, "bytes": t.bytes}
+                            for t in stats.tiers]},
                  status=503 if state.closing else 200)
 
 

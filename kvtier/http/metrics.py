@@ -6,14 +6,14 @@ the tests) never share or clash over series.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvtier.engine.api import Usage
+from kvtier.engine.api import CacheStats, Usage
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TIER_GAUGES = ("blocks", "bytes", "budget", "compression_ratio")
@@ -25,7 +25,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class EngineCollector(Collector):
     """Reads ``cache_stats()`` at scrape time, so the numbers are the engine's own."""
 
-    def __init__(self, cache_stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, cache_stats: Callable[[], CacheStats]) -> None:
         self._cache_stats = cache_stats
 
     def collect(self) -> Iterator[Metric]:
@@ -34,26 +34,26 @@ class EngineCollector(Collector):
                   for name in _TIER_GAUGES}
         counters = {name: CounterMetricFamily(f"kvtier_tier_{name}", f"Tier {name}.",
                                               labels=["tier"]) for name in _TIER_COUNTERS}
-        for tier in stats.get("tiers", []):
+        for tier in stats.tiers:
             for name, family in (*gauges.items(), *counters.items()):
-                family.add_metric([str(tier["name"])], float(tier.get(name, 0)))
+                family.add_metric([tier.name], float(getattr(tier, name)))
         yield from gauges.values()
         yield from counters.values()
         tokens = CounterMetricFamily("kvtier_engine_tokens", "Tokens by how the engine got them "
                                      "(restored, prefilled, hot_reused, generated).",
                                      labels=["kind"])
-        for kind, value in stats.get("tokens", {}).items():
+        for kind, value in dataclasses.asdict(stats.tokens).items():
             tokens.add_metric([kind], float(value))
         yield tokens
         slots = GaugeMetricFamily("kvtier_slots", "Generation slots (total, busy, queued).",
                                   labels=["state"])
-        for state, value in stats.get("slots", {}).items():
+        for state, value in dataclasses.asdict(stats.slots).items():
             slots.add_metric([state], float(value))
         yield slots
 
 
 class Metrics:
-    def __init__(self, cache_stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, cache_stats: Callable[[], CacheStats]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("kvtier_http_requests", "HTTP requests by route and status.",

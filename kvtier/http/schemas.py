@@ -13,8 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kvtier.engine.api import ChatMessage, GenerationRequest, SamplingParams
-from kvtier.engine.engine import SESSION_ID_PATTERN
+from kvtier.engine.api import SESSION_ID_PATTERN, ChatMessage, GenerationRequest, SamplingParams
 from kvtier.errors import InvalidRequest
 _INT64 = (-(2**63), 2**63 - 1)
 _MAX_TOKENS_LIMIT = 2**31 - 1

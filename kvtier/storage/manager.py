@@ -39,7 +39,7 @@ from kvtier.storage.catalog import BlockEntry, Catalog, SequenceEntry, SessionEn
 from kvtier.storage.codec import RecordFormat
 from kvtier.storage.quant import Encoding
 from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
-from kvtier.storage.tiers import LmdbTier, RocksStore, RocksTier, Tier
+from kvtier.storage.tiers import LmdbTier, RocksStore, RocksTier, TierStore
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class TierManager:
         self._stores: dict[Path, RocksStore] = {}
         cool = RocksTier(self._store(config.cool_path, "cool"), "cool")
         cold = RocksTier(self._store(config.cold_path, "cold"), "cold")
-        self.tiers: list[Tier] = [warm, cool, cold]
+        self.tiers: list[TierStore] = [warm, cool, cold]
         self.budgets = [int(t.host_ram_budget * (1 - WARM_MAP_RESERVE)), t.local_ssd_budget,
                         t.nfs_budget]
         warm_encoding = Encoding.F16 if t.warm_format == "f16" else Encoding.Q8

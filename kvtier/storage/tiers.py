@@ -1,7 +1,8 @@
-"""Storage tiers: one small interface, an LMDB implementation (warm) and a RocksDB one (cool, cold).
+"""Storage tiers: their names (:class:`Tier`), one small interface (:class:`TierStore`), an LMDB
+implementation (warm) and a RocksDB one (cool, cold).
 
-A tier stores opaque record bytes under record keys. It knows nothing of budgets, encodings or the
-catalog: the tier manager holds the tiers in order and never reaches inside one.
+A tier store holds opaque record bytes under record keys. It knows nothing of budgets, encodings or
+the catalog: the tier manager holds the stores in tier order and never reaches inside one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import shutil
 import threading
 from abc import ABC, abstractmethod
+from enum import IntEnum
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -24,8 +26,29 @@ LMDB_PAGE = 4096
 T = TypeVar("T")
 
 
-class Tier(ABC):
-    """get / put_many / contains / delete / stats / close, plus key iteration for collection."""
+class Tier(IntEnum):
+    """The storage tiers below the hot one, fastest first. The value is what the catalog stores."""
+
+    WARM = 0
+    COOL = 1
+    COLD = 2
+
+    @property
+    def label(self) -> str:
+        """``warm``, ``cool`` or ``cold``: the name in stats, the CLI and the docs."""
+        return self.name.lower()
+
+    @classmethod
+    def from_label(cls, label: str) -> Tier:
+        try:
+            return cls[label.upper()]
+        except KeyError:
+            raise ValueError(f"no tier {label!r}; tiers are "
+                             f"{', '.join(t.label for t in cls)}") from None
+
+
+class TierStore(ABC):
+    """get / put_many / contains / delete / close, plus key iteration for collection."""
 
     name: str
 
@@ -94,7 +117,7 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-class LmdbTier(Tier):
+class LmdbTier(TierStore):
     """The warm tier: a memory-mapped LMDB environment whose map size is the host RAM budget."""
 
     def __init__(self, path: Path, map_size: int, name: str = "warm") -> None:
@@ -233,7 +256,7 @@ class RocksStore:
         self.db = None
 
 
-class RocksTier(Tier):
+class RocksTier(TierStore):
     """The cool (local SSD) and cold (NFS/HDD) tiers: a column family of a RocksDB database."""
 
     def __init__(self, store: RocksStore, column_family: str) -> None:

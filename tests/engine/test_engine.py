@@ -177,7 +177,7 @@ def test_concurrent_requests_share_batches_and_cancel_frees_the_slot(tmp_path):
         assert results[0].finish_reason == "cancelled"
         assert results[0].usage.completion_tokens < 200
         assert all(r.finish_reason in ("length", "stop") for r in results[1:])
-        assert engine.cache_stats()["slots"]["busy"] == 0
+        assert engine.cache_stats().slots.busy == 0
     finally:
         engine.close()
 

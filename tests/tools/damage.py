@@ -9,11 +9,11 @@ from kvtier.config import Config
 from kvtier.storage.catalog import Catalog, CatalogTxn
 from kvtier.storage.manager import WARM
 from kvtier.storage.records import BlockId
-from kvtier.storage.tiers import LmdbTier, RocksStore, RocksTier, Tier
+from kvtier.storage.tiers import LmdbTier, RocksStore, RocksTier, TierStore
 
 
 @contextmanager
-def raw_tier(config: Config, tier: int) -> Iterator[Tier]:
+def raw_tier(config: Config, tier: int) -> Iterator[TierStore]:
     if tier == WARM:
         lmdb_tier = LmdbTier(config.warm_path, map_size=config.tiers.host_ram_budget)
         try:

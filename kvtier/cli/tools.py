@@ -1,4 +1,4 @@
-"""The ``inspect`` and ``compact`` sub-commands of ``kvtier`` (the logic is in ``kvtier.tools``).
+"""``kvtier inspect`` and ``kvtier compact`` (the logic is in :mod:`kvtier.tools`).
 
 Building the parser imports nothing heavy: ``kvtier serve`` builds it too, and must be free to load
 llama.cpp before numpy (DESIGN.md).
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kvtier.cli.common import build_config
 from kvtier.errors import BlockMissing, ConfigError, KvtierError, StoreLocked
 
 if TYPE_CHECKING:
@@ -112,7 +113,6 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _open(args: argparse.Namespace) -> TierManager:
-    from kvtier.cli import build_config
     from kvtier.tools.store import open_store
     return open_store(build_config(args))
 
