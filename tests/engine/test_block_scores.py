@@ -1,0 +1,51 @@
+"""Quest-bound block scores on synthetic arrays."""
+
+import numpy as np
+import pytest
+
+from kvtier.engine.block_scores import block_scores
+
+
+def _reference(q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    layers, rows, heads, dim = q.shape
+    group = heads // lo.shape[2]
+    total = np.zeros(lo.shape[0])
+    for s in range(layers):
+        for r in range(rows):
+            for h in range(heads):
+                bound = np.array([np.sum(np.maximum(q[s, r, h] * hi[b, s, h // group],
+                                                    q[s, r, h] * lo[b, s, h // group]))
+                                  for b in range(lo.shape[0])]) / np.sqrt(dim)
+                e = np.exp(bound - bound.max())
+                total += e / e.sum()
+    return total / (layers * rows * heads)
+
+
+def test_matches_the_definition_under_grouped_query_attention() -> None:
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((3, 2, 6, 8)).astype(np.float32)
+    lo = rng.standard_normal((5, 3, 2, 8)).astype(np.float32)
+    hi = lo + rng.random((5, 3, 2, 8)).astype(np.float32)
+    scores = block_scores(q, lo, hi)
+    np.testing.assert_allclose(scores, _reference(q, lo, hi), rtol=1e-5)
+    assert scores.sum() == pytest.approx(1.0)
+
+
+def test_the_block_holding_a_matching_key_scores_highest() -> None:
+    rng = np.random.default_rng(2)
+    dim = 16
+    keys = rng.standard_normal((6, 32, dim)).astype(np.float32) * 0.1
+    needle = rng.standard_normal(dim).astype(np.float32)
+    keys[4, 7] = needle * 3
+    lo, hi = keys.min(axis=1)[:, None, None], keys.max(axis=1)[:, None, None]
+    q = np.broadcast_to(needle, (1, 1, 2, dim)).copy()
+    assert int(np.argmax(block_scores(q, lo, hi))) == 4
+
+
+def test_no_blocks_and_bad_shapes() -> None:
+    q = np.zeros((2, 1, 4, 8), np.float32)
+    assert block_scores(q, np.zeros((0, 2, 2, 8)), np.zeros((0, 2, 2, 8))).shape == (0,)
+    with pytest.raises(ValueError):
+        block_scores(q, np.zeros((3, 2, 3, 8)), np.zeros((3, 2, 3, 8)))  # 4 heads, 3 KV heads
+    with pytest.raises(ValueError):
+        block_scores(q, np.zeros((3, 1, 2, 8)), np.zeros((3, 1, 2, 8)))  # layers differ
