@@ -1,4 +1,4 @@
-"""/openapi.json is a valid OpenAPI 3.1 document, true to the routes, and fuzzing it finds no 5xx."""
+"""/openapi.json is valid OpenAPI 3.1, true to the routes, and fuzzing it finds no 5xx."""
 
 from __future__ import annotations
 
