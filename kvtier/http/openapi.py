@@ -130,10 +130,7 @@ def _operation(route: Route, refs: dict[type[BaseModel], JsonSchema], auth: bool
         if status == 200 and route.text:
             content[route.text] = {"schema": {"type": "string"}}
         if status == 200 and route.stream is not None:
-            content["text/event-stream"] = {
-                "schema": {"type": "string", "description": (
-                    "Server-sent events: `data: <chunk JSON>` lines, then `data: [DONE]`; each "
-                    f"chunk follows `{refs[route.stream]['$ref']}`.")}}
+            content["text/event-stream"] = {"schema": _event(refs[route.stream], refs[Error])}
         op["responses"][str(status)] = {"description": description, "content": content}
     errors = dict(route.errors)
     if params or route.request is not None:
@@ -152,6 +149,18 @@ def _operation(route: Route, refs: dict[type[BaseModel], JsonSchema], auth: bool
                 "schema": {"type": "integer"}}}
         op["responses"][str(status)] = response
     return op
+
+
+def _event(chunk: JsonSchema, error: JsonSchema) -> JsonSchema:
+    """One server-sent event of a stream (OpenAPI 3.1 reads a stream's schema per event)."""
+    return {
+        "type": "object", "required": ["data"],
+        "description": "A `data:` line per chunk, then `data: [DONE]`; an error after the stream "
+                       "has started arrives as an event with an Error.",
+        "properties": {"data": {"anyOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"anyOf": [chunk, error]}}]}}}
 
 
 def build_openapi(routes: list[Route], version: str, auth: bool) -> dict[str, Any]:
