@@ -1,4 +1,4 @@
-"""The aiohttp application: the route table, the handlers but generation's, and the middlewares.
+"""The aiohttp application: the route table, the handlers but generation.py's, middlewares.
 
 Handlers parse requests with the models of :mod:`kvtier.http.schemas`, answer with those of
 :mod:`kvtier.http.responses`, talk to the engine only through its boundary types, and let typed

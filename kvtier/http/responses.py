@@ -172,6 +172,7 @@ class Reply:
         return self._chunk([CompletionChunkChoice(text=text or "", finish_reason=finish_reason)])
 
     def usage_event(self, usage: api.Usage) -> bytes:
+        """The last chunk of a stream that asked for usage: no choices, the usage."""
         return self._chunk([], Usage.of(usage))
 
     def _head(self) -> dict[str, Any]:

@@ -212,11 +212,14 @@ def session_id_param(value: str, param: str = "session_id") -> str:
 
 
 def session_list_query(query: Mapping[str, str]) -> SessionListQuery:
+    """GET /v1/sessions's query string, checked."""
     return parse(SessionListQuery, dict(query))
 
 
 @dataclass(frozen=True, slots=True)
 class ParsedGeneration:
+    """The engine's request, and how to answer it."""
+
     request: api.GenerationRequest
     stream: bool
     include_usage: bool
