@@ -1,8 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from kvtier.config import load_config, parse_size
+from kvtier.config import Config, load_config, parse_size
 from kvtier.errors import ConfigError
 
 
@@ -63,20 +65,64 @@ def test_sizes():
 
 
 def test_every_key_is_documented():
-    import dataclasses
-    from pathlib import Path
-
-    from kvtier.config import Config
-
     doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
 
-    def keys(obj, prefix=""):
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                yield from keys(value, f"{prefix}{f.name}.")
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from keys(field.annotation, f"{prefix}{name}.")
             else:
-                yield f"{prefix}{f.name}"
+                yield f"{prefix}{name}"
 
-    missing = [k for k in keys(Config()) if f"`{k}`" not in doc]
-    assert missing == []
+    documented = list(keys(Config))
+    assert len(documented) == 29
+    assert [k for k in documented if f"`{k}`" not in doc] == []
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"model.block_size": 64.0}, "model.block_size"),
+    ({"model.n_slots": True}, "model.n_slots"),
+    ({"model.context_size": 0}, "model.context_size"),
+    ({"model.context_size": 128}, "model.context_size"),
+    ({"model.cache_type_k": "q3"}, "model.cache_type_k"),
+    ({"tiers.host_ram_budget": "512KiB"}, "tiers.host_ram_budget"),
+    ({"eviction.hit_half_life_s": 0}, "eviction.hit_half_life_s"),
+    ({"model.nope": 1}, "model.nope"),
+    ({"model": {"n_slots": 2}}, "model"),
+])
+def test_bad_overrides_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+
+
+def test_types_are_strict_but_numbers_are_numbers():
+    config = load_config(None, {"eviction.alpha": 1, "model.context_size": 0,
+                                "tiers.gpu_vram_budget": "2GiB"})
+    assert config.eviction.alpha == 1.0 and isinstance(config.eviction.alpha, float)
+    assert config.tiers.gpu_vram_budget == 2 * 1024**3
+    assert Config.model_validate(config.to_dict()) == config
+
+
+def test_assignments_are_checked():
+    config = load_config()
+    config.server.shutdown_grace_s = 0.5
+    with pytest.raises(ValueError):
+        config.model.n_slots = "two"
+    with pytest.raises(ConfigError) as info:
+        config.model.context_size = 100
+    assert info.value.key == "model.context_size"
+
+
+def test_the_command_line_sets_keys():
+    from kvtier.cli import build_parser
+    from kvtier.cli.common import build_config
+
+    args = build_parser().parse_args([
+        "serve", "--set", "model.n_slots=2", "--set", "tiers.host_ram_budget=2GiB",
+        "--set", 'server.api_key="123"', "--data-dir", "/d", "--listen", "0.0.0.0:9000"])
+    config = build_config(args, {"server.listen": args.listen})
+    assert config.model.n_slots == 2 and config.tiers.host_ram_budget == 2 * 1024**3
+    assert config.server.api_key == "123" and config.data_dir == "/d"
+    assert config.server.listen == "0.0.0.0:9000"

@@ -20,7 +20,9 @@ from kvtier.errors import ConfigError, KvtierError
 def build_parser() -> argparse.ArgumentParser:
     common = common_parser()
     parser = argparse.ArgumentParser(
-        prog="kvtier", description="A tiered, persistent KV cache for local LLM inference.")
+        prog="kvtier", description="A tiered, persistent KV cache for local LLM inference.",
+        epilog="Every command takes --config FILE, --set KEY=VALUE and --data-dir DIR (see "
+               "docs/configuration.md); 'kvtier COMMAND --help' shows the rest.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_command(sub, common)
     add_tool_commands(sub, common)

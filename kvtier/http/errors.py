@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -17,6 +16,7 @@ from kvtier.errors import (BlockCorrupt, BlockMissing, ConfigError, ContextOverf
                            InvalidRequest, KvtierError, ModelMismatch, ModelNotFound, Overloaded,
                            SessionBusy, SessionNotFound, StateRejected, StoreLocked, TierFull,
                            UnsupportedLayout)
+from kvtier.http.responses import Error, ErrorDetail
 
 log = logging.getLogger("kvtier.http")
 
@@ -76,11 +76,11 @@ def kind_of(exc: BaseException) -> ErrorKind:
 
 
 def error_body(message: str, type_: str, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+               code: str | None = None) -> Error:
+    return Error(error=ErrorDetail(message=message, type=type_, param=param, code=code))
 
 
-def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+def error_payload(exc: BaseException) -> tuple[int, Error, dict[str, str]]:
     """Status, JSON body and extra headers for any exception; internals are never shown."""
     headers: dict[str, str] = {}
     if isinstance(exc, web.HTTPException):
@@ -106,4 +106,4 @@ def error_response(exc: BaseException) -> web.Response:
     status, body, headers = error_payload(exc)
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc, exc_info=kind_of(exc) is _INTERNAL)
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(text=body.model_dump_json(), status=status, headers=headers)

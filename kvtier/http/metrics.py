@@ -6,14 +6,14 @@ the tests) never share or clash over series.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvtier.engine.api import CacheStats, Usage
+from kvtier.engine import api
+from kvtier.http.responses import CacheStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TIER_GAUGES = ("blocks", "bytes", "budget", "compression_ratio")
@@ -25,11 +25,11 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class EngineCollector(Collector):
     """Reads ``cache_stats()`` at scrape time, so the numbers are the engine's own."""
 
-    def __init__(self, cache_stats: Callable[[], CacheStats]) -> None:
+    def __init__(self, cache_stats: Callable[[], api.CacheStats]) -> None:
         self._cache_stats = cache_stats
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._cache_stats()
+        stats = CacheStats.of(self._cache_stats())
         gauges = {name: GaugeMetricFamily(f"kvtier_tier_{name}", f"Tier {name}.", labels=["tier"])
                   for name in _TIER_GAUGES}
         counters = {name: CounterMetricFamily(f"kvtier_tier_{name}", f"Tier {name}.",
@@ -42,18 +42,18 @@ class EngineCollector(Collector):
         tokens = CounterMetricFamily("kvtier_engine_tokens", "Tokens by how the engine got them "
                                      "(restored, prefilled, hot_reused, generated).",
                                      labels=["kind"])
-        for kind, value in dataclasses.asdict(stats.tokens).items():
+        for kind, value in stats.tokens.model_dump().items():
             tokens.add_metric([kind], float(value))
         yield tokens
         slots = GaugeMetricFamily("kvtier_slots", "Generation slots (total, busy, queued).",
                                   labels=["state"])
-        for state, value in dataclasses.asdict(stats.slots).items():
+        for state, value in stats.slots.model_dump().items():
             slots.add_metric([state], float(value))
         yield slots
 
 
 class Metrics:
-    def __init__(self, cache_stats: Callable[[], CacheStats]) -> None:
+    def __init__(self, cache_stats: Callable[[], api.CacheStats]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("kvtier_http_requests", "HTTP requests by route and status.",
@@ -73,7 +73,7 @@ class Metrics:
                                    registry=r)
         r.register(EngineCollector(cache_stats))
 
-    def observe_usage(self, usage: Usage) -> None:
+    def observe_usage(self, usage: api.Usage) -> None:
         self.tokens.labels("prompt").inc(usage.prompt_tokens)
         self.tokens.labels("cached").inc(usage.cached_tokens)
         self.tokens.labels("completion").inc(usage.completion_tokens)

@@ -1,0 +1,64 @@
+"""What the handlers and middlewares share: server state, per-request keys, JSON in and out."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from kvtier.engine.api import Usage
+from kvtier.errors import InvalidRequest
+from kvtier.http.metrics import Metrics
+
+if TYPE_CHECKING:
+    from kvtier.engine.engine import Engine
+    from kvtier.engine.handle import GenerationHandle
+
+# Per-request values the access log and the metrics middleware read.
+USAGE = web.RequestKey("kvtier_usage", Usage)
+STATUS = web.RequestKey("kvtier_status", int)
+CLIENT_GONE = 499  # nginx's "client closed request": the status a cancelled handler is logged with
+
+
+@dataclass(slots=True)
+class ServerState:
+    engine: Engine
+    metrics: Metrics
+    api_key: str
+    public_paths: frozenset[str]
+    openapi: bytes = b""
+    started: int = field(default_factory=lambda: int(time.time()))
+    closing: bool = False
+    """Set at shutdown: new generations get 503."""
+    handles: set[GenerationHandle] = field(default_factory=set)
+    """Generations in flight, cancelled when the shutdown grace period ends."""
+
+
+STATE = web.AppKey("kvtier_state", ServerState)
+
+
+def json_response(body: BaseModel, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    """``body`` serialized by its model."""
+    return web.json_response(text=body.model_dump_json(), status=status, headers=headers)
+
+
+async def read_json(request: web.Request, required: bool = True) -> Any:
+    """The decoded body; malformed JSON (or NaN) is an InvalidRequest."""
+    raw = await request.read()  # beyond client_max_size aiohttp raises 413
+    if not raw.strip():
+        if required:
+            raise InvalidRequest("the request body is empty; expected a JSON object")
+        return {}
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
