@@ -12,8 +12,9 @@ import llama_cpp
 import numpy as np
 
 from kvtier.config import ModelConfig
-from kvtier.engine.model import GGML_TYPES, Model
+from kvtier.engine.model import Model
 from kvtier.errors import KvtierError
+from kvtier.ggml import CACHE_TYPES
 
 FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
               "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -59,8 +60,8 @@ class HotContext:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.flash_attn_type = FLASH_ATTN[cfg.flash_attn]
-        params.type_k = GGML_TYPES[cfg.cache_type_k]
-        params.type_v = GGML_TYPES[cfg.cache_type_v]
+        params.type_k = CACHE_TYPES[cfg.cache_type_k].id
+        params.type_v = CACHE_TYPES[cfg.cache_type_v].id
         params.no_perf = True
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self.ptr:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ from kvtier.errors import KvtierError
 from kvtier.storage.catalog import SequenceEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
+from kvtier.storage.tiers import Tier
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class RestorePlan:
 class Restored:
     n_tokens: int
     seconds: float
-    tiers: list[int]
+    tiers: Counter[Tier]
     """Tokens restored from each storage tier."""
 
 
@@ -131,7 +133,7 @@ class Snapshotter:
         return RestorePlan(blocks, n)
 
     def worth_restoring(self, plan: RestorePlan) -> bool:
-        per_tier = [0, 0, 0]
+        per_tier: Counter[Tier] = Counter()
         for b, block in enumerate(plan.blocks):
             entry = self.manager.block_entry(block)
             if entry is None:
@@ -151,17 +153,17 @@ class Snapshotter:
                 blob, n_blocks = self._decode_into_blob(slot, blocks, entries)
             else:
                 blob, n_blocks = self._compose(slot, blocks)
-        tiers = [0, 0, 0]
+        tiers: Counter[Tier] = Counter()
         for entry in entries[:n_blocks]:
             tiers[entry.tier] += entry.n_tokens
-        n = min(plan.n_tokens, sum(tiers))
+        n = min(plan.n_tokens, tiers.total())
         self.hot.clear(slot)
         if n == 0:
             return Restored(0, 0.0, tiers)
         state_codec.write_state(self.hot.ptr, slot.index, blob)
         slot.tokens = np.array(tokens[:n], dtype=np.int32)
         seconds = time.perf_counter() - start
-        for tier, count in enumerate(tiers):
+        for tier, count in tiers.items():
             if count:
                 self.throughput.observe_restore(tier, count, seconds * count / n)
         return Restored(n, seconds, tiers)

@@ -39,24 +39,13 @@ import llama_cpp
 import numpy as np
 
 from kvtier.errors import ModelMismatch, StateRejected, UnsupportedLayout
+from kvtier.ggml import BY_ID
 from kvtier.storage.records import LayerKV, TensorRows
 
 STATE_MAGIC = 0xAF143CD8
 VERIFIED_LLAMA_CPP_PYTHON = ("0.3.36",)
 """Versions whose blob layout was checked byte for byte (the blob itself carries no version)."""
 
-# The cache types llama.cpp accepts for K/V: ggml_type -> (elements per block, bytes per block).
-_CACHE_TYPES: dict[int, tuple[int, int]] = {
-    0: (1, 4),     # F32
-    1: (1, 2),     # F16
-    30: (1, 2),    # BF16
-    2: (32, 18),   # Q4_0
-    3: (32, 20),   # Q4_1
-    6: (32, 22),   # Q5_0
-    7: (32, 24),   # Q5_1
-    8: (32, 34),   # Q8_0
-    20: (32, 18),  # IQ4_NL
-}
 _ELEM_DTYPES = {1: np.dtype(np.uint8), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _HEADER = struct.Struct("<Ii")
 _U32 = struct.Struct("<I")
@@ -247,10 +236,10 @@ def _parse_cells(r: _Reader, data: np.ndarray, seq_id: int, n_stream: int, n_cel
 
 
 def _check_type(ggml_type: int, row_bytes: int, what: str) -> None:
-    if ggml_type not in _CACHE_TYPES:
+    if ggml_type not in BY_ID:
         raise UnsupportedLayout(f"{what}: ggml type {ggml_type} is not a KV cache type kvtier "
                                 f"knows")
-    block_bytes = _CACHE_TYPES[ggml_type][1]
+    block_bytes = BY_ID[ggml_type].block_bytes
     if row_bytes <= 0 or row_bytes % block_bytes:
         raise UnsupportedLayout(f"{what}: {row_bytes} bytes is not a row of ggml type {ggml_type} "
                                 f"(blocks of {block_bytes} bytes)")
@@ -277,7 +266,7 @@ def _parse_transposed(r: _Reader, data: np.ndarray, n_layer: int, n_cells: int
         what = f"transposed V of layer {il}"
         t, elem, n_embd = r.unpack(_TENSOR_HEAD_T, what)
         _check_type(t, elem * n_embd, what)
-        if _CACHE_TYPES[t] != (1, elem) or elem not in _ELEM_DTYPES:
+        if BY_ID[t].block_values != 1 or BY_ID[t].block_bytes != elem or elem not in _ELEM_DTYPES:
             raise UnsupportedLayout(f"{what}: element size {elem} does not match ggml type {t} "
                                     f"(a transposed V cache holds whole elements)")
         start = r.skip(n_embd * n_cells * elem, what)
@@ -470,7 +459,7 @@ def allocate(layout: StateLayout, seq_id: int, stream: int,
             for il in range(cache.n_layer):
                 t, rb = cache.v_types[il], cache.v_row_bytes[il]
                 if cache.v_trans:
-                    elem = _CACHE_TYPES[t][1]
+                    elem = BY_ID[t].block_bytes
                     _TENSOR_HEAD_T.pack_into(out, off, t, elem, rb // elem)
                     off += _TENSOR_HEAD_T.size
                     v_transposed[base + il] = data[off:off + n * rb].view(
