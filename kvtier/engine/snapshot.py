@@ -42,6 +42,19 @@ class StoredSequence:
     def blocks(self) -> list[BlockId]:
         return self.full + ([self.tail] if self.tail is not None else [])
 
+    def n_tokens(self, block_size: int) -> int:
+        """Tokens the stored blocks hold."""
+        return len(self.full) * block_size + self.tail_tokens
+
+    def truncated(self, keep: int, block_size: int) -> StoredSequence:
+        """The same sequence cut to its first ``keep`` tokens: the full blocks within them, and
+        the tail only if all of it is kept and nothing before it was cut."""
+        n_full = keep // block_size
+        tail_ok = self.tail is not None and len(self.full) == n_full \
+            and keep >= n_full * block_size + self.tail_tokens
+        return StoredSequence(self.seq_id, self.full[:n_full], self.chains[:n_full],
+                              self.tail if tail_ok else None, self.tail_tokens if tail_ok else 0)
+
 
 @dataclass(frozen=True, slots=True)
 class RestorePlan:
