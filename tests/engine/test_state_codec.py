@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvtier.engine import state_codec as sc
-from kvtier.errors import ModelMismatch, UnsupportedLayout
+from kvtier.errors import ModelMismatch, StateRejected, UnsupportedLayout
 from kvtier.ggml import F16, F32, Q8_0
 from kvtier.storage.records import LayerKV, TensorRows
 
@@ -292,7 +292,7 @@ def test_llama_cpp_rejection_raises(fa: Live) -> None:
     wrong = sc.StateLayout((sc.CacheLayout(2, cache.v_trans, cache.n_layer, cache.k_types,
                                            cache.k_row_bytes, cache.v_types, cache.v_row_bytes),))
     blob = sc.compose(wrong, fa.seq_id, 0, _blocks(state), BLOCK)
-    with pytest.raises(sc.StateRejected):
+    with pytest.raises(StateRejected):
         sc.write_state(fa.ctx, fa.seq_id, blob)
 
 
