@@ -97,10 +97,8 @@ def main() -> None:
         entry = manager.get_sequence(ns, seq.seq_id)
         tier_times, tier_bytes = {}, {}
         for tier in Tier:
-            if tier != Tier.WARM:
-                with manager._lock:
-                    for block in seq.blocks:
-                        manager._move(block, tier)
+            for block in seq.blocks:
+                manager.move(block, tier)
 
             def restore() -> None:
                 plan = snaps.plan(tokens, entry)

@@ -62,9 +62,7 @@ def store_and_restore(hot, manager, snaps, tokens, move_to=None):
     seq = snaps.save(hot.slots[0], StoredSequence(manager.new_sequence()))
     assert len(seq.full) == 2 and seq.tail_tokens == N_PROMPT - 512
     if move_to is not None:
-        with manager._lock:
-            for block in seq.blocks:
-                manager._move(block, move_to)
+        assert all(manager.move(block, move_to) for block in seq.blocks)
     entry = manager.get_sequence(snaps.namespace, seq.seq_id)
     plan = snaps.plan(prompt, entry)
     assert plan.n_tokens == N_PROMPT and plan.blocks == seq.blocks
