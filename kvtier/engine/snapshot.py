@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvtier.engine import state_codec
-from kvtier.engine.hot import HotContext, Slot
+from kvtier.engine.hot import HotContext
 from kvtier.engine.restore_policy import ThroughputModel
+from kvtier.engine.slots import Slot
 from kvtier.errors import KvtierError
-from kvtier.storage.catalog import SequenceEntry
+from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
 from kvtier.storage.tiers import Tier
@@ -186,7 +187,7 @@ class Snapshotter:
         """Records can be decoded straight into the blob: one cache, V stored per token."""
         return len(self.layout.caches) == 1 and not self.layout.caches[0].v_trans
 
-    def _decode_into_blob(self, slot: Slot, blocks: list[BlockId], entries
+    def _decode_into_blob(self, slot: Slot, blocks: list[BlockId], entries: list[BlockEntry]
                           ) -> tuple[memoryview, int]:
         cache = self.layout.caches[0]
         while True:
@@ -194,7 +195,8 @@ class Snapshotter:
                 self.layout, slot.index, state_codec.stream_of(self.layout, slot.index),
                 [(j, [entries[j].n_tokens]) for j in range(len(blocks))], self.block_size)
 
-            def destination(j: int, layer: int):
+            def destination(j: int, layer: int
+                            ) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
                 k, v = target.rows(j, layer)
                 return k, v, cache.k_types[layer], cache.v_types[layer]
 
