@@ -27,16 +27,18 @@ from kvtier.storage import codec
 from kvtier.storage.codec import RecordFormat
 from kvtier.storage.quant import Encoding
 from kvtier.storage.records import LayerKV, TensorRows
+from kvtier.storage.tiers import Tier
 
-WARM = RecordFormat(Encoding.Q8)
-COOL = RecordFormat(Encoding.Q4, zstd_level=3)
+WARM_FORMAT = RecordFormat(Encoding.Q8)
+COOL_FORMAT = RecordFormat(Encoding.Q4, zstd_level=3)
 
 
-def through_tier(layer: LayerKV, block: int, tier: str) -> LayerKV:
+def through_tier(layer: LayerKV, block: int, tier: Tier) -> LayerKV:
+    """The layer as ``tier`` holds it: written warm, then demoted once per tier below warm."""
     exact = codec.SINK_ROWS if block == 0 else 0
-    record = codec.encode_record(layer, WARM, exact)
-    for _ in range({"warm": 0, "cool": 1, "cold": 2}[tier]):
-        record = codec.transcode(record, COOL)
+    record = codec.encode_record(layer, WARM_FORMAT, exact)
+    for _ in range(tier - Tier.WARM):
+        record = codec.transcode(record, COOL_FORMAT)
     return codec.decode_record(record)[1]
 
 
@@ -95,7 +97,7 @@ def main() -> None:
             elif variant == "noise floor":
                 new = [(b, [noise_floor(layer, rng) for layer in ls]) for b, ls in blocks.items()]
             else:
-                tier = variant.split()[0]
+                tier = Tier.from_label(variant.split()[0])
                 new = [(b, [through_tier(layer, b, tier) for layer in ls])
                        for b, ls in blocks.items()]
             hot.clear(hot.slots[1])

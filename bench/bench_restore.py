@@ -25,7 +25,8 @@ from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.model import Model, default_model_path
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.snapshot import Snapshotter, StoredSequence
-from kvtier.storage.manager import COLD, COOL, TIER_NAMES, WARM, TierManager
+from kvtier.storage.manager import TierManager
+from kvtier.storage.tiers import Tier
 
 
 def prefill(hot: HotContext, tokens: np.ndarray, start: int = 0) -> None:
@@ -95,11 +96,9 @@ def main() -> None:
         seq = snaps.save(slot, StoredSequence(manager.new_sequence()))
         entry = manager.get_sequence(ns, seq.seq_id)
         tier_times, tier_bytes = {}, {}
-        for tier in (WARM, COOL, COLD):
-            if tier != WARM:
-                with manager._lock:
-                    for block in seq.blocks:
-                        manager._move(block, tier)
+        for tier in Tier:
+            for block in seq.blocks:
+                manager.move(block, tier)
 
             def restore() -> None:
                 plan = snaps.plan(tokens, entry)
@@ -113,13 +112,12 @@ def main() -> None:
         file_bytes = state_file.stat().st_size
         result = {"tokens": n, "prefill_s": t_prefill, "state_file_s": t_file,
                   "state_file_bytes": file_bytes, "f16_bytes": raw,
-                  **{f"{TIER_NAMES[t]}_s": tier_times[t] for t in tier_times},
-                  **{f"{TIER_NAMES[t]}_bytes": tier_bytes[t] for t in tier_bytes}}
+                  **{f"{t.label}_s": tier_times[t] for t in tier_times},
+                  **{f"{t.label}_bytes": tier_bytes[t] for t in tier_bytes}}
         results.append(result)
         rows.append([n, t_prefill, t_file, t_prefill / t_file,
-                     *[v for t in (WARM, COOL, COLD)
-                       for v in (tier_times[t], t_prefill / tier_times[t])],
-                     file_bytes / n, *[tier_bytes[t] / n for t in (WARM, COOL)]])
+                     *[v for t in Tier for v in (tier_times[t], t_prefill / tier_times[t])],
+                     file_bytes / n, *[tier_bytes[t] / n for t in (Tier.WARM, Tier.COOL)]])
         manager.delete_sequence(ns, seq.seq_id)
     print_table(["tokens", "prefill s", "llama file s", "x", "warm s", "x", "cool s", "x",
                  "cold s", "x", "file B/tok", "warm B/tok", "cool B/tok"], rows)

@@ -21,8 +21,10 @@ def main() -> None:
     rows = data["results"]
     tokens = [r["tokens"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = [("prefill_s", "re-prefill", "o-"), ("state_file_s", "llama.cpp state file (f16)", "s--"),
-              ("warm_s", "kvtier warm (LMDB, Q8)", "^-"), ("cool_s", "kvtier cool (RocksDB, Q4+zstd)", "v-"),
+    series = [("prefill_s", "re-prefill", "o-"),
+              ("state_file_s", "llama.cpp state file (f16)", "s--"),
+              ("warm_s", "kvtier warm (LMDB, Q8)", "^-"),
+              ("cool_s", "kvtier cool (RocksDB, Q4+zstd)", "v-"),
               ("cold_s", "kvtier cold (RocksDB, Q4+zstd)", "d:")]
     for key, label, style in series:
         ax.plot(tokens, [r[key] for r in rows], style, label=label)

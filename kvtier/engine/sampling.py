@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import llama_cpp
+import numpy as np
 
 from kvtier.engine.api import SamplingParams
 
@@ -35,14 +36,14 @@ class Sampler:
         seed = p.seed if p.seed is not None else random.getrandbits(32)
         add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
-    def accept_prompt(self, tokens) -> None:
+    def accept_prompt(self, tokens: np.ndarray) -> None:
         """Feed the prompt's tail to the penalties, as llama.cpp's server does."""
         if self.params.repeat_penalty != 1.0 or self.params.frequency_penalty \
                 or self.params.presence_penalty:
             for t in tokens[-self.params.penalty_last_n:]:
                 llama_cpp.llama_sampler_accept(self.ptr, int(t))
 
-    def sample(self, ctx, index: int) -> int:
+    def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
         """Sample from the logits of batch output ``index``; the token is accepted."""
         return int(llama_cpp.llama_sampler_sample(self.ptr, ctx, index))
 

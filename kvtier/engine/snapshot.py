@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvtier.engine import state_codec
-from kvtier.engine.hot import HotContext, Slot
+from kvtier.engine.hot import HotContext
 from kvtier.engine.restore_policy import ThroughputModel
+from kvtier.engine.slots import Slot
 from kvtier.errors import KvtierError
-from kvtier.storage.catalog import SequenceEntry
+from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
+from kvtier.storage.tiers import Tier
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,19 @@ class StoredSequence:
     def blocks(self) -> list[BlockId]:
         return self.full + ([self.tail] if self.tail is not None else [])
 
+    def n_tokens(self, block_size: int) -> int:
+        """Tokens the stored blocks hold."""
+        return len(self.full) * block_size + self.tail_tokens
+
+    def truncated(self, keep: int, block_size: int) -> StoredSequence:
+        """The same sequence cut to its first ``keep`` tokens: the full blocks within them, and
+        the tail only if all of it is kept and nothing before it was cut."""
+        n_full = keep // block_size
+        tail_ok = self.tail is not None and len(self.full) == n_full \
+            and keep >= n_full * block_size + self.tail_tokens
+        return StoredSequence(self.seq_id, self.full[:n_full], self.chains[:n_full],
+                              self.tail if tail_ok else None, self.tail_tokens if tail_ok else 0)
+
 
 @dataclass(frozen=True, slots=True)
 class RestorePlan:
@@ -52,7 +68,7 @@ class RestorePlan:
 class Restored:
     n_tokens: int
     seconds: float
-    tiers: list[int]
+    tiers: Counter[Tier]
     """Tokens restored from each storage tier."""
 
 
@@ -131,7 +147,7 @@ class Snapshotter:
         return RestorePlan(blocks, n)
 
     def worth_restoring(self, plan: RestorePlan) -> bool:
-        per_tier = [0, 0, 0]
+        per_tier: Counter[Tier] = Counter()
         for b, block in enumerate(plan.blocks):
             entry = self.manager.block_entry(block)
             if entry is None:
@@ -151,17 +167,17 @@ class Snapshotter:
                 blob, n_blocks = self._decode_into_blob(slot, blocks, entries)
             else:
                 blob, n_blocks = self._compose(slot, blocks)
-        tiers = [0, 0, 0]
+        tiers: Counter[Tier] = Counter()
         for entry in entries[:n_blocks]:
             tiers[entry.tier] += entry.n_tokens
-        n = min(plan.n_tokens, sum(tiers))
+        n = min(plan.n_tokens, tiers.total())
         self.hot.clear(slot)
         if n == 0:
             return Restored(0, 0.0, tiers)
         state_codec.write_state(self.hot.ptr, slot.index, blob)
         slot.tokens = np.array(tokens[:n], dtype=np.int32)
         seconds = time.perf_counter() - start
-        for tier, count in enumerate(tiers):
+        for tier, count in tiers.items():
             if count:
                 self.throughput.observe_restore(tier, count, seconds * count / n)
         return Restored(n, seconds, tiers)
@@ -171,7 +187,7 @@ class Snapshotter:
         """Records can be decoded straight into the blob: one cache, V stored per token."""
         return len(self.layout.caches) == 1 and not self.layout.caches[0].v_trans
 
-    def _decode_into_blob(self, slot: Slot, blocks: list[BlockId], entries
+    def _decode_into_blob(self, slot: Slot, blocks: list[BlockId], entries: list[BlockEntry]
                           ) -> tuple[memoryview, int]:
         cache = self.layout.caches[0]
         while True:
@@ -179,7 +195,8 @@ class Snapshotter:
                 self.layout, slot.index, state_codec.stream_of(self.layout, slot.index),
                 [(j, [entries[j].n_tokens]) for j in range(len(blocks))], self.block_size)
 
-            def destination(j: int, layer: int):
+            def destination(j: int, layer: int
+                            ) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
                 k, v = target.rows(j, layer)
                 return k, v, cache.k_types[layer], cache.v_types[layer]
 

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvtier.engine import state_codec as sc
-from kvtier.errors import ModelMismatch, UnsupportedLayout
-from kvtier.storage.records import GGML_TYPE_F16, LayerKV, TensorRows
+from kvtier.errors import ModelMismatch, StateRejected, UnsupportedLayout
+from kvtier.ggml import F16, F32, Q8_0
+from kvtier.storage.records import LayerKV, TensorRows
 
-GGML_TYPE_Q8_0 = 8
 BLOCK = 64
 PROMPT_TOKENS = 300
 
@@ -115,8 +115,8 @@ CONTEXTS = {
     "no_flash_attn": dict(flash_attn_type=llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED),
     "two_streams": dict(flash_attn_type=llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, n_seq_max=2,
                         kv_unified=False),
-    "q8_0": dict(flash_attn_type=llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, type_k=GGML_TYPE_Q8_0,
-                 type_v=GGML_TYPE_Q8_0),
+    "q8_0": dict(flash_attn_type=llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, type_k=Q8_0.id,
+                 type_v=Q8_0.id),
 }
 
 
@@ -197,13 +197,13 @@ def test_layout_matches_the_context(live: Live, request: pytest.FixtureRequest) 
     assert cache.v_trans == (name == "no_flash_attn")
     if name == "q8_0":
         # 192 values a row = 6 blocks of 32, 34 bytes each; kept as they are, never re-quantized
-        assert cache.k_types == cache.v_types == (GGML_TYPE_Q8_0,) * 30
+        assert cache.k_types == cache.v_types == (Q8_0.id,) * 30
         assert cache.k_row_bytes == cache.v_row_bytes == (204,) * 30
         layer = sc.split_blocks(sc.parse(live.blob), BLOCK)[0][0]
-        assert layer.k.ggml_type == layer.v.ggml_type == GGML_TYPE_Q8_0
+        assert layer.k.ggml_type == layer.v.ggml_type == Q8_0.id
         assert layer.k.rows.shape == (BLOCK, 204)
     else:
-        assert cache.k_types == cache.v_types == (GGML_TYPE_F16,) * 30
+        assert cache.k_types == cache.v_types == (F16.id,) * 30
         assert cache.k_row_bytes == cache.v_row_bytes == (384,) * 30
 
 
@@ -292,7 +292,7 @@ def test_llama_cpp_rejection_raises(fa: Live) -> None:
     wrong = sc.StateLayout((sc.CacheLayout(2, cache.v_trans, cache.n_layer, cache.k_types,
                                            cache.k_row_bytes, cache.v_types, cache.v_row_bytes),))
     blob = sc.compose(wrong, fa.seq_id, 0, _blocks(state), BLOCK)
-    with pytest.raises(sc.StateRejected):
+    with pytest.raises(StateRejected):
         sc.write_state(fa.ctx, fa.seq_id, blob)
 
 
@@ -356,8 +356,10 @@ def test_codec_speed_on_a_1000_token_state(model: llama_cpp.llama_model_p) -> No
 # --- synthetic layouts ------------------------------------------------------------------------
 
 def _layout(v_trans: bool, n_stream: int = 1) -> sc.StateLayout:
-    full = sc.CacheLayout(n_stream, v_trans, 2, (1, 1), (8, 16), (1, 1), (8, 16))
-    swa = sc.CacheLayout(n_stream, v_trans, 3, (1, 0, 1), (8, 8, 4), (1, 0, 1), (4, 8, 8))
+    f16, f32 = F16.id, F32.id
+    full = sc.CacheLayout(n_stream, v_trans, 2, (f16, f16), (8, 16), (f16, f16), (8, 16))
+    swa = sc.CacheLayout(n_stream, v_trans, 3, (f16, f32, f16), (8, 8, 4), (f16, f32, f16),
+                         (4, 8, 8))
     return sc.StateLayout((full, swa))
 
 
@@ -458,11 +460,12 @@ def test_compose_checks_the_records() -> None:
     with pytest.raises(ValueError, match="block_size"):
         sc.compose(layout, 0, 0, [(0, blocks[0])], 4)
     wrong_type = list(blocks[0])
-    wrong_type[0] = LayerKV(TensorRows(GGML_TYPE_Q8_0, wrong_type[0].k.rows), wrong_type[0].v)
+    wrong_type[0] = LayerKV(TensorRows(Q8_0.id, wrong_type[0].k.rows), wrong_type[0].v)
     with pytest.raises(ModelMismatch):
         sc.compose(layout, 0, 0, [(0, wrong_type)], 8)
     ragged = list(blocks[0])
-    ragged[1] = LayerKV(TensorRows(1, ragged[1].k.rows[:7]), TensorRows(1, ragged[1].v.rows[:7]))
+    ragged[1] = LayerKV(TensorRows(F16.id, ragged[1].k.rows[:7]),
+                        TensorRows(F16.id, ragged[1].v.rows[:7]))
     with pytest.raises(ValueError, match="share their cells"):
         sc.compose(layout, 0, 0, [(0, ragged)], 8)
 

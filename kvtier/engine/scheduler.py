@@ -1,0 +1,357 @@
+"""The engine thread: admission into slots, restore-or-reuse-or-prefill, batched decoding, and
+storing what each request computed.
+
+One thread owns the llama.cpp context. It admits queued jobs into slots, restores their longest
+stored prefix (or reuses what the slot still holds), prefills the rest, and decodes all active slots
+together in one ``llama_decode`` per step. When a job ends, the blocks it computed are snapshotted
+into the store and its session (if any) is updated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvtier.config import Config
+from kvtier.engine.api import Finished, GenerationRequest, SlotStats, TokenEvent, TokenStats, Usage
+from kvtier.engine.handle import GenerationHandle
+from kvtier.engine.hot import BatchItem, HotContext
+from kvtier.engine.model import Model
+from kvtier.engine.restore_policy import ThroughputModel
+from kvtier.engine.sampling import Sampler
+from kvtier.engine.sessions import SessionStore
+from kvtier.engine.slots import (SequenceOwner, SessionOwner, Slot, SlotOwner, choose_slot,
+                                 common_prefix, may_extend)
+from kvtier.engine.snapshot import Snapshotter, StoredSequence
+from kvtier.engine.text import TextStream
+from kvtier.errors import KvtierError, Overloaded
+from kvtier.storage.catalog import SessionEntry
+from kvtier.storage.manager import TierManager
+from kvtier.storage.records import Namespace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Job:
+    """One request on its way through the engine thread."""
+
+    request: GenerationRequest
+    handle: GenerationHandle
+    prompt: np.ndarray
+    owner: SessionOwner | None
+    """The session the KV belongs to; None for a stateless request."""
+    session: SessionEntry | None
+    """The stored session the request continues (None: stateless, or a new session)."""
+    session_text: str
+    """The rendered text that the prompt tokens stand for (sessions extend it exactly)."""
+    max_new: int
+    slot: Slot | None = None
+    seq: StoredSequence | None = None
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    sampler: Sampler | None = None
+    stream: TextStream | None = None
+    generated: list[int] = field(default_factory=list)
+    next_token: int | None = None
+    cached: int = 0
+    restored: int = 0
+    prefill_started: float = 0.0
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class TokenCounts:
+    """Tokens since start, by how the engine got their KV (written by the engine thread)."""
+
+    restored: int = 0
+    prefilled: int = 0
+    hot_reused: int = 0
+    generated: int = 0
+
+    def stats(self) -> TokenStats:
+        return TokenStats(self.restored, self.prefilled, self.hot_reused, self.generated)
+
+
+class Scheduler:
+    """Runs the engine thread; :meth:`submit` and :meth:`close` may be called from any thread."""
+
+    def __init__(self, config: Config, model: Model, n_ctx_per_slot: int, manager: TierManager,
+                 namespace: Namespace, sessions: SessionStore) -> None:
+        self.config = config
+        self.model = model
+        self.n_ctx_per_slot = n_ctx_per_slot
+        self.n_slots = config.model.n_slots
+        self.block_size = config.model.block_size
+        self.manager = manager
+        self.namespace = namespace
+        self.sessions = sessions
+        self.throughput = ThroughputModel()
+        self.tokens = TokenCounts()
+        self._queue: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._active: list[Job] = []
+        self._slot_seq: dict[int, StoredSequence] = {}
+        self._stopping = False
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="kvtier-engine", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+
+    def _main(self) -> None:
+        """The engine thread: it creates, uses and frees the llama.cpp context. Every decode
+        runs on this one thread: llama.cpp's OpenMP thread pool is per calling thread, and a
+        second thread's pool (even an idle one) halved decode speed on a 2-core machine."""
+        try:
+            self.hot = HotContext(self.model, self.config.model, self.n_ctx_per_slot)
+            self.snapshots = Snapshotter(self.hot, self.manager, self.namespace,
+                                         self.block_size, self.throughput)
+        except BaseException as exc:
+            self._start_error = exc
+            if getattr(self, "hot", None) is not None:
+                self.hot.close()
+            return
+        finally:
+            self._started.set()
+        try:
+            self._run()
+        finally:
+            self.hot.close()
+
+    # -- any thread ------------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue a job, or refuse it: :class:`Overloaded`, :class:`SessionBusy`."""
+        with self._cv:
+            if self._stopping:
+                raise Overloaded("the server is shutting down", retry_after_s=5)
+            if len(self._queue) >= self.config.server.max_queue + self.n_slots - len(self._active):
+                raise Overloaded(f"{len(self._queue)} requests are already waiting for a slot")
+            if job.owner is not None:
+                self.sessions.claim(job.owner.session_id)
+            self._queue.append(job)
+            self._cv.notify()
+
+    def slot_stats(self) -> SlotStats:
+        with self._cv:
+            return SlotStats(self.n_slots, len(self._active), len(self._queue))
+
+    def close(self) -> None:
+        """Cut queued jobs, finish active ones as cancelled (their KV is stored), stop."""
+        with self._cv:
+            if self._stopping:
+                return
+            self._stopping = True
+            while self._queue:
+                self._queue.popleft().handle.fail(
+                    Overloaded("the server is shutting down", retry_after_s=5))
+            for job in self._active:
+                job.handle.cancel()
+            self._cv.notify()
+        self._thread.join()
+
+    # -- the engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._active and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._active:
+                    return
+                admitted = []
+                while self._queue and not self._stopping:
+                    slot = choose_slot(self.hot.slots, self._queue[0].prompt)
+                    if slot is None:
+                        break
+                    job = self._queue.popleft()
+                    job.slot = slot
+                    slot.busy = True
+                    admitted.append(job)
+            for job in admitted:
+                try:
+                    self._start(job)
+                    self._active.append(job)
+                except Exception as exc:  # a request that cannot start fails alone
+                    log.exception("request could not start")
+                    self._fail(job, exc)
+            try:
+                self._step()
+            except Exception as exc:
+                log.exception("decode step failed")
+                for job in list(self._active):
+                    self._fail(job, exc)
+
+    def _start(self, job: Job) -> None:
+        """Put the job's prompt prefix in its slot (restored, or still there) and plan the rest."""
+        slot = job.slot
+        assert slot is not None
+        prompt = job.prompt
+        hot = common_prefix(slot.tokens, prompt)
+        resident = self._slot_seq.get(slot.index)
+        resident_owner = slot.owner
+        session_seq = None
+        if job.session is not None:
+            session_seq = self.manager.get_sequence(Namespace(job.session.namespace),
+                                                    job.session.sequence)
+        plan = self.snapshots.plan(prompt, session_seq)
+        restored = 0
+        if plan.n_tokens > hot and self.snapshots.worth_restoring(plan):
+            restored = self.snapshots.restore(slot, plan, prompt).n_tokens
+            hot = restored
+            resident = None
+        if restored == 0 and hot == 0:
+            self.hot.clear(slot)
+            resident = None
+        keep = min(hot, len(prompt) - 1)  # the last prompt token is decoded again for its logits
+        self.hot.truncate(slot, keep)
+        job.seq = self._sequence_for(job, resident, resident_owner, keep)
+        slot.owner = job.owner or SequenceOwner(job.seq.seq_id)
+        job.cached = keep
+        job.restored = min(restored, keep)
+        self.tokens.restored += job.restored
+        self.tokens.hot_reused += keep - job.restored
+        job.pending = prompt[keep:]
+        job.sampler = Sampler(job.request.sampling, self.model.n_vocab)
+        job.sampler.accept_prompt(prompt)
+        job.stream = TextStream(job.request.sampling.stop)
+        job.prefill_started = time.perf_counter()
+
+    def _sequence_for(self, job: Job, resident: StoredSequence | None,
+                      resident_owner: SlotOwner | None, keep: int) -> StoredSequence:
+        """The stored sequence that the job's KV goes to, given what the slot held before
+        (``resident``, None if it is gone) and whose it was: a session's own sequence; else the
+        resident anonymous one, if the job may extend it and kept all of it; else a new one."""
+        bs = self.block_size
+        if job.session is not None:
+            if resident is not None and resident.seq_id == job.session.sequence:
+                return resident.truncated(keep, bs)
+            return StoredSequence(job.session.sequence)
+        if resident is not None and may_extend(job.owner, resident_owner) \
+                and keep >= resident.n_tokens(bs):
+            return resident.truncated(keep, bs)
+        return StoredSequence(self.manager.new_sequence())
+
+    def _step(self) -> None:
+        """One llama_decode for every active slot: a token each for the generating ones, then
+        prompt chunks for the prefilling ones, as far as n_batch allows."""
+        for job in self._active:
+            if job.handle.cancelled and not job.finish_reason:
+                job.finish_reason = "cancelled"
+        for job in [j for j in self._active if j.finish_reason]:
+            self._finish(job)
+        budget = self.hot.n_batch
+        items: list[BatchItem] = []
+        jobs: list[Job] = []
+        for job in self._active:
+            if job.next_token is not None:
+                items.append(BatchItem(job.slot.index, np.array([job.next_token], np.int32),
+                                       len(job.slot.tokens), True))
+                jobs.append(job)
+                budget -= 1
+        for job in self._active:
+            if job.next_token is None and len(job.pending) and budget > 0:
+                chunk = job.pending[:budget]
+                job.pending = job.pending[len(chunk):]
+                items.append(BatchItem(job.slot.index, chunk, len(job.slot.tokens),
+                                       len(job.pending) == 0))
+                jobs.append(job)
+                budget -= len(chunk)
+        if not items:
+            return
+        outputs = self.hot.decode(items)
+        for job, item, index in zip(jobs, items, outputs):
+            if job.next_token is not None:
+                job.next_token = None
+            else:
+                self.tokens.prefilled += len(item.tokens)
+                if index >= 0:
+                    self.throughput.observe_prefill(len(job.prompt) - job.cached,
+                                                    time.perf_counter() - job.prefill_started)
+            if index >= 0:
+                self._sample(job, index)
+
+    def _sample(self, job: Job, index: int) -> None:
+        token = job.sampler.sample(self.hot.ptr, index)
+        job.next_token = token
+        job.generated.append(token)
+        if self.model.is_eog(token):
+            job.finish_reason = "stop"
+            return
+        self.tokens.generated += 1
+        text, stopped = job.stream.push(self.model.piece(token))
+        if text:
+            job.handle.emit_token(TokenEvent(text, token))
+        if stopped:
+            job.finish_reason = "stop"
+        elif len(job.generated) >= job.max_new or \
+                len(job.slot.tokens) + 1 >= self.n_ctx_per_slot:
+            job.finish_reason = "length"
+
+    def _finish(self, job: Job) -> None:
+        """Decode the last sampled token (so the KV holds the whole reply), store, report."""
+        self._active.remove(job)
+        try:
+            finished = self._store(job)
+        except Exception as exc:
+            log.exception("finishing a request failed")
+            self._release(job)
+            job.handle.fail(_as_kvtier_error(exc, "finishing the request failed"))
+            return
+        # Release first: a client that submits again as soon as it has the result must find the
+        # slot and the session free.
+        self._release(job)
+        job.handle.finish(finished)
+
+    def _store(self, job: Job) -> Finished:
+        slot = job.slot
+        if job.next_token is not None and len(slot.tokens) < self.n_ctx_per_slot:
+            self.hot.decode([BatchItem(slot.index, np.array([job.next_token], np.int32),
+                                       len(slot.tokens), False)])
+            job.next_token = None
+        tail = job.stream.finish()
+        if tail:
+            job.handle.emit_token(TokenEvent(tail, -1))
+        job.seq = self.snapshots.save(slot, job.seq)
+        self._slot_seq[slot.index] = job.seq
+        if job.owner is not None:
+            self._save_session(job, job.owner.session_id)
+        usage = Usage(len(job.prompt), sum(1 for t in job.generated if not self.model.is_eog(t)),
+                      job.cached, job.restored, len(job.prompt) - job.cached)
+        return Finished(job.stream.text, job.finish_reason or "stop", usage,
+                        job.request.session_id)
+
+    def _save_session(self, job: Job, session_id: str) -> None:
+        generated = b"".join(self.model.piece(t, special=True)
+                             for t in job.generated).decode("utf-8", errors="replace")
+        self.sessions.save_turn(session_id, job.session, job.request, job.stream.text,
+                                job.session_text + generated, job.seq.seq_id)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        if job in self._active:
+            self._active.remove(job)
+        if job.slot is not None:
+            self.hot.clear(job.slot)
+            self._slot_seq.pop(job.slot.index, None)
+        self._release(job)
+        job.handle.fail(_as_kvtier_error(exc, "generation failed"))
+
+    def _release(self, job: Job) -> None:
+        if job.sampler is not None:
+            job.sampler.close()
+        with self._cv:
+            if job.slot is not None:
+                job.slot.busy = False
+        if job.owner is not None:
+            self.sessions.release(job.owner.session_id)
+
+
+def _as_kvtier_error(exc: Exception, what: str) -> KvtierError:
+    """Typed errors pass as they are; anything else becomes a KvtierError saying ``what``."""
+    return exc if isinstance(exc, KvtierError) else KvtierError(f"{what}: {exc}")

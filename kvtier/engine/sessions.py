@@ -1,0 +1,134 @@
+"""Sessions: named conversations whose history and KV persist in the store.
+
+A session's catalog entry names its stored sequence (the KV) and keeps its messages and rendered
+text in ``data``; forks share every stored block. A session generates one reply at a time: the
+engine claims it while a request of it is queued or running.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+
+import numpy as np
+
+from kvtier.engine.api import GenerationRequest, SessionInfo, check_session_id
+from kvtier.engine.prompt import History, message_dicts
+from kvtier.errors import InvalidRequest, ModelMismatch, SessionBusy, SessionNotFound
+from kvtier.storage.catalog import SessionEntry
+from kvtier.storage.manager import TierManager
+from kvtier.storage.records import Namespace
+from kvtier.storage.tiers import Tier
+
+MISSING = "missing"
+"""The ``blocks_per_tier`` key of a session's blocks that no tier holds any more."""
+
+
+class SessionStore:
+    """The sessions API over the store, for the model whose KV lives in ``namespace``."""
+
+    def __init__(self, manager: TierManager, namespace: Namespace, model_name: str) -> None:
+        self.manager = manager
+        self.namespace = namespace
+        self.model_name = model_name
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()
+
+    # -- reading ---------------------------------------------------------------------------------
+    def load(self, session_id: str) -> SessionEntry | None:
+        """The stored session a request continues (None: a new one); refuses another model's."""
+        entry = self.manager.get_session(check_session_id(session_id))
+        if entry is not None and entry.namespace != self.namespace:
+            raise ModelMismatch(f"session {session_id!r} was computed by another model or KV "
+                                "cache type")
+        return entry
+
+    def history(self, entry: SessionEntry | None) -> History:
+        """What ``entry`` brings to its next request: messages, rendered text, stored tokens."""
+        if entry is None:
+            return History()
+        seq = self.manager.get_sequence(Namespace(entry.namespace), entry.sequence)
+        tokens = np.frombuffer(seq.tokens, "<i4").astype(np.int32) if seq else \
+            np.zeros(0, np.int32)
+        return History(list(entry.data.get("messages", [])), entry.data.get("text", ""), tokens)
+
+    def info(self, entry: SessionEntry) -> SessionInfo:
+        """The session as the API shows it, with where its blocks are now."""
+        seq = self.manager.get_sequence(Namespace(entry.namespace), entry.sequence)
+        per_tier = Counter({tier.label: 0 for tier in Tier})
+        for block in seq.block_ids() if seq is not None else []:
+            e = self.manager.block_entry(block)
+            per_tier[Tier(e.tier).label if e else MISSING] += 1
+        return SessionInfo(entry.session_id, entry.created, entry.last_used,
+                           seq.n_tokens if seq is not None else 0,
+                           list(entry.data.get("messages", [])), dict(per_tier),
+                           entry.data.get("model", ""), entry.data.get("parent"))
+
+    def list(self, after: str = "", limit: int = 20) -> list[SessionInfo]:
+        return [self.info(e) for e in self.manager.list_sessions(after, limit)]
+
+    def get(self, session_id: str) -> SessionInfo:
+        return self.info(self._existing(session_id))
+
+    # -- changing --------------------------------------------------------------------------------
+    def delete(self, session_id: str) -> None:
+        """Forget the session; blocks that nothing else names are freed."""
+        with self._lock:
+            if session_id in self._busy:
+                raise SessionBusy(f"session {session_id!r} is generating a reply")
+        if not self.manager.delete_session(check_session_id(session_id)):
+            raise SessionNotFound(f"no session {session_id!r}")
+
+    def fork(self, session_id: str, new_id: str | None = None) -> SessionInfo:
+        """A new session with the same history; the two share every stored block."""
+        entry = self._existing(session_id)
+        new_id = check_session_id(new_id) if new_id else uuid.uuid4().hex
+        if self.manager.get_session(new_id) is not None:
+            raise InvalidRequest(f"session {new_id!r} already exists", "new_id")
+        ns = Namespace(entry.namespace)
+        seq = self.manager.get_sequence(ns, entry.sequence)
+        new_seq = self.manager.new_sequence()
+        if seq is not None:
+            self.manager.save_sequence(ns, new_seq, np.frombuffer(seq.tokens, "<i4"),
+                                       seq.block_ids())
+        now = time.time()
+        data = dict(entry.data, parent=session_id)
+        self.manager.put_session(SessionEntry(new_id, entry.namespace, new_seq, now, now, data))
+        return self.get(new_id)
+
+    def save_turn(self, session_id: str, previous: SessionEntry | None,
+                  request: GenerationRequest, reply: str, text: str, seq_id: int) -> None:
+        """Record one request and its reply: the messages, the conversation's rendered ``text``
+        (its special tokens included) and the stored sequence now holding its KV."""
+        now = time.time()
+        messages = list(previous.data.get("messages", [])) if previous else []
+        if request.messages is not None:
+            messages += message_dicts(request.messages)
+            messages.append({"role": "assistant", "content": reply})
+        else:
+            messages.append({"role": "prompt", "content": request.prompt or ""})
+            messages.append({"role": "completion", "content": reply})
+        data = dict(previous.data) if previous else {}
+        data.update(messages=messages, text=text, model=self.model_name)
+        self.manager.put_session(SessionEntry(session_id, self.namespace, seq_id,
+                                              previous.created if previous else now, now, data))
+
+    # -- one reply at a time ---------------------------------------------------------------------
+    def claim(self, session_id: str) -> None:
+        """Mark the session as generating; :class:`SessionBusy` if it already is."""
+        with self._lock:
+            if session_id in self._busy:
+                raise SessionBusy(f"session {session_id!r} is already generating a reply")
+            self._busy.add(session_id)
+
+    def release(self, session_id: str) -> None:
+        with self._lock:
+            self._busy.discard(session_id)
+
+    def _existing(self, session_id: str) -> SessionEntry:
+        entry = self.manager.get_session(check_session_id(session_id))
+        if entry is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        return entry
