@@ -3,8 +3,9 @@
     0   4  magic b"KVB1"
     4   8  u64 xxh3_64 of every byte after this field (header and payload)
     12  4  u32 header length H
-    16  H  msgpack header: format version, token count, first position, for K and V the ggml type,
-           encoding, grouping, group size, row width and encoded length; the key summary; compression
+    16  H  msgpack header: format version, token count, first position, for K and V the ggml
+           type, encoding, grouping, group size, row width and encoded length; the key summary;
+           compression
     16+H   payload: K's encoded bytes then V's (zstd-compressed as one frame when ``zstd`` is set)
 
 The checksum covers the header too, so a flipped byte anywhere is a :class:`BlockCorrupt`, never

@@ -1,8 +1,8 @@
 """Keys and in-memory records of KV blocks.
 
-A *block* is ``block_size`` consecutive tokens of one stored sequence; a *record* is one layer of one
-block (its keys and values). Record keys are fixed-width big-endian so that LMDB and RocksDB, which
-sort bytewise, keep a sequence's records contiguous and a block's layers next to each other:
+A *block* is ``block_size`` consecutive tokens of one stored sequence; a *record* is one layer of
+one block (its keys and values). Record keys are fixed-width big-endian so that LMDB and RocksDB,
+which sort bytewise, keep a sequence's records contiguous and a block's layers next to each other:
 
     namespace (16) | sequence u64 | block u32 | layer u16        = 30 bytes
 
