@@ -25,7 +25,8 @@ from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.model import Model, default_model_path
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.snapshot import Snapshotter, StoredSequence
-from kvtier.storage.manager import COLD, COOL, TIER_NAMES, WARM, TierManager
+from kvtier.storage.manager import TierManager
+from kvtier.storage.tiers import Tier
 
 
 def prefill(hot: HotContext, tokens: np.ndarray, start: int = 0) -> None:
@@ -64,7 +65,6 @@ def main() -> None:
                                 "tiers.host_ram_budget": "4GiB"})
     hot = HotContext(model, config.model, n_ctx)
     manager = TierManager(config, background=False)
-    manager._schedule = lambda op, block: None  # measure the read path, not promotions after it
     ns = model.fingerprint("f16", "f16", 256).namespace
     snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel())
     rows, results = [], []
@@ -95,11 +95,10 @@ def main() -> None:
         seq = snaps.save(slot, StoredSequence(manager.new_sequence()))
         entry = manager.get_sequence(ns, seq.seq_id)
         tier_times, tier_bytes = {}, {}
-        for tier in (WARM, COOL, COLD):
-            if tier != WARM:
-                with manager._lock:
-                    for block in seq.blocks:
-                        manager._move(block, tier)
+        for tier in Tier:
+            if tier != Tier.WARM:
+                for block in seq.blocks:
+                    manager.move(block, tier)
 
             def restore() -> None:
                 plan = snaps.plan(tokens, entry)
@@ -107,19 +106,20 @@ def main() -> None:
                 assert restored.n_tokens == n
                 last_token(hot, tokens)
 
-            tier_times[tier] = timed(restore, args.repeats)
+            with manager.pinned(seq.blocks):    # measure the read path, not promotions after it
+                tier_times[tier] = timed(restore, args.repeats)
             tier_bytes[tier] = sum(manager.block_entry(b).stored_bytes for b in seq.blocks)
         raw = sum(manager.block_entry(b).raw_bytes for b in seq.blocks)
         file_bytes = state_file.stat().st_size
         result = {"tokens": n, "prefill_s": t_prefill, "state_file_s": t_file,
                   "state_file_bytes": file_bytes, "f16_bytes": raw,
-                  **{f"{TIER_NAMES[t]}_s": tier_times[t] for t in tier_times},
-                  **{f"{TIER_NAMES[t]}_bytes": tier_bytes[t] for t in tier_bytes}}
+                  **{f"{t.label}_s": tier_times[t] for t in tier_times},
+                  **{f"{t.label}_bytes": tier_bytes[t] for t in tier_bytes}}
         results.append(result)
         rows.append([n, t_prefill, t_file, t_prefill / t_file,
-                     *[v for t in (WARM, COOL, COLD)
+                     *[v for t in Tier
                        for v in (tier_times[t], t_prefill / tier_times[t])],
-                     file_bytes / n, *[tier_bytes[t] / n for t in (WARM, COOL)]])
+                     file_bytes / n, *[tier_bytes[t] / n for t in (Tier.WARM, Tier.COOL)]])
         manager.delete_sequence(ns, seq.seq_id)
     print_table(["tokens", "prefill s", "llama file s", "x", "warm s", "x", "cool s", "x",
                  "cold s", "x", "file B/tok", "warm B/tok", "cool B/tok"], rows)

@@ -34,8 +34,9 @@ from kvtier.engine.text import TextStream
 from kvtier.errors import (ContextOverflow, InvalidRequest, KvtierError, ModelMismatch,
                            ModelNotFound, Overloaded, SessionBusy, SessionNotFound)
 from kvtier.storage.catalog import SessionEntry
-from kvtier.storage.manager import TIER_NAMES, TierManager
+from kvtier.storage.manager import TierManager
 from kvtier.storage.records import Namespace
+from kvtier.storage.tiers import Tier
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +213,10 @@ class Engine:
     # -- sessions --------------------------------------------------------------------------------
     def _session_info(self, entry: SessionEntry) -> SessionInfo:
         seq = self.manager.get_sequence(Namespace(entry.namespace), entry.sequence)
-        per_tier = Counter({name: 0 for name in TIER_NAMES})
+        per_tier = Counter({tier.label: 0 for tier in Tier})
         for block in seq.block_ids() if seq is not None else []:
             e = self.manager.block_entry(block)
-            per_tier[TIER_NAMES[e.tier] if e else "missing"] += 1
+            per_tier[e.tier.label if e else "missing"] += 1
         return SessionInfo(entry.session_id, entry.created, entry.last_used,
                            seq.n_tokens if seq is not None else 0,
                            list(entry.data.get("messages", [])), dict(per_tier),

@@ -15,8 +15,8 @@ from kvtier.engine.api import ChatMessage, GenerationRequest, SamplingParams, To
 from kvtier.engine.engine import Engine
 from kvtier.errors import ContextOverflow, InvalidRequest, ModelMismatch, SessionNotFound
 from kvtier.storage import codec
-from kvtier.storage.manager import WARM
 from kvtier.storage.records import Namespace
+from kvtier.storage.tiers import Tier
 from tests.engine.conftest import document_text
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
@@ -123,13 +123,13 @@ def test_corrupt_block_falls_back_to_recomputation(tmp_path):
         tokens = engine.model.tokenize(prompt)
         blocks = engine.manager.match_prefix(engine.namespace, tokens, engine.block_size)
         key = blocks[1].key(5).to_bytes()
-        value = bytearray(engine.manager.tiers[WARM].get(key))
+        value = bytearray(engine.manager.tiers[Tier.WARM].get(key))
         value[1000] ^= 0xFF
-        engine.manager.tiers[WARM].put_many([(key, bytes(value))])
+        engine.manager.tiers[Tier.WARM].put_many([(key, bytes(value))])
         again = engine.generate(request)
         assert again.text == first.text
         assert again.usage.restored_tokens == engine.block_size  # block 0 only
-        assert engine.manager.stats()[WARM].corrupt == 1
+        assert engine.manager.stats()[Tier.WARM].corrupt == 1
     finally:
         engine.close()
 

@@ -9,7 +9,8 @@ from kvtier.config import load_config
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.snapshot import Snapshotter, StoredSequence
-from kvtier.storage.manager import COOL, TierManager
+from kvtier.storage.manager import TierManager
+from kvtier.storage.tiers import Tier
 
 N_PROMPT = 700  # two full blocks of 256 and a tail of 188
 
@@ -61,9 +62,8 @@ def store_and_restore(hot, manager, snaps, tokens, move_to=None):
     seq = snaps.save(hot.slots[0], StoredSequence(manager.new_sequence()))
     assert len(seq.full) == 2 and seq.tail_tokens == N_PROMPT - 512
     if move_to is not None:
-        with manager._lock:
-            for block in seq.blocks:
-                manager._move(block, move_to)
+        for block in seq.blocks:
+            assert manager.move(block, move_to)
     entry = manager.get_sequence(snaps.namespace, seq.seq_id)
     plan = snaps.plan(prompt, entry)
     assert plan.n_tokens == N_PROMPT and plan.blocks == seq.blocks
@@ -86,7 +86,7 @@ def test_f16_restore_gives_bit_identical_logits(setup, document_tokens):
 # model's own noise floor); Q8 measured at that floor and Q4 at about 0.006. The bounds leave about
 # 3x margin and still catch a broken codec (a garbled block gives a KL above 1).
 @pytest.mark.parametrize("setup, move_to, bound, agree", [("q8", None, 0.01, 14),
-                                                          ("q8", COOL, 0.02, 13)],
+                                                          ("q8", Tier.COOL, 0.02, 13)],
                          indirect=["setup"])
 def test_quantized_restore_stays_close(setup, move_to, bound, agree, document_tokens):
     live, restored = store_and_restore(*setup, document_tokens, move_to)

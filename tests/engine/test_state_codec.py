@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from kvtier.engine import state_codec as sc
 from kvtier.errors import ModelMismatch, UnsupportedLayout
-from kvtier.storage.records import GGML_TYPE_F16, LayerKV, TensorRows
+from kvtier.ggml import F16
+from kvtier.storage.records import LayerKV, TensorRows
 
 GGML_TYPE_Q8_0 = 8
 BLOCK = 64
@@ -203,7 +204,7 @@ def test_layout_matches_the_context(live: Live, request: pytest.FixtureRequest) 
         assert layer.k.ggml_type == layer.v.ggml_type == GGML_TYPE_Q8_0
         assert layer.k.rows.shape == (BLOCK, 204)
     else:
-        assert cache.k_types == cache.v_types == (GGML_TYPE_F16,) * 30
+        assert cache.k_types == cache.v_types == (F16.id,) * 30
         assert cache.k_row_bytes == cache.v_row_bytes == (384,) * 30
 
 
