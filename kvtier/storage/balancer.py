@@ -251,7 +251,9 @@ class Balancer:
                            for k, v in zip(keys, values)]
             except BlockCorrupt:
                 with self.index.lock:
-                    if not move.cancelled:
+                    # Removed meanwhile, its records went with it; pinned, its reader meets
+                    # the damage itself.
+                    if self.index.may_commit(block, move):
                         self.index.counters[move.source].corrupt += 1
                         self._p.forget([block])
                 return False

@@ -331,7 +331,9 @@ def check(placement: Placement, budgets: Mapping[Tier, int], *, fix: bool,
           references: bool = True, records: bool = False, quick: bool = False,
           progress: bool = False) -> CheckReport:
     """Check the store (its references, and with ``records`` every record); with ``fix``,
-    repair it: corrupt blocks first, then the references as they are after that."""
+    repair it: corrupt blocks first, then the references as they are after that. Fix only a
+    store nothing else changes meanwhile (when it opens, or offline): the repair is planned
+    from one view of it."""
     report = CheckReport()
     if records:
         check_records(StoreView.load(placement), placement.tiers, report, quick=quick,

@@ -178,10 +178,6 @@ class BlockIndex:
                 if self._pins[block] <= 0:
                     del self._pins[block]
 
-    def is_pinned(self, block: BlockId) -> bool:
-        with self.lock:
-            return block in self._pins
-
     def candidates(self, tier: Tier) -> list[Candidate[BlockId]]:
         """Every block of ``tier`` for the eviction policy; pinned and moving ones marked pinned."""
         with self.lock:

@@ -5,7 +5,8 @@ layers) lives in exactly one tier.
 
 - ``put_block`` encodes for the warm tier and writes it there at memory speed; it only waits for
   demotions when the warm tier is at its hard budget.
-- Reading a block counts a hit; a block read from below warm is promoted in the background.
+- Reading a block (:mod:`~kvtier.storage.reads`) counts a hit; a block read from below warm is
+  promoted in the background.
 - The balancer (:mod:`~kvtier.storage.balancer`) keeps every tier within its budget by the eviction
   policy, re-encoding moved blocks outside the index's lock; pinned blocks never move.
 - The catalog (:mod:`~kvtier.storage.catalog`) is the truth, mirrored in memory by the block index
@@ -87,7 +88,7 @@ class TierManager:
         t, e = config.tiers, config.eviction
         self.catalog = Catalog(config.data_path / "catalog")
         self._stores: dict[Path, RocksStore] = {}
-        self.tiers: list[TierStore] = [
+        self.tiers: list[TierStore] = [    # indexed by Tier
             LmdbTier(config.warm_path, map_size=t.host_ram_budget),
             RocksTier(self._store(config.cool_path), Tier.COOL.label),
             RocksTier(self._store(config.cold_path), Tier.COLD.label)]
@@ -104,6 +105,7 @@ class TierManager:
              Tier.COLD: RecordFormat(cold, t.zstd_level)},
             policy.Weights(e.alpha, e.beta, e.gamma, e.hit_half_life_s))
         self.weights = self._balancer.weights
+        """The eviction policy's weights (the tools show priorities with them)."""
         self._reader = BlockReader(self._placement, self._balancer)
         self.repaired: dict[str, int] = {}
         """What opening repaired, if the store was not closed cleanly (non-zero counts)."""
