@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from kvtier.config import Config, load_config
-from kvtier.storage.records import (GGML_TYPE_F16, BlockId, LayerKV, Namespace, TensorRows,
-                                    namespace_of)
+from kvtier.ggml import F16
+from kvtier.storage.records import BlockId, LayerKV, Namespace, TensorRows, namespace_of
 
 NS = namespace_of(b"test-model")
 WIDTH = 64
@@ -27,7 +27,7 @@ def f16_rows(rng: np.random.Generator, n_tokens: int, width: int = WIDTH,
     """Keys-like f16 rows: mostly N(0,1), with a few outlier channels (as real keys have)."""
     values = rng.standard_normal((n_tokens, width)).astype(np.float32)
     values[:, :outliers] *= 20.0
-    return TensorRows(GGML_TYPE_F16, values.astype(np.float16).view(np.uint8))
+    return TensorRows(F16.id, values.astype(np.float16).view(np.uint8))
 
 
 def make_layers(seed: int, n_layers: int = 4, n_tokens: int = 64, width: int = WIDTH

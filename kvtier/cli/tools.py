@@ -19,7 +19,6 @@ from kvtier.errors import BlockMissing, ConfigError, KvtierError, StoreLocked
 
 if TYPE_CHECKING:
     from kvtier.storage.manager import TierManager
-    from kvtier.tools.verify import VerifyReport
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 VIEWS = ("summary", "sessions", "session", "blocks", "verify")
@@ -41,6 +40,7 @@ def add_tool_commands(sub: argparse._SubParsersAction, common: argparse.Argument
     group.add_argument("--session", metavar="ID", help="blocks of this session, in order")
     group.add_argument("--sequence", type=int, metavar="N", help="blocks of sequence N, in order")
     group.add_argument("--namespace", metavar="HEX", help="blocks of namespaces with this prefix")
+    # Tier's labels, written out: building the parser must not import the stores.
     group.add_argument("--tier", choices=("warm", "cool", "cold"), help="blocks in this tier")
     group.add_argument("--block", metavar="[NS:]SEQ:BLOCK",
                        help="one block: its header and statistics, layer by layer")
@@ -118,8 +118,8 @@ def _open(args: argparse.Namespace) -> TierManager:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from kvtier.tools import verify
     from kvtier.tools.render import write_json
-    from kvtier.tools.verify import verify
 
     if args.view == "session" and not args.ident:
         raise _UsageError("inspect session needs a session ID")
@@ -127,12 +127,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
         raise _UsageError(f"inspect {args.view} takes no ID")
     with _open(args) as manager:
         if args.view == "verify":
-            report = verify(manager, quick=args.quick, progress=_progress(args))
+            report = verify.verify(manager, quick=args.quick, progress=_progress(args))
             data: Any = report.to_json()
             code = EXIT_OK if report.ok else EXIT_PROBLEMS
 
             def text() -> str:
-                return _render_verify(report)
+                return verify.render(report)
         else:
             data, text = _inspect_view(args, manager)
             code = EXIT_OK
@@ -146,10 +146,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _inspect_view(args: argparse.Namespace, manager: TierManager
                   ) -> tuple[Any, Callable[[], str]]:
     """The data of one ``inspect`` view, and how to render it as text."""
+    from kvtier.storage.tiers import Tier
     from kvtier.tools import inspect
-    from kvtier.tools.store import StoreView, parse_block, tier_index
+    from kvtier.tools.store import parse_block
 
-    view = StoreView.load(manager)
+    view = manager.view()
     if args.view == "summary":
         summary = inspect.summary(manager, view)
         return summary, lambda: inspect.render_summary(summary)
@@ -162,7 +163,7 @@ def _inspect_view(args: argparse.Namespace, manager: TierManager
     try:
         block = parse_block(args.block, set(view.namespaces), view.blocks) if args.block \
             else None
-        tier = tier_index(args.tier) if args.tier else None
+        tier = Tier.from_label(args.tier) if args.tier else None
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     selected = inspect.select_blocks(view, inspect.BlockFilter(
@@ -178,28 +179,6 @@ def _inspect_view(args: argparse.Namespace, manager: TierManager
             or "no blocks match"
     rows = inspect.blocks(manager, view, selected)
     return rows, lambda: inspect.render_blocks(rows)
-
-
-def _render_verify(report: VerifyReport) -> str:
-    from kvtier.tools.render import table
-    c = report.checked
-    lines = [f"checked {c.get('blocks', 0)} blocks ({c.get('records_read', 0)} records read, "
-             f"{c.get('record_keys', 0)} record keys), {c.get('sequences', 0)} sequences, "
-             f"{c.get('sessions', 0)} sessions, {c.get('hashes', 0)} hash entries"]
-    if report.repaired_at_open:
-        lines.append("repaired when opened (it was not closed cleanly): " + ", ".join(
-            f"{v} {k.replace('_', ' ')}" for k, v in report.repaired_at_open.items()))
-    if report.ok:
-        lines.append("ok: no problems")
-        return "\n".join(lines)
-    rows = [[p.kind.value, p.subject, p.tier or "", "" if p.layer is None else p.layer, p.detail]
-            for p in report.problems]
-    lines += [table(["PROBLEM", "SUBJECT", "TIER", "LAYER", "DETAIL"], rows),
-              f"{len(report.problems)} problems: " + ", ".join(
-                  f"{v} {k}" for k, v in report.counts().items()),
-              "`kvtier compact` repairs references and orphans; `kvtier compact --scrub` also "
-              "drops corrupt blocks"]
-    return "\n".join(lines)
 
 
 def _run_compact(args: argparse.Namespace) -> int:

@@ -15,10 +15,9 @@ before the catalog entry that points at it, and deleted only after the entry's r
 from __future__ import annotations
 
 import struct
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import lmdb
 import msgpack
 
 from kvtier.storage.records import BlockId, ChainHash, Namespace
+from kvtier.storage.tiers import Tier
 
 CATALOG_VERSION = 1
 _U64 = struct.Struct(">Q")
@@ -35,8 +35,8 @@ _U64 = struct.Struct(">Q")
 class BlockEntry:
     """What the catalog knows of one block (all its layers)."""
 
-    tier: int
-    """Index into the manager's tiers (0 warm, 1 cool, 2 cold)."""
+    tier: Tier
+    """Where the block's records are (stored as the tier's int)."""
     stored_bytes: int
     """Bytes the block costs against its tier's budget."""
     raw_bytes: int
@@ -55,11 +55,12 @@ class BlockEntry:
     """Measured attention score; negative until the engine reports one."""
 
     def pack(self) -> bytes:
-        return msgpack.packb(list(asdict(self).values()))
+        return msgpack.packb([int(self.tier), *astuple(self)[1:]])
 
     @classmethod
     def unpack(cls, data: bytes) -> BlockEntry:
-        return cls(*msgpack.unpackb(data))
+        tier, *rest = msgpack.unpackb(data)
+        return cls(Tier(tier), *rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +121,18 @@ def sequence_key(namespace: bytes, sequence: int) -> bytes:
 class CatalogTxn:
     """Typed access to the catalog inside one LMDB transaction."""
 
-    def __init__(self, catalog: Catalog, txn: lmdb.Transaction) -> None:
+    def __init__(self, catalog: Catalog, txn: lmdb.Transaction,
+                 hooks: list[Callable[[], None]] | None = None) -> None:
         self._c = catalog
         self._txn = txn
+        self._hooks = hooks
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once this write transaction has committed (never if it aborts): where
+        record data whose entry this transaction removes is deleted."""
+        if self._hooks is None:
+            raise TypeError("a read transaction never commits")
+        self._hooks.append(fn)
 
     # blocks
     def get_block(self, block: BlockId) -> BlockEntry | None:
@@ -209,6 +219,16 @@ class CatalogTxn:
     def put_meta(self, name: bytes, value: bytes) -> None:
         self._txn.put(name, value, db=self._c.meta_db)
 
+    def iter_meta(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """``(name, value)`` of every meta entry whose name starts with ``prefix``, in order."""
+        cursor = self._txn.cursor(db=self._c.meta_db)
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            yield bytes(key), bytes(value)
+
 
 class Catalog:
     """The catalog's LMDB environment. Use :meth:`read` and :meth:`write` as context managers."""
@@ -237,8 +257,13 @@ class Catalog:
 
     @contextmanager
     def write(self) -> Iterator[CatalogTxn]:
+        """A write transaction; it commits when the block ends, then runs its after-commit
+        hooks in order. An exception aborts it, and no hook runs."""
+        hooks: list[Callable[[], None]] = []
         with self.env.begin(write=True) as txn:
-            yield CatalogTxn(self, txn)
+            yield CatalogTxn(self, txn, hooks)
+        for fn in hooks:
+            fn()
 
     def was_clean(self) -> bool:
         with self.read() as txn:
@@ -251,12 +276,3 @@ class Catalog:
     def close(self) -> None:
         self.env.close()
 
-
-def touched(entry: BlockEntry, now: float, half_life_s: float) -> BlockEntry:
-    """The entry after one more hit at ``now``: the old count decays, then one is added."""
-    decay = 0.5 ** (max(0.0, now - entry.last_access) / half_life_s) if entry.last_access else 1.0
-    return replace(entry, hits=entry.hits * decay + 1.0, last_access=now)
-
-
-def now() -> float:
-    return time.time()

@@ -3,8 +3,9 @@
     0   4  magic b"KVB1"
     4   8  u64 xxh3_64 of every byte after this field (header and payload)
     12  4  u32 header length H
-    16  H  msgpack header: format version, token count, first position, for K and V the ggml type,
-           encoding, grouping, group size, row width and encoded length; the key summary; compression
+    16  H  msgpack header: format version, token count, first position, for K and V the ggml
+           type, encoding, grouping, group size, row width and encoded length; the key summary;
+           compression
     16+H   payload: K's encoded bytes then V's (zstd-compressed as one frame when ``zstd`` is set)
 
 The checksum covers the header too, so a flipped byte anywhere is a :class:`BlockCorrupt`, never
@@ -24,9 +25,10 @@ import xxhash
 import zstandard
 
 from kvtier.errors import BlockCorrupt, ModelMismatch
+from kvtier.ggml import F16
 from kvtier.storage import quant
 from kvtier.storage.quant import Encoding, Grouping
-from kvtier.storage.records import GGML_TYPE_F16, LayerKV, TensorRows
+from kvtier.storage.records import LayerKV, TensorRows
 from kvtier.storage.summary import key_min_max
 
 MAGIC = b"KVB1"
@@ -124,7 +126,7 @@ def _encode_tensor(t: TensorRows, encoding: Encoding, grouping: Grouping, exact_
     payload = quant.encode(bits[exact_rows:], encoding, grouping, group)
     if exact_rows:
         payload = np.concatenate([bits[:exact_rows].reshape(-1).view(np.uint8), payload])
-    return (TensorHeader(GGML_TYPE_F16, int(encoding), int(grouping), group, bits.shape[1],
+    return (TensorHeader(F16.id, int(encoding), int(grouping), group, bits.shape[1],
                          payload.nbytes), payload)
 
 
@@ -254,9 +256,9 @@ def warm_up() -> None:
     """Run every kernel once on a tiny record, so that numba compiles (or loads its cache) now
     rather than in the first request that stores or restores a block (~12 s on a cold cache)."""
     bits = np.arange(64 * 32, dtype=np.uint16).reshape(64, 32) & 0x3BFF
-    rows = TensorRows(GGML_TYPE_F16, bits.view(np.uint8))
+    rows = TensorRows(F16.id, bits.view(np.uint8))
     layer = LayerKV(rows, rows)
     for encoding in Encoding:
         record = encode_record(layer, RecordFormat(encoding, 1), SINK_ROWS)
         k_out = np.empty_like(layer.k.rows)
-        decode_record_into(record, k_out, np.empty_like(k_out), GGML_TYPE_F16, GGML_TYPE_F16)
+        decode_record_into(record, k_out, np.empty_like(k_out), F16.id, F16.id)

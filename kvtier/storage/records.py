@@ -1,8 +1,8 @@
 """Keys and in-memory records of KV blocks.
 
-A *block* is ``block_size`` consecutive tokens of one stored sequence; a *record* is one layer of one
-block (its keys and values). Record keys are fixed-width big-endian so that LMDB and RocksDB, which
-sort bytewise, keep a sequence's records contiguous and a block's layers next to each other:
+A *block* is ``block_size`` consecutive tokens of one stored sequence; a *record* is one layer of
+one block (its keys and values). Record keys are fixed-width big-endian so that LMDB and RocksDB,
+which sort bytewise, keep a sequence's records contiguous and a block's layers next to each other:
 
     namespace (16) | sequence u64 | block u32 | layer u16        = 30 bytes
 
@@ -19,6 +19,8 @@ from typing import NewType
 
 import numpy as np
 
+from kvtier.ggml import F16
+
 Namespace = NewType("Namespace", bytes)
 """16 bytes identifying a model and its KV cache types (see :func:`namespace_of`)."""
 
@@ -27,8 +29,6 @@ ChainHash = NewType("ChainHash", bytes)
 
 NAMESPACE_BYTES = 16
 HASH_BYTES = 16
-GGML_TYPE_F32 = 0
-GGML_TYPE_F16 = 1
 
 _BLOCK_ID = struct.Struct(">QI")
 _BLOCK_KEY = struct.Struct(">QIH")
@@ -75,6 +75,10 @@ class BlockId:
 
     def key(self, layer: int) -> BlockKey:
         return BlockKey(self.namespace, self.sequence, self.block, layer)
+
+    def record_keys(self, n_layers: int) -> list[bytes]:
+        """The keys of the block's records, layer 0 first."""
+        return [self.key(layer).to_bytes() for layer in range(n_layers)]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -125,7 +129,7 @@ class TensorRows:
 
     @property
     def is_f16(self) -> bool:
-        return self.ggml_type == GGML_TYPE_F16
+        return self.ggml_type == F16.id
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,9 @@ import os
 import shutil
 import threading
 from abc import ABC, abstractmethod
-from enum import IntEnum
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,7 +49,7 @@ class Tier(IntEnum):
 
 
 class TierStore(ABC):
-    """get / put_many / contains / delete / close, plus key iteration for collection."""
+    """get / put_many / contains / delete / close, plus key iteration for the checker."""
 
     name: str
 
@@ -76,7 +77,7 @@ class TierStore(ABC):
 
     @abstractmethod
     def keys(self) -> Iterator[bytes]:
-        """Every key, in order; for orphan collection and inspection, not the hot path."""
+        """Every key, in order; for the invariant checker and inspection, not the hot path."""
 
     @abstractmethod
     def disk_bytes(self) -> int:
@@ -88,9 +89,6 @@ class TierStore(ABC):
 
     def compact(self) -> None:
         """Give free space back to the file system, where the tier can."""
-
-    def stats(self) -> dict[str, int]:
-        return {"disk_bytes": self.disk_bytes()}
 
     @abstractmethod
     def close(self) -> None: ...
@@ -115,6 +113,24 @@ def dir_bytes(path: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+@dataclass(frozen=True, slots=True)
+class LmdbFileStats:
+    file_bytes: int
+    """Bytes of the data file (up to its last used page)."""
+    free_bytes: int
+    """Free pages and the free list's own pages: what a compacted copy would not have."""
+
+
+@dataclass(frozen=True, slots=True)
+class RocksFileStats:
+    files_bytes: int
+    """Bytes of the column family's SST and blob files."""
+    blob_garbage_bytes: int
+    """Payloads deleted from blob files that still hold their space."""
+    pending_deletes: int
+    """Deletes still in the memtables (their payloads become blob garbage once compacted)."""
 
 
 class LmdbTier(TierStore):
@@ -177,11 +193,12 @@ class LmdbTier(TierStore):
     def disk_bytes(self) -> int:
         return dir_bytes(self.path)
 
-    def stats(self) -> dict[str, int]:
-        info = self.env.info()
-        stat = self.env.stat()
-        used = (info["last_pgno"] + 1) * stat["psize"]
-        return {"disk_bytes": self.disk_bytes(), "map_size": self.map_size, "map_used": used}
+    def file_stats(self) -> LmdbFileStats:
+        """The data file's size and the part of it a compacted copy would not have."""
+        info, stat = self.env.info(), self.env.stat()
+        pages = info["last_pgno"] + 1
+        used = 2 + stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+        return LmdbFileStats(pages * stat["psize"], max(0, pages - used) * stat["psize"])
 
     @property
     def scratch_path(self) -> Path:
@@ -302,7 +319,7 @@ class RocksTier(TierStore):
         in an endless loop. On a compacted column family this rewrites nothing.
         """
         self.cf.compact_range(None, None)
-        if not self.cf.property_int_value("rocksdb.live-blob-file-garbage-size"):
+        if not self.file_stats().blob_garbage_bytes:
             return
         options = CompactOptions()
         options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
@@ -312,8 +329,15 @@ class RocksTier(TierStore):
         finally:
             self.cf.set_options({"blob_garbage_collection_age_cutoff": "0.25"})
 
-    def flush(self) -> None:
-        self.store.db.flush()
+    def file_stats(self) -> RocksFileStats:
+        """The column family's files, the garbage in them, and deletes not yet compacted."""
+        def prop(name: str) -> int:
+            return self.cf.property_int_value(f"rocksdb.{name}") or 0
+
+        return RocksFileStats(
+            prop("total-sst-files-size") + prop("total-blob-file-size"),
+            prop("live-blob-file-garbage-size"),
+            prop("num-deletes-active-mem-table") + prop("num-deletes-imm-mem-tables"))
 
     def close(self) -> None:
         """Drop the column family; its store is closed by its owner (it may hold others).

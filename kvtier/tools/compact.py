@@ -4,13 +4,13 @@ Steps, in order (each re-reads the store, so a later step sees what an earlier o
 
 1. ``scratch``  remove what a killed run left of an LMDB rewrite;
 2. ``scrub``    (``--scrub``) read every block and drop those whose records fail their checksum;
-3. ``repair``   the tier manager's repair: entries without data, unreferenced blocks, stale hashes,
-                wrong reference counts, sequences naming lost blocks, orphaned records; then
-                sessions whose sequence is gone;
+3. ``repair``   the invariant checker's fix: entries without data, sequences naming lost blocks,
+                unreferenced blocks, wrong reference counts, stale hashes, orphaned records;
+                then sessions whose sequence is gone;
 4. ``expire``   sessions older than ``--max-age`` or beyond the ``--keep`` most recent, and
                 sequences no session names that are older than ``--max-age``;
-5. ``demote``   warm → cool → cold by the eviction policy until the warm and cool tiers are within
-                their targets (the demoted blocks are re-encoded for their new tier);
+5. ``demote``   warm → cool → cold in the server's eviction order until the warm and cool tiers
+                are within their targets (the demoted blocks are re-encoded for their new tier);
 6. ``rocksdb``  ``compact_range`` of the cool and cold column families, with blob garbage
                 collection forced when deleted payloads still sit in blob files;
 7. ``lmdb``     a compacted copy of the warm LMDB environment swapped in for the old file.
@@ -28,20 +28,22 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from tqdm import tqdm
 
 from kvtier.config import parse_size
-from kvtier.errors import BlockCorrupt, KvtierError
+from kvtier.errors import KvtierError
 from kvtier.storage import policy
-from kvtier.storage.manager import COLD, COOL, LOW_WATERMARK, TIER_NAMES, WARM, TierManager
+from kvtier.storage.balancer import LOW_WATERMARK
+from kvtier.storage.checker import CheckReport, Kind, Repair, check_records, check_references
+from kvtier.storage.index import candidate
+from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId, Namespace
-from kvtier.storage.tiers import LmdbTier, RocksTier, dir_bytes
+from kvtier.storage.tiers import LmdbTier, RocksTier, Tier, dir_bytes
+from kvtier.storage.view import StoreView, block_name
 from kvtier.tools.render import human_bytes, table
-from kvtier.tools.store import StoreView, block_name
-from kvtier.tools.verify import Kind, Problem, check_records, check_references, corrupt_blocks
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class _Run:
     sim: StoreView | None
 
     def view(self) -> StoreView:
-        return self.sim if self.sim is not None else StoreView.load(self.manager)
+        return self.sim if self.sim is not None else self.manager.view()
 
     @property
     def dry(self) -> bool:
@@ -143,7 +145,7 @@ def compact(manager: TierManager, options: CompactOptions) -> CompactReport:
     report = CompactReport(options.dry_run, _sizes(manager),
                            repaired_at_open={k: v for k, v in manager.repaired.items() if v})
     run = _Run(manager, options, options.now if options.now is not None else time.time(),
-               StoreView.load(manager) if options.dry_run else None)
+               manager.view() if options.dry_run else None)
     steps: list[tuple[str, Callable[[_Run], dict[str, Any]]]] = [
         ("scratch", _scratch), ("scrub", _scrub), ("repair", _repair), ("expire", _expire),
         ("demote", _demote), ("rocksdb", _rocksdb), ("lmdb", _lmdb)]
@@ -159,8 +161,7 @@ def compact(manager: TierManager, options: CompactOptions) -> CompactReport:
         return report
     manager.flush_stats()
     report.after = _sizes(manager)
-    report.remaining_problems = _count_kinds(check_references(manager,
-                                                              StoreView.load(manager)))
+    report.remaining_problems = manager.check(fix=False).counts()
     return report
 
 
@@ -176,22 +177,15 @@ def _sizes(manager: TierManager) -> list[dict[str, Any]]:
 def _simulated_sizes(sim: StoreView) -> list[dict[str, Any]]:
     """Blocks and (estimated) stored bytes per tier after a dry run's plan; disk bytes unknown."""
     rows: list[dict[str, Any]] = [
-        {"name": name, "blocks": sum(1 for e in sim.blocks.values() if e.tier == i),
-         "stored_bytes": _used(sim, i), "disk_bytes": None}
-        for i, name in enumerate(TIER_NAMES)]
+        {"name": tier.label, "blocks": sum(1 for e in sim.blocks.values() if e.tier == tier),
+         "stored_bytes": _used(sim, tier), "disk_bytes": None}
+        for tier in Tier]
     rows.append({"name": "catalog", "blocks": None, "stored_bytes": None, "disk_bytes": None})
     return rows
 
 
-def _used(view: StoreView, tier: int) -> int:
+def _used(view: StoreView, tier: Tier) -> int:
     return sum(e.stored_bytes for e in view.blocks.values() if e.tier == tier)
-
-
-def _count_kinds(problems: list[Problem]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for p in problems:
-        counts[p.kind.value] = counts.get(p.kind.value, 0) + 1
-    return counts
 
 
 # -- steps -----------------------------------------------------------------------------------------
@@ -208,38 +202,28 @@ def _scratch(run: _Run) -> dict[str, Any]:
 def _scrub(run: _Run) -> dict[str, Any]:
     if not run.options.scrub:
         return {"changed": False, "skipped": True}
-    view = run.view()
-    corrupt = corrupt_blocks(check_records(run.manager, view, progress=run.options.progress),
-                             view)
-    for block in corrupt:
-        if run.sim is not None:
+    if run.sim is not None:
+        checked = CheckReport()
+        check_records(run.sim, run.manager.tiers, checked, progress=run.options.progress)
+        for block in checked.corrupt:
             del run.sim.blocks[block]
-            continue
-        try:
-            run.manager.get_block(block)
-        except BlockCorrupt:
-            pass    # the manager forgets a block that fails its checksum
+    else:
+        checked = run.manager.check(fix=True, references=False, records=True,
+                                    progress=run.options.progress)
+    corrupt = sorted(checked.corrupt)
     return {"changed": bool(corrupt), "corrupt_blocks": [block_name(b) for b in corrupt]}
-
-
-REPAIR_PASSES = 4
-"""Repair until it finds nothing: truncating a sequence at a lost block leaves the blocks after
-it unreferenced, which only the next pass collects."""
 
 
 def _repair(run: _Run) -> dict[str, Any]:
     if run.sim is not None:
-        problems = check_references(run.manager, run.sim)
-        found = repair_plan(problems)
-        doomed = {p.subject for p in problems
-                  if p.kind in (Kind.MISSING_RECORD, Kind.UNREFERENCED_BLOCK)}
-        for block in [b for b in run.sim.blocks if block_name(b) in doomed]:
-            del run.sim.blocks[block]
+        checked = CheckReport()
+        check_references(run.sim, run.manager.tiers, _budgets(run.manager), checked)
+        _simulate_repair(run.sim, checked.repair)
+        found = checked.repair.counts()
     else:
-        found = repair_until_clean(run.manager)
-    view = run.view()
-    dangling = sorted(s.session_id for s in view.sessions.values()
-                      if view.sequence_of(s) is None)
+        checked = run.manager.check(fix=True)
+        found = checked.fixed
+    dangling = sorted(p.subject for p in checked.problems if p.kind is Kind.DANGLING_SESSION)
     for session_id in dangling:
         if run.sim is not None:
             del run.sim.sessions[session_id]
@@ -248,34 +232,17 @@ def _repair(run: _Run) -> dict[str, Any]:
     return {"changed": bool(found or dangling), "found": found, "dangling_sessions": dangling}
 
 
-def repair_until_clean(manager: TierManager) -> dict[str, int]:
-    """Run the manager's repair until a pass finds nothing; what all passes found."""
-    found: dict[str, int] = {}
-    for _ in range(REPAIR_PASSES):
-        counts = {k: v for k, v in manager.repair().items() if v}
-        for key, value in counts.items():
-            found[key] = found.get(key, 0) + value
-        if not counts:
-            break
-    return found
+def _simulate_repair(sim: StoreView, repair: Repair) -> None:
+    for block in repair.missing + repair.unreferenced:
+        del sim.blocks[block]
+    for seq in repair.truncated:
+        sim.sequences[(seq.namespace, seq.sequence)] = seq
+    for block, refs in repair.refs.items():
+        sim.blocks[block] = replace(sim.blocks[block], refs=refs)
 
 
-def repair_plan(problems: list[Problem]) -> dict[str, int]:
-    """What the tier manager's repair would count for these problems (same keys), plus the
-    reference counts it would correct."""
-    subjects: dict[str, set[str]] = {}
-    for p in problems:
-        key = _REPAIRED_AS.get(p.kind)
-        if key:
-            subjects.setdefault(key, set()).add(p.subject)
-    return {key: len(found) for key, found in subjects.items()}
-
-
-_REPAIRED_AS = {Kind.MISSING_RECORD: "missing_blocks",
-                Kind.UNREFERENCED_BLOCK: "unreferenced_blocks",
-                Kind.ORPHAN_RECORD: "orphan_records", Kind.STALE_HASH: "stale_hashes",
-                Kind.DANGLING_REFERENCE: "truncated_sequences",
-                Kind.REFCOUNT_MISMATCH: "reference_counts"}
+def _budgets(manager: TierManager) -> dict[Tier, int]:
+    return {tier: stat.budget for tier, stat in zip(Tier, manager.stats())}
 
 
 def expiry_plan(view: StoreView, options: CompactOptions, now: float
@@ -312,9 +279,9 @@ def _expire(run: _Run) -> dict[str, Any]:
     view = run.view()
     sessions, sequences = expiry_plan(view, run.options, run.now)
     freed = released_blocks(view, sessions, sequences)
-    bytes_freed = {name: sum(view.blocks[b].stored_bytes for b in freed
-                             if view.blocks[b].tier == i)
-                   for i, name in enumerate(TIER_NAMES)}
+    bytes_freed = {tier.label: sum(view.blocks[b].stored_bytes for b in freed
+                                   if view.blocks[b].tier == tier)
+                   for tier in Tier}
     if run.sim is not None:
         for session_id in sessions:
             session = run.sim.sessions.pop(session_id)
@@ -332,24 +299,21 @@ def _expire(run: _Run) -> dict[str, Any]:
             "sequences": len(sequences), "blocks_freed": len(freed), "bytes_freed": bytes_freed}
 
 
-def demotion_victims(manager: TierManager, view: StoreView, tier: int, excess: int, now: float
+def demotion_victims(manager: TierManager, view: StoreView, tier: Tier, excess: int, now: float
                      ) -> list[BlockId]:
-    """The blocks of ``tier`` the eviction policy moves out first, ``excess`` bytes' worth."""
-    candidates = []
-    for block, e in view.blocks.items():
-        if e.tier != tier:
-            continue
-        score = policy.importance(e.attention, e.hits, e.last_access, now, manager.half_life_s)
-        candidates.append((block, policy.eviction_priority(score, now - e.last_access, e.tier,
-                                                           manager.weights), e.stored_bytes))
-    return cast(list[BlockId], policy.choose_victims(candidates, excess))
+    """The blocks of ``tier`` the server's eviction ranking moves out first, ``excess`` bytes'
+    worth."""
+    candidates = [candidate(block, entry) for block, entry in view.blocks.items()
+                  if entry.tier == tier]
+    return policy.rank_victims(candidates, excess, now, manager.weights)
 
 
 def _demote(run: _Run) -> dict[str, Any]:
     manager = run.manager
-    targets = {WARM: run.options.warm_target.resolve(manager.budgets[WARM]),
-               COOL: run.options.cool_target.resolve(manager.budgets[COOL])}
-    drops_before = manager.counters[COLD].drops
+    budgets = _budgets(manager)
+    targets = {Tier.WARM: run.options.warm_target.resolve(budgets[Tier.WARM]),
+               Tier.COOL: run.options.cool_target.resolve(budgets[Tier.COOL])}
+    drops_before = manager.stats()[Tier.COLD].drops
     out: dict[str, Any] = {}
     for tier, target in targets.items():
         view = run.view()
@@ -357,21 +321,21 @@ def _demote(run: _Run) -> dict[str, Any]:
         victims = demotion_victims(manager, view, tier, used - target, run.now) \
             if used > target else []
         if run.sim is not None:
-            _simulate_moves(run.sim, victims, tier + 1)
+            _simulate_moves(run.sim, victims, Tier(tier + 1))
         else:
-            for block in tqdm(victims, desc=f"demote {TIER_NAMES[tier]}", unit="block",
+            for block in tqdm(victims, desc=f"demote {tier.label}", unit="block",
                               disable=not run.options.progress, leave=False):
-                manager.move(block, tier + 1)
-        out[TIER_NAMES[tier]] = {"target": target, "before": used, "blocks": len(victims),
-                                 "after": _used(run.view(), tier)}
-    out["dropped"] = manager.counters[COLD].drops - drops_before
+                manager.move(block, Tier(tier + 1))
+        out[tier.label] = {"target": target, "before": used, "blocks": len(victims),
+                           "after": _used(run.view(), tier)}
+    out["dropped"] = manager.stats()[Tier.COLD].drops - drops_before
     if out["dropped"]:    # sequences naming a dropped block are cut before it
-        out["repaired"] = repair_until_clean(manager)
-    out["changed"] = any(out[TIER_NAMES[t]]["blocks"] for t in targets)
+        out["repaired"] = manager.check(fix=True).fixed
+    out["changed"] = any(out[t.label]["blocks"] for t in targets)
     return out
 
 
-def _simulate_moves(sim: StoreView, blocks: list[BlockId], dest: int) -> None:
+def _simulate_moves(sim: StoreView, blocks: list[BlockId], dest: Tier) -> None:
     """Move blocks to ``dest`` in a dry run; their size there is estimated from the compression
     ratio of what ``dest`` holds (or of the blocks themselves when it holds nothing)."""
     held = [e for e in sim.blocks.values() if e.tier == dest]
@@ -388,12 +352,12 @@ def _rocksdb(run: _Run) -> dict[str, Any]:
     for tier in run.manager.tiers:
         if not isinstance(tier, RocksTier):
             continue
-        before = rocks_files(tier)
+        before = asdict(tier.file_stats())
         if run.dry or not run.options.rewrite:
             out[tier.name] = {**before, "compacted": False}
             continue
         tier.compact()
-        after = rocks_files(tier)
+        after = asdict(tier.file_stats())
         out[tier.name] = {**before, "compacted": True,
                           "files_bytes_after": after["files_bytes"],
                           "changed": after["files_bytes"] != before["files_bytes"]
@@ -402,27 +366,18 @@ def _rocksdb(run: _Run) -> dict[str, Any]:
     return out
 
 
-def rocks_files(tier: RocksTier) -> dict[str, int]:
-    """Bytes of a column family's SST and blob files, the garbage in its blob files, and deletes
-    still in its memtables (their payloads become blob garbage once compacted)."""
-    prop = tier.cf.property_int_value
-    return {"files_bytes": (prop("rocksdb.total-sst-files-size") or 0)
-            + (prop("rocksdb.total-blob-file-size") or 0),
-            "blob_garbage_bytes": prop("rocksdb.live-blob-file-garbage-size") or 0,
-            "pending_deletes": (prop("rocksdb.num-deletes-active-mem-table") or 0)
-            + (prop("rocksdb.num-deletes-imm-mem-tables") or 0)}
-
-
 def warm_tier(manager: TierManager) -> LmdbTier:
-    tier = manager.tiers[WARM]
+    tier = manager.tiers[Tier.WARM]
     assert isinstance(tier, LmdbTier), "the warm tier is an LMDB environment"
     return tier
 
 
 def _lmdb(run: _Run) -> dict[str, Any]:
-    file_bytes, free_bytes = lmdb_free_bytes(warm_tier(run.manager))
+    files = warm_tier(run.manager).file_stats()
+    file_bytes, free_bytes = files.file_bytes, files.free_bytes
     if run.sim is not None:     # pages the planned steps free
-        free_bytes += max(0, run.manager.stats()[WARM].stored_bytes - _used(run.sim, WARM))
+        free_bytes += max(0, run.manager.stats()[Tier.WARM].stored_bytes
+                          - _used(run.sim, Tier.WARM))
     worth = free_bytes > 0 and (run.options.force_rewrite
                                 or free_bytes >= LMDB_REWRITE_MIN_FRACTION * file_bytes)
     out: dict[str, Any] = {"file_bytes": file_bytes, "free_bytes": free_bytes,
@@ -434,17 +389,8 @@ def _lmdb(run: _Run) -> dict[str, Any]:
     else:
         warm_tier(run.manager).compact()
         out.update(rewritten=True, changed=True,
-                   file_bytes_after=lmdb_free_bytes(warm_tier(run.manager))[0])
+                   file_bytes_after=warm_tier(run.manager).file_stats().file_bytes)
     return out
-
-
-def lmdb_free_bytes(tier: LmdbTier) -> tuple[int, int]:
-    """Bytes of the LMDB data file, and of its pages a compacted copy would not have (free
-    pages and the free list's own pages)."""
-    info, stat = tier.env.info(), tier.env.stat()
-    pages = info["last_pgno"] + 1
-    used = 2 + stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
-    return pages * stat["psize"], max(0, pages - used) * stat["psize"]
 
 
 # -- rendering -----------------------------------------------------------------------------------

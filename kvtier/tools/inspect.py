@@ -15,18 +15,19 @@ from typing import Any
 import numpy as np
 
 from kvtier.errors import BlockCorrupt, BlockMissing, SessionNotFound
+from kvtier.ggml import type_name
 from kvtier.storage import codec, policy
-from kvtier.storage.catalog import BlockEntry
+from kvtier.storage.catalog import BlockEntry, SessionEntry
 from kvtier.storage.codec import RecordFormat, RecordHeader, TensorHeader
-from kvtier.storage.manager import TIER_NAMES, TierManager
+from kvtier.storage.index import candidate
+from kvtier.storage.manager import TierManager
 from kvtier.storage.quant import Encoding, Grouping
 from kvtier.storage.records import BlockId, LayerKV, TensorRows
+from kvtier.storage.tiers import Tier, dir_bytes
+from kvtier.storage.view import StoreView, block_name
 from kvtier.tools.render import human_bytes, human_time, percent, ratio, table
-from kvtier.storage.tiers import dir_bytes
-from kvtier.tools.store import StoreView, block_name, describe_namespace
+from kvtier.tools.store import describe_namespace
 
-GGML_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0",
-              30: "bf16"}
 MESSAGE_PREVIEW = 160
 """Characters of each message shown by ``inspect session`` (``--full`` shows all)."""
 
@@ -35,11 +36,11 @@ MESSAGE_PREVIEW = 160
 def summary(manager: TierManager, view: StoreView) -> dict[str, Any]:
     config = manager.config
     paths = (config.warm_path, config.cool_path, config.cold_path)
-    tiers = [{"name": s.name, "path": str(paths[i]), "blocks": s.blocks,
+    tiers = [{"name": s.name, "path": str(path), "blocks": s.blocks,
               "stored_bytes": s.stored_bytes, "raw_bytes": s.raw_bytes,
               "compression_ratio": round(s.compression_ratio, 3), "budget": s.budget,
               "disk_bytes": s.disk_bytes}
-             for i, s in enumerate(manager.stats())]
+             for path, s in zip(paths, manager.stats())]
     refs = view.references()
     named = view.named_sequences()
     per_ns: dict[bytes, Counter[str]] = defaultdict(Counter)
@@ -122,12 +123,12 @@ def sessions(view: StoreView) -> list[dict[str, Any]]:
     return [_session_row(view, s) for s in ordered]
 
 
-def _session_row(view: StoreView, session) -> dict[str, Any]:
+def _session_row(view: StoreView, session: SessionEntry) -> dict[str, Any]:
     seq = view.sequence_of(session)
-    where = {name: 0 for name in (*TIER_NAMES, "missing")}
+    where = {name: 0 for name in (*(t.label for t in Tier), "missing")}
     for block in seq.block_ids() if seq else []:
         entry = view.blocks.get(block)
-        where[TIER_NAMES[entry.tier] if entry else "missing"] += 1
+        where[entry.tier.label if entry else "missing"] += 1
     data = session.data if isinstance(session.data, dict) else {}
     messages = data.get("messages")
     return {"session_id": session.session_id, "namespace": session.namespace.hex(),
@@ -160,7 +161,7 @@ def session(view: StoreView, session_id: str) -> dict[str, Any]:
     for index, block in enumerate(seq.block_ids() if seq else []):
         b = view.blocks.get(block)
         blocks.append({"index": index, "block": block_name(block),
-                       "tier": TIER_NAMES[b.tier] if b else "missing",
+                       "tier": b.tier.label if b else "missing",
                        "tokens": b.n_tokens if b else 0,
                        "stored_bytes": b.stored_bytes if b else 0,
                        "refs": refs[block], "shared": refs[block] > 1,
@@ -208,7 +209,7 @@ class BlockFilter:
     sequence: int | None = None
     namespace: str | None = None
     """Hex prefix of the namespace."""
-    tier: int | None = None
+    tier: Tier | None = None
     block: BlockId | None = None
 
 
@@ -250,15 +251,13 @@ def blocks(manager: TierManager, view: StoreView, selected: list[BlockId],
 
 def _block_row(manager: TierManager, block: BlockId, e: BlockEntry, refs: int, now: float
                ) -> dict[str, Any]:
-    score = policy.importance(e.attention, e.hits, e.last_access, now, manager.half_life_s)
     return {"block": block_name(block), "namespace": block.namespace.hex(),
-            "sequence": block.sequence, "index": block.block, "tier": TIER_NAMES[e.tier],
+            "sequence": block.sequence, "index": block.block, "tier": e.tier.label,
             "layers": e.n_layers, "tokens": e.n_tokens, "stored_bytes": e.stored_bytes,
             "raw_bytes": e.raw_bytes, "refs": refs, "full": bool(e.chain),
             "chain": e.chain.hex(), "created": e.created, "last_access": e.last_access,
             "hits": round(e.hits, 4), "attention": e.attention,
-            "priority": round(policy.eviction_priority(score, now - e.last_access, e.tier,
-                                                       manager.weights), 4)}
+            "priority": round(policy.priority(candidate(block, e), now, manager.weights), 4)}
 
 
 def render_blocks(rows: list[dict[str, Any]]) -> str:
@@ -299,7 +298,7 @@ def records(manager: TierManager, block: BlockId, layers: set[int] | None = None
         if quant_error:
             row["quant_error"] = requant_error(kv)
         out.append(row)
-    return {"block": block_name(block), "tier": TIER_NAMES[tier], "layers": out}
+    return {"block": block_name(block), "tier": tier.label, "layers": out}
 
 
 def header_json(h: RecordHeader) -> dict[str, Any]:
@@ -314,7 +313,7 @@ def header_json(h: RecordHeader) -> dict[str, Any]:
 
 def _tensor_header(t: TensorHeader) -> dict[str, Any]:
     raw = t.encoding == codec.RAW
-    return {"type": GGML_TYPES.get(t.ggml_type, str(t.ggml_type)),
+    return {"type": type_name(t.ggml_type),
             "encoding": "raw" if raw else Encoding(t.encoding).name.lower(),
             "grouping": None if raw or t.encoding == Encoding.F16
             else Grouping(t.grouping).name.lower(),

@@ -1,26 +1,21 @@
-"""What the tools see of a store: a snapshot of its catalog, and block ids written as text.
+"""How the tools open a store, and read block ids and namespaces given as text.
 
 The tools open a data directory with the tier manager (which takes the directory's exclusive lock,
 so a running server makes them fail with :class:`~kvtier.errors.StoreLocked`) and with no
-background worker: nothing moves unless a tool moves it.
+background worker: nothing moves unless a tool moves it. What they see of it is the manager's
+:class:`~kvtier.storage.view.StoreView`.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Collection
-from dataclasses import dataclass
 from typing import Any
 
 from kvtier.config import Config
 from kvtier.errors import KvtierError
-from kvtier.storage.catalog import BlockEntry, SequenceEntry, SessionEntry
-from kvtier.storage.manager import TIER_NAMES, TierManager
-from kvtier.storage.records import NAMESPACE_BYTES, BlockId, Namespace
-
-SequenceKey = tuple[bytes, int]
-"""(namespace, sequence number): how the catalog names a sequence."""
+from kvtier.storage.manager import TierManager
+from kvtier.storage.records import BlockId, Namespace
 
 
 class NoStore(KvtierError):
@@ -36,23 +31,11 @@ def open_store(config: Config) -> TierManager:
     return TierManager(config, background=False, balance_on_open=False)
 
 
-def tier_index(name: str) -> int:
-    try:
-        return TIER_NAMES.index(name)
-    except ValueError:
-        raise ValueError(f"no tier {name!r}; tiers are {', '.join(TIER_NAMES)}") from None
-
-
-def block_name(block: BlockId) -> str:
-    """``NSPREFIX:SEQUENCE:BLOCK``, the prefix being the namespace's first 4 bytes in hex
-    (``1a2b3c4d:7:0``)."""
-    return f"{block.namespace.hex()[:8]}:{block.sequence}:{block.block}"
-
-
 def parse_block(text: str, namespaces: set[bytes], stored: Collection[BlockId] = ()
                 ) -> BlockId:
     """A block id from ``NSPREFIX:SEQUENCE:BLOCK`` (any unambiguous hex prefix of the namespace)
-    or ``SEQUENCE:BLOCK`` (when one namespace, or one of the ``stored`` blocks, fits)."""
+    or ``SEQUENCE:BLOCK`` (when one namespace, or one of the ``stored`` blocks, fits): the
+    inverse of :func:`~kvtier.storage.view.block_name`."""
     parts = text.split(":")
     try:
         if len(parts) == 2:
@@ -82,50 +65,3 @@ def describe_namespace(description: bytes) -> Any:
         return json.loads(text)
     except ValueError:
         return text
-
-
-@dataclass(slots=True)
-class StoreView:
-    """Everything the catalog holds, read at one moment (block entries from the manager's mirror,
-    which includes access statistics not yet flushed)."""
-
-    blocks: dict[BlockId, BlockEntry]
-    sequences: dict[SequenceKey, SequenceEntry]
-    sessions: dict[str, SessionEntry]
-    hashes: dict[bytes, BlockId]
-    """namespace | chain hash → the block stored for it."""
-    namespaces: dict[bytes, bytes]
-    """Registered namespaces and their fingerprints (unregistered ones that hold data are added
-    with an empty fingerprint)."""
-
-    @classmethod
-    def load(cls, manager: TierManager) -> StoreView:
-        blocks = manager.blocks()
-        with manager.catalog.read() as txn:
-            sequences = {(s.namespace, s.sequence): s for s in txn.iter_sequences()}
-            sessions = {s.session_id: s for s in txn.iter_sessions()}
-            hashes = dict(txn.iter_hashes())
-        namespaces = dict(manager.namespaces())
-        for ns in [b.namespace for b in blocks] + [k[0] for k in sequences]:
-            namespaces.setdefault(bytes(ns), b"")
-        return cls(blocks, sequences, sessions, hashes, namespaces)
-
-    def references(self) -> Counter[BlockId]:
-        """How many times sequences name each block (what every entry's ``refs`` should be)."""
-        refs: Counter[BlockId] = Counter()
-        for seq in self.sequences.values():
-            refs.update(seq.block_ids())
-        return refs
-
-    def sequence_of(self, session: SessionEntry) -> SequenceEntry | None:
-        return self.sequences.get((session.namespace, session.sequence))
-
-    def named_sequences(self) -> set[SequenceKey]:
-        return {(s.namespace, s.sequence) for s in self.sessions.values()}
-
-    def hash_key(self, block: BlockId, entry: BlockEntry) -> bytes:
-        return bytes(block.namespace) + entry.chain
-
-
-def namespace_prefix(namespace: bytes) -> str:
-    return namespace[:NAMESPACE_BYTES].hex()[:8]

@@ -3,7 +3,8 @@
 import pytest
 
 from kvtier.errors import BlockCorrupt, BlockMissing
-from kvtier.storage.manager import COOL, WARM, TierManager
+from kvtier.storage.manager import TierManager
+from kvtier.storage.tiers import Tier
 from tests.factories import NS, block_id, make_config, make_layers
 
 
@@ -13,15 +14,14 @@ def damage(tier, key: bytes, offset: int) -> None:
     tier.put_many([(key, bytes(value))])
 
 
-@pytest.mark.parametrize("tier_index", [WARM, COOL])
+@pytest.mark.parametrize("tier_index", [Tier.WARM, Tier.COOL])
 @pytest.mark.parametrize("offset", [5, 20, 300, -1])
 def test_flipped_byte_is_block_corrupt_then_missing(tmp_path, tier_index, offset):
     with TierManager(make_config(tmp_path), background=False) as m:
         ids = [m.put_block(block_id(1, b), make_layers(b)) for b in range(3)]
         m.save_sequence(NS, 1, list(range(192)), ids)
-        if tier_index == COOL:
-            with m._lock:
-                m._move(ids[1], COOL)
+        if tier_index == Tier.COOL:
+            assert m.move(ids[1], Tier.COOL)
         assert m.block_entry(ids[1]).tier == tier_index
         damage(m.tiers[tier_index], ids[1].key(2).to_bytes(), offset)
 
@@ -40,8 +40,8 @@ def test_flipped_byte_is_block_corrupt_then_missing(tmp_path, tier_index, offset
 def test_corrupt_block_found_while_demoting_is_dropped_not_moved(tmp_path):
     with TierManager(make_config(tmp_path), background=False) as m:
         m.put_block(block_id(1, 0), make_layers(0))
-        damage(m.tiers[WARM], block_id(1, 0).key(0).to_bytes(), 100)
-        with m._lock:
-            m._move(block_id(1, 0), COOL)
+        damage(m.tiers[Tier.WARM], block_id(1, 0).key(0).to_bytes(), 100)
+        assert not m.move(block_id(1, 0), Tier.COOL)
         assert m.block_entry(block_id(1, 0)) is None
-        assert list(m.tiers[COOL].keys()) == [] and list(m.tiers[WARM].keys()) == []
+        assert list(m.tiers[Tier.COOL].keys()) == [] and list(m.tiers[Tier.WARM].keys()) == []
+        assert m.stats()[Tier.WARM].corrupt == 1

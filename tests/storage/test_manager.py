@@ -3,8 +3,9 @@ import pytest
 
 from kvtier.errors import BlockMissing, StoreLocked, TierFull
 from kvtier.storage.catalog import SessionEntry
-from kvtier.storage.manager import COLD, COOL, WARM, TierManager
+from kvtier.storage.manager import TierManager
 from kvtier.storage.records import chain_hash
+from kvtier.storage.tiers import Tier
 from tests.factories import NS, block_id, f16, make_config, make_layers
 
 
@@ -38,12 +39,12 @@ def test_put_get_round_trip(config):
         assert len(back) == 4
         for a, b in zip(layers, back):
             assert np.abs(f16(a.k) - f16(b.k)).max() < 0.5
-        warm = m.stats()[WARM]
+        warm = m.stats()[Tier.WARM]
         assert (warm.blocks, warm.hits) == (1, 1)
         assert warm.compression_ratio == warm.raw_bytes / warm.stored_bytes > 1.3
         with pytest.raises(BlockMissing):
             m.get_block(block_id(1, 1))
-        assert m.stats()[WARM].misses == 1
+        assert m.stats()[Tier.WARM].misses == 1
 
 
 def test_identical_full_blocks_are_stored_once(config):
@@ -52,7 +53,7 @@ def test_identical_full_blocks_are_stored_once(config):
         first = m.put_block(block_id(1, 0), make_layers(1), chain)
         second = m.put_block(block_id(2, 0), make_layers(1), chain)
         assert second == first
-        assert m.stats()[WARM].blocks == 1
+        assert m.stats()[Tier.WARM].blocks == 1
         m.save_sequence(NS, 1, np.arange(64), [first])
         m.save_sequence(NS, 2, np.arange(64), [first])
         assert m.block_entry(first).refs == 2
@@ -61,7 +62,7 @@ def test_identical_full_blocks_are_stored_once(config):
         m.get_block(first)
         m.delete_sequence(NS, 2)
         assert m.block_entry(first) is None
-        assert list(m.tiers[WARM].keys()) == []
+        assert list(m.tiers[Tier.WARM].keys()) == []
 
 
 def test_warm_overflow_demotes_least_valuable_first(config):
@@ -72,14 +73,14 @@ def test_warm_overflow_demotes_least_valuable_first(config):
         fill(m, 2, 12, seed=100)
         assert_within_budgets(m)
         tiers = {b: m.block_entry(b).tier for b in ids}
-        assert all(tiers[b] == WARM for b in ids[:3])
-        assert any(tiers[b] == COOL for b in ids[3:])
-        assert m.stats()[WARM].demotions > 0
+        assert all(tiers[b] == Tier.WARM for b in ids[:3])
+        assert any(tiers[b] == Tier.COOL for b in ids[3:])
+        assert m.stats()[Tier.WARM].demotions > 0
         # A demoted block reads back (from Q4) and is promoted.
-        victim = next(b for b in ids if tiers[b] == COOL)
+        victim = next(b for b in ids if tiers[b] == Tier.COOL)
         assert len(m.get_block(victim)) == 4
-        assert m.block_entry(victim).tier == WARM
-        assert m.stats()[WARM].promotions == 1
+        assert m.block_entry(victim).tier == Tier.WARM
+        assert m.stats()[Tier.WARM].promotions == 1
 
 
 def test_everything_full_drops_and_counts(tmp_path):
@@ -93,19 +94,19 @@ def test_everything_full_drops_and_counts(tmp_path):
             assert_within_budgets(m)
             assert all(m.block_entry(b) is not None for b in pinned)
         stats = m.stats()
-        assert stats[COLD].drops > 0
-        assert sum(s.blocks for s in stats) == 62 - stats[COLD].drops
+        assert stats[Tier.COLD].drops > 0
+        assert sum(s.blocks for s in stats) == 62 - stats[Tier.COLD].drops
 
 
 def test_warm_full_of_pinned_blocks_is_tier_full(config):
     with open_manager(config) as m:
         ids = fill(m, 1, 17)
-        assert all(m.block_entry(b).tier == WARM for b in ids)
+        assert all(m.block_entry(b).tier == Tier.WARM for b in ids)
         with m.pinned(ids):
             with pytest.raises(TierFull):
                 m.put_block(block_id(2, 0), make_layers(0, n_layers=8, n_tokens=256))
         assert_within_budgets(m)
-        assert all(m.block_entry(b).tier == WARM for b in ids)
+        assert all(m.block_entry(b).tier == Tier.WARM for b in ids)
         assert m.block_entry(block_id(2, 0)) is None
 
 
@@ -148,7 +149,7 @@ def test_background_worker_keeps_budgets(config):
         fill(m, 1, 40)
         m.drain()
         assert_within_budgets(m)
-        assert m.stats()[COOL].blocks > 0
+        assert m.stats()[Tier.COOL].blocks > 0
 
 
 def test_delete_session_releases_unshared_blocks(config):
@@ -165,6 +166,6 @@ def test_measured_attention_replaces_hit_counts_in_eviction(config):
         ids = fill(m, 1, 12)
         m.report_attention({ids[0]: 50.0})   # the oldest block, never read, but attended to
         fill(m, 2, 12, seed=100)
-        assert m.block_entry(ids[0]).tier == WARM
+        assert m.block_entry(ids[0]).tier == Tier.WARM
         assert m.block_entry(ids[0]).attention == 50.0
-        assert m.block_entry(ids[1]).tier == COOL
+        assert m.block_entry(ids[1]).tier == Tier.COOL

@@ -18,6 +18,7 @@ from kvtier.config import Config
 from kvtier.storage.catalog import SessionEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId, chain_hash, namespace_of
+from kvtier.storage.tiers import Tier
 from tests.factories import NS, block_id, make_config, make_layers
 
 NS2 = namespace_of(b"other-model")
@@ -53,7 +54,7 @@ class Built:
     """The first block of the sequence no session names."""
     tiers: dict[str, int]
     """Blocks per tier right after building."""
-    placement: dict[BlockId, int]
+    placement: dict[BlockId, Tier]
     n_blocks: int
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from kvtier.storage.manager import COLD, COOL, TIER_NAMES, WARM, TierManager
+from kvtier.storage.manager import TierManager
+from kvtier.storage.tiers import Tier, dir_bytes
 from kvtier.tools.compact import CompactOptions, Target, compact
-from kvtier.storage.tiers import dir_bytes
 from kvtier.tools.verify import verify
 from tests.factories import NS
 from tests.tools.stores import (DAY, FULL_BLOCKS, N_LAYERS, N_SESSIONS, SHARED_BLOCKS,
@@ -97,17 +97,17 @@ def test_compact_frees_disk_and_keeps_live_sessions_readable(cli, built):
     cool = report["steps"]["rocksdb"]["cool"]
     assert cool["files_bytes_after"] < cool["files_bytes"]
     disk_after = [dir_bytes(p) for p in paths]
-    assert disk_after[WARM] < disk_before[WARM]
+    assert disk_after[Tier.WARM] < disk_before[Tier.WARM]
     assert sum(disk_after) < sum(disk_before)
-    assert report["before"][WARM]["disk_bytes"] > report["after"][WARM]["disk_bytes"]
+    assert report["before"][Tier.WARM]["disk_bytes"] > report["after"][Tier.WARM]["disk_bytes"]
     assert_sound(built.path, [session_id(1), session_id(2)])
 
 
 def test_demotion_meets_the_targets_by_eviction_priority(cli, built):
     config = store_config(built.path)
     with TierManager(config, background=False) as m:
-        budgets = list(m.budgets)
-        warm = [b for b, e in m.blocks().items() if e.tier == WARM]
+        budgets = [s.budget for s in m.stats()]
+        warm = [b for b, e in m.blocks().items() if e.tier == Tier.WARM]
         valued = warm[:3]
         for block in valued:    # hits make blocks worth keeping warm
             for _ in range(3):
@@ -117,11 +117,11 @@ def test_demotion_meets_the_targets_by_eviction_priority(cli, built):
     assert demote["warm"]["blocks"] > 0 and demote["cool"]["blocks"] > 0
     assert demote["dropped"] == 0
     after = {r["name"]: r for r in report["after"]}
-    assert after["warm"]["stored_bytes"] <= 0.4 * budgets[WARM]
-    assert after["cool"]["stored_bytes"] <= 0.5 * budgets[COOL]
+    assert after["warm"]["stored_bytes"] <= 0.4 * budgets[Tier.WARM]
+    assert after["cool"]["stored_bytes"] <= 0.5 * budgets[Tier.COOL]
     state = snapshot(built.path)["blocks"]
-    assert all(state[b][0] == WARM for b in valued)
-    demoted = [b for b in warm if state[b][0] != WARM]
+    assert all(state[b][0] == Tier.WARM for b in valued)
+    demoted = [b for b in warm if state[b][0] != Tier.WARM]
     assert demoted
     records = cli.json("inspect", "blocks", "--block",
                        f"{demoted[0].sequence}:{demoted[0].block}", "--layer", "0")
@@ -134,7 +134,7 @@ def test_demotion_meets_the_targets_by_eviction_priority(cli, built):
 
 def test_demotion_into_a_full_cold_tier_drops_and_repairs(cli, built):
     with TierManager(store_config(built.path), background=False) as m:
-        cold = m.stats()[COLD].stored_bytes
+        cold = m.stats()[Tier.COLD].stored_bytes
     small_cold = ["--set", f"tiers.nfs_budget={cold + 16 * 1024}"]    # full after one more
     report = cli.json("compact", "--warm-target", "0", "--cool-target", "0", *small_cold)
     demote = report["steps"]["demote"]
@@ -198,4 +198,4 @@ def test_targets_parse():
     assert Target.parse("50%").resolve(1000) == 500
     assert Target.parse("1KiB").resolve(10) == 1024
     assert Target.parse("0").resolve(10) == 0
-    assert TIER_NAMES == ("warm", "cool", "cold")
+    assert [t.label for t in Tier] == ["warm", "cool", "cold"]

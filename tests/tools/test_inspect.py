@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 
 from kvtier.cli import main
-from kvtier.storage.manager import TIER_NAMES, TierManager
+from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId
-from kvtier.tools.store import block_name, parse_block
+from kvtier.storage.tiers import Tier
+from kvtier.storage.view import block_name
+from kvtier.tools.store import parse_block
 from tests.factories import NS, block_id, f16, make_layers
 from tests.tools.stores import (BLOCK_TOKENS, FULL_BLOCKS, N_LAYERS, N_SESSIONS, NS2,
                                 SHARED_BLOCKS, TAIL_TOKENS, expected_blocks, session_id,
@@ -20,7 +22,7 @@ def test_summary_counts_what_was_stored(cli, built):
         "sessions": N_SESSIONS, "namespaces": 2,
         "stored_bytes": data["totals"]["stored_bytes"], "disk_bytes": data["totals"]["disk_bytes"]}
     assert {t["name"]: t["blocks"] for t in data["tiers"]} == built.tiers
-    assert all(built.tiers[name] > 0 for name in TIER_NAMES), "blocks in every tier"
+    assert all(built.tiers[t.label] > 0 for t in Tier), "blocks in every tier"
     for tier in data["tiers"]:
         assert tier["stored_bytes"] <= tier["budget"]
         assert tier["disk_bytes"] > 0
@@ -60,9 +62,9 @@ def test_sessions_lists_every_session_most_recent_first(cli, built):
         assert row["last_used"] == pytest.approx(built.built_at - 5 * 86400 * (i - 1))
         blocks = [block_id(1, b) for b in range(SHARED_BLOCKS)] \
             + [block_id(seq, b) for b in range(SHARED_BLOCKS, FULL_BLOCKS + 1)]
-        expected = {name: 0 for name in TIER_NAMES}
+        expected = {t.label: 0 for t in Tier}
         for b in blocks:
-            expected[TIER_NAMES[built.placement[b]]] += 1
+            expected[built.placement[b].label] += 1
         assert row["blocks"] == {**expected, "missing": 0}
 
 
@@ -78,7 +80,7 @@ def test_session_shows_messages_and_where_each_block_lives(cli, built):
     assert [b["refs"] for b in blocks] == [N_SESSIONS] * SHARED_BLOCKS + [1] * 3
     assert [b["full"] for b in blocks] == [True] * FULL_BLOCKS + [False]
     assert [b["tokens"] for b in blocks] == [BLOCK_TOKENS] * FULL_BLOCKS + [TAIL_TOKENS]
-    placement = {block_name(b): TIER_NAMES[t] for b, t in built.placement.items()}
+    placement = {block_name(b): t.label for b, t in built.placement.items()}
     assert all(b["tier"] == placement[b["block"]] for b in blocks)
 
     code, out, _ = cli("inspect", "session", session_id(3))
@@ -95,7 +97,7 @@ def test_unknown_session_fails_clearly(cli):
 def test_block_filters(cli, built):
     rows = cli.json("inspect", "blocks")
     assert len(rows) == expected_blocks()
-    for name in TIER_NAMES:
+    for name in (t.label for t in Tier):
         rows = cli.json("inspect", "blocks", "--tier", name)
         assert len(rows) == built.tiers[name]
         assert {r["tier"] for r in rows} <= {name}
@@ -119,7 +121,7 @@ def test_block_header_and_statistics(cli, built):
     data = cli.json("inspect", "blocks", "--block", f"{seq}:2", "--layer", "1",
                     "--quant-error")
     assert len(data) == 1 and data[0]["block"] == block_name(block)
-    assert data[0]["tier"] == TIER_NAMES[built.placement[block]]
+    assert data[0]["tier"] == built.placement[block].label
     (layer,) = data[0]["layers"]
     assert layer["layer"] == 1
     header = layer["header"]

@@ -2,17 +2,18 @@ from dataclasses import replace
 
 import pytest
 
-from kvtier.storage.manager import COLD, COOL, TIER_NAMES, WARM, TierManager
+from kvtier.storage.checker import Kind
+from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId
-from kvtier.tools.store import block_name
-from kvtier.tools.verify import Kind
+from kvtier.storage.tiers import Tier
+from kvtier.storage.view import block_name
 from tests.factories import NS
 from tests.tools.damage import catalog, delete_records, flip_byte, put_record
 from tests.tools.stores import (FULL_BLOCKS, N_LAYERS, N_SESSIONS, SHARED_BLOCKS,
                                 expected_blocks, session_id, store_config)
 
 
-def own_block(built, tier: int, shared: bool = False) -> tuple[str, BlockId]:
+def own_block(built, tier: Tier, shared: bool = False) -> tuple[str, BlockId]:
     """A session and one of its own blocks (or, with ``shared``, any of its blocks) that lives
     in ``tier``."""
     for sid, seq in built.sequences.items():
@@ -22,7 +23,7 @@ def own_block(built, tier: int, shared: bool = False) -> tuple[str, BlockId]:
         for block in blocks:
             if built.placement[block] == tier:
                 return sid, block
-    raise AssertionError(f"no block in {TIER_NAMES[tier]}")
+    raise AssertionError(f"no block in {tier.label}")
 
 
 def problems_of(data: dict, kind: Kind) -> list[dict]:
@@ -41,7 +42,7 @@ def test_a_sound_store_verifies(cli):
     assert code == 0 and "ok: no problems" in out
 
 
-@pytest.mark.parametrize("tier", [WARM, COOL, COLD])
+@pytest.mark.parametrize("tier", [Tier.WARM, Tier.COOL, Tier.COLD])
 @pytest.mark.parametrize("quick", [False, True])
 def test_verify_finds_a_flipped_byte(cli, built, tier, quick):
     _, block = own_block(built, tier, shared=True)
@@ -51,7 +52,7 @@ def test_verify_finds_a_flipped_byte(cli, built, tier, quick):
     assert data["problem_counts"] == {"corrupt_record": 1}
     (problem,) = data["problems"]
     assert (problem["subject"], problem["tier"], problem["layer"]) == (
-        block_name(block), TIER_NAMES[tier], 2)
+        block_name(block), tier.label, 2)
     assert "checksum" in problem["detail"]
 
     code, out, _ = cli("inspect", "verify")
@@ -59,10 +60,10 @@ def test_verify_finds_a_flipped_byte(cli, built, tier, quick):
 
 
 def test_verify_finds_a_deleted_block_and_a_missing_layer(cli, built):
-    _, gone = own_block(built, COOL)
-    delete_records(store_config(built.path), COOL, gone, range(N_LAYERS))
-    _, partial = own_block(built, WARM)
-    delete_records(store_config(built.path), WARM, partial, [1, 2])
+    _, gone = own_block(built, Tier.COOL)
+    delete_records(store_config(built.path), Tier.COOL, gone, range(N_LAYERS))
+    _, partial = own_block(built, Tier.WARM)
+    delete_records(store_config(built.path), Tier.WARM, partial, [1, 2])
     data = cli.json("inspect", "verify", expect=1)
     missing = {p["subject"]: p for p in problems_of(data, Kind.MISSING_RECORD)}
     assert set(missing) == {block_name(gone), block_name(partial)}
@@ -75,10 +76,10 @@ def test_verify_finds_a_deleted_block_and_a_missing_layer(cli, built):
 def test_verify_finds_orphans_and_broken_catalog_references(cli, built):
     config = store_config(built.path)
     stray = BlockId(NS, 999, 0).key(0).to_bytes()
-    put_record(config, COLD, stray, b"not a record")
+    put_record(config, Tier.COLD, stray, b"not a record")
     victim = session_id(5)
     seq = built.sequences[victim]
-    _, wrong_chain = own_block(built, WARM)
+    _, wrong_chain = own_block(built, Tier.WARM)
     with catalog(config) as txn:
         txn.delete_sequence(NS, seq)
         txn.put_block(wrong_chain, replace(txn.get_block(wrong_chain), chain=b"x" * 16))
@@ -97,11 +98,11 @@ def test_verify_finds_orphans_and_broken_catalog_references(cli, built):
 
 def test_compact_repairs_what_verify_finds(cli, built):
     config = store_config(built.path)
-    corrupt_session, corrupt = own_block(built, COOL)
-    flip_byte(config, COOL, corrupt, layer=0)
-    missing_session, missing = own_block(built, WARM)
-    delete_records(config, WARM, missing, range(N_LAYERS))
-    put_record(config, COLD, BlockId(NS, 999, 0).key(0).to_bytes(), b"junk")
+    corrupt_session, corrupt = own_block(built, Tier.COOL)
+    flip_byte(config, Tier.COOL, corrupt, layer=0)
+    missing_session, missing = own_block(built, Tier.WARM)
+    delete_records(config, Tier.WARM, missing, range(N_LAYERS))
+    put_record(config, Tier.COLD, BlockId(NS, 999, 0).key(0).to_bytes(), b"junk")
     assert cli.json("inspect", "verify", expect=1)["problem_counts"] == {
         "corrupt_record": 1, "missing_record": 1, "orphan_record": 1}
 

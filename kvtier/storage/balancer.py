@@ -1,0 +1,285 @@
+"""The balancer: tier budgets, demotion, promotion, drops, and the background worker.
+
+A block is moved in three steps, and only the first and the last take the index's lock:
+
+1. **claim** it (under the lock): the eviction policy chooses victims among blocks that are neither
+   pinned nor moving, and each becomes a :class:`~kvtier.storage.index.Move`;
+2. **copy** it (no lock): read its records from the source tier, re-encode them for the
+   destination (e.g. warm Q8 → cool Q4 + zstd) and write them there, after reserving the room;
+3. **commit** (under the lock): if the block is still where it was and not pinned, the catalog entry
+   naming the new tier commits, the index follows, and the source records are deleted. Otherwise
+   the move is abandoned and the copy deleted.
+
+So a block stays readable in its source tier until its new entry commits, a pinned block (a
+restore reads pinned blocks without the lock) is never moved or deleted under its reader, and the
+engine's ``put_block`` and ``find_hash`` wait for the lock only while a pass chooses or commits,
+never while it re-encodes. Writes reserve their room first, so after any public call no tier holds
+more than its budget. When the cold tier is full the least valuable blocks are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from enum import Enum
+
+from kvtier.errors import BlockCorrupt, TierFull
+from kvtier.storage import codec, policy
+from kvtier.storage.codec import RecordFormat
+from kvtier.storage.index import Move
+from kvtier.storage.placement import Placement
+from kvtier.storage.records import BlockId
+from kvtier.storage.tiers import Tier
+
+log = logging.getLogger(__name__)
+
+LOW_WATERMARK = 0.85
+"""The background worker demotes until a tier is below this fraction of its budget."""
+MOVE_WAIT_S = 0.5
+"""How long a write that needs room waits for demotions in flight before it looks again."""
+LAST = max(Tier)
+
+
+class Op(Enum):
+    """What the background worker is asked to do."""
+
+    BALANCE = "balance"
+    """Demote every tier to its low watermark."""
+    PROMOTE = "promote"
+    """Move a block read from below warm up to warm, then balance."""
+    FLUSH = "flush"
+    """Write access statistics to the catalog."""
+    STOP = "stop"
+
+
+class Balancer:
+    """Keeps every tier within its budget, by the eviction policy."""
+
+    def __init__(self, placement: Placement, budgets: Mapping[Tier, int],
+                 formats: Mapping[Tier, RecordFormat], weights: policy.Weights) -> None:
+        self._p = placement
+        self.index = placement.index
+        self.tiers = placement.tiers
+        self.budgets = dict(budgets)
+        self.formats = dict(formats)
+        self.weights = weights
+        self._queue: queue.Queue[tuple[Op, BlockId | None]] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    # -- the worker -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run operations on a background thread from now on (else on the caller's)."""
+        self._worker = threading.Thread(target=self._work, name="kvtier-tiers", daemon=True)
+        self._worker.start()
+
+    def schedule(self, op: Op, block: BlockId | None = None) -> None:
+        if self._worker is not None:
+            self._queue.put((op, block))
+        else:
+            self._run(op, block)
+
+    def drain(self) -> None:
+        """Wait until the background worker has done everything queued so far."""
+        if self._worker is not None:
+            self._queue.join()
+
+    def stop(self) -> None:
+        """Finish queued work and stop the worker."""
+        if self._worker is not None:
+            self._queue.put((Op.STOP, None))
+            self._worker.join()
+            self._worker = None
+
+    def _work(self) -> None:
+        """Demotions to the low watermarks, promotions, and a periodic write of access
+        statistics (every 30 s, or after 5 s without work)."""
+        last_flush = time.monotonic()
+        while True:
+            try:
+                op, block = self._queue.get(timeout=5.0)
+            except queue.Empty:
+                self._run_logged(Op.FLUSH, None)
+                last_flush = time.monotonic()
+                continue
+            try:
+                if op is Op.STOP:
+                    return
+                self._run_logged(op, block)
+                if time.monotonic() - last_flush > 30.0:
+                    self._run_logged(Op.FLUSH, None)
+                    last_flush = time.monotonic()
+            finally:
+                self._queue.task_done()
+
+    def _run_logged(self, op: Op, block: BlockId | None) -> None:
+        try:
+            self._run(op, block)
+        except Exception:  # the worker must survive; the failure is logged with its cause
+            log.exception("tier worker: %s %s failed", op.value, block)
+
+    def _run(self, op: Op, block: BlockId | None) -> None:
+        if op is Op.PROMOTE and block is not None:
+            self.promote(block)
+        if op in (Op.BALANCE, Op.PROMOTE):
+            self.enforce(self.watermarks())
+        if op is Op.FLUSH:
+            self._p.flush_stats()
+
+    # -- budgets -----------------------------------------------------------------------------------
+    def watermarks(self) -> dict[Tier, int]:
+        return {tier: int(budget * LOW_WATERMARK) for tier, budget in self.budgets.items()}
+
+    def enforce(self, limits: Mapping[Tier, int]) -> None:
+        """Demote (from the last tier: drop) until every tier holds at most its limit."""
+        for tier in Tier:
+            with self.index.lock:
+                excess = (self.index.usage[tier].stored_bytes - self.index.leaving(tier)
+                          - limits[tier])
+            if excess > 0:
+                self.demote(tier, excess)
+
+    @contextmanager
+    def room(self, tier: Tier, nbytes: int) -> Iterator[None]:
+        """Reserve ``nbytes`` of ``tier`` for a write, demoting first if they would not fit
+        its budget; :class:`TierFull` if everything left there is pinned."""
+        self._make_room(tier, nbytes)
+        try:
+            yield
+        finally:
+            self.index.release(tier, nbytes)
+
+    def _over(self, tier: Tier, nbytes: int) -> int:
+        usage = self.index.usage[tier]
+        return usage.stored_bytes + usage.reserved_bytes + nbytes - self.budgets[tier]
+
+    def _make_room(self, tier: Tier, nbytes: int) -> None:
+        while True:
+            with self.index.lock:
+                over = self._over(tier, nbytes)
+                if over <= 0:
+                    self.index.reserve(tier, nbytes)
+                    return
+                need = over - self.index.leaving(tier)
+                if need <= 0:    # demotions in flight will free enough
+                    self.index.wait_for_moves(MOVE_WAIT_S)
+                    continue
+            if self.demote(tier, need):
+                continue
+            with self.index.lock:
+                if self.index.leaving(tier) == 0 and self._over(tier, nbytes) > 0:
+                    raise TierFull(f"{tier.label} is full of pinned blocks")
+                self.index.wait_for_moves(MOVE_WAIT_S)
+
+    def demote(self, tier: Tier, nbytes: int) -> bool:
+        """Move at least ``nbytes`` out of ``tier`` (from the last tier: drop them), the least
+        valuable blocks first; False when nothing could be moved."""
+        with self.index.lock:
+            victims = policy.rank_victims(self.index.candidates(tier), nbytes, time.time(),
+                                          self.weights)
+            if not victims:
+                return False
+            if tier == LAST:
+                self._drop(victims)
+                return True
+            moves = [(block, self.index.begin_move(block, Tier(tier + 1))) for block in victims]
+        for i, (block, move) in enumerate(moves):
+            try:
+                self._copy(block, move)
+            except BaseException:
+                for claimed, _ in moves[i + 1:]:
+                    self.index.end_move(claimed)
+                raise
+        return True
+
+    def _drop(self, blocks: Sequence[BlockId]) -> None:
+        self.index.counters[LAST].drops += len(blocks)
+        for block in blocks:
+            log.warning("dropped block %s: every tier is full", block)
+        self._p.forget(blocks)
+
+    def write_records(self, tier: Tier, records: Sequence[tuple[bytes, bytes]]) -> None:
+        for _ in range(8):
+            try:
+                self.tiers[tier].put_many(records)
+                return
+            except TierFull:
+                # LMDB's own pages ran out before our accounting did: demote more and retry.
+                if tier != Tier.WARM or not self.demote(Tier.WARM,
+                                                         self.budgets[Tier.WARM] // 8):
+                    raise
+        raise TierFull(f"{tier.label} stays full after demotion")
+
+    # -- moves -------------------------------------------------------------------------------------
+    def promote(self, block: BlockId) -> None:
+        """Move a block read from a lower tier up to warm, unless it is pinned, moving, or too
+        large to be worth a place there."""
+        with self.index.lock:
+            entry = self.index.movable(block)
+            if entry is None or entry.tier == Tier.WARM \
+                    or entry.raw_bytes > self.budgets[Tier.WARM] * LOW_WATERMARK:
+                return
+            move = self.index.begin_move(block, Tier.WARM)
+        self._copy(block, move)
+
+    def move(self, block: BlockId, dest: Tier) -> bool:
+        """Move a block to ``dest`` (re-encoded for it); False if it is gone, pinned, moving or
+        there already, or if the move was abandoned or found the block corrupt."""
+        with self.index.lock:
+            entry = self.index.movable(block)
+            if entry is None or entry.tier == dest:
+                return False
+            move = self.index.begin_move(block, dest)
+        return self._copy(block, move)
+
+    def _copy(self, block: BlockId, move: Move) -> bool:
+        """Copy a claimed block to ``move.dest`` and commit it there; False if abandoned.
+        Ends the move either way."""
+        keys = block.record_keys(move.n_layers)
+        try:
+            try:
+                values = self.tiers[move.source].get_many(keys)
+                if not self.index.may_commit(block, move):
+                    return False
+                if any(v is None for v in values):
+                    raise BlockCorrupt(f"{block}: layers missing from {move.source.label}")
+                records = [(k, codec.transcode(v, self.formats[move.dest]))
+                           for k, v in zip(keys, values)]
+            except BlockCorrupt:
+                with self.index.lock:
+                    # Removed meanwhile, its records went with it; pinned, its reader meets
+                    # the damage itself.
+                    if self.index.may_commit(block, move):
+                        self.index.counters[move.source].corrupt += 1
+                        self._p.forget([block])
+                return False
+            stored = sum(self.tiers[move.dest].stored_bytes(len(v)) for _, v in records)
+            with self.room(move.dest, stored):
+                self.write_records(move.dest, records)
+                if self._commit(block, move, stored, keys):
+                    return True
+            self.tiers[move.dest].delete(keys)
+            return False
+        finally:
+            self.index.end_move(block)
+
+    def _commit(self, block: BlockId, move: Move, stored: int, keys: list[bytes]) -> bool:
+        with self.index.lock:
+            entry = self.index.get(block)
+            if entry is None or not self.index.may_commit(block, move):
+                return False
+            moved = replace(entry, tier=move.dest, stored_bytes=stored)
+            with self._p.catalog.write() as txn:
+                txn.put_block(block, moved)
+            self.index.add(block, moved)
+            # Under the lock, so that no new block can take this id before its old records go.
+            self.tiers[move.source].delete(keys)
+            if move.dest > move.source:
+                self.index.counters[move.source].demotions += 1
+            else:
+                self.index.counters[move.dest].promotions += 1
+            return True

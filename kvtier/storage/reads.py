@@ -1,0 +1,157 @@
+"""The tier manager's three read paths: a block, several blocks decoded in parallel, and pinned
+blocks decoded straight into a restore's rows; and raw records for the inspection tools.
+
+Every read counts a hit (or a miss); a block that fails its checksum is removed, so the next
+lookup reports it missing; a block read from below warm is scheduled for promotion.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+
+from kvtier.errors import BlockCorrupt, BlockMissing, KvtierError
+from kvtier.storage import codec
+from kvtier.storage.balancer import Balancer, Op
+from kvtier.storage.placement import Placement
+from kvtier.storage.records import BlockId, LayerKV
+from kvtier.storage.tiers import Tier
+
+T = TypeVar("T")
+RowDestination = Callable[[int, int], tuple[np.ndarray, np.ndarray, int, int]]
+"""(block position, layer) -> (k_out, v_out, k_type, v_type): where a restore decodes rows."""
+Fetched = tuple[Tier, list[bytes | None]]
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    """Threads that decode records in parallel, one per core, shared by every manager."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)),
+                                   thread_name_prefix="kvtier-decode")
+    return _pool
+
+
+class BlockReader:
+    """Reads blocks from whichever tier holds them."""
+
+    def __init__(self, placement: Placement, balancer: Balancer) -> None:
+        self._p = placement
+        self._index = placement.index
+        self._balancer = balancer
+        self._half_life_s = balancer.weights.hit_half_life_s
+
+    def get_block(self, block: BlockId) -> list[LayerKV]:
+        """All layers of a block, decoded to llama.cpp rows, from whichever tier holds it.
+
+        Raises :class:`BlockMissing` if no tier has it, :class:`BlockCorrupt` if its data fails
+        its checksum; a corrupt block is removed, so the next lookup reports it missing.
+        """
+        result = self._decode(block, self._fetch(block))
+        if isinstance(result, KvtierError):
+            raise result
+        return result
+
+    def get_blocks(self, blocks: Sequence[BlockId]) -> list[list[LayerKV] | KvtierError]:
+        """Several blocks, decoded in parallel (the quantizers hold no GIL): for each, its layers
+        or the :class:`BlockMissing` / :class:`BlockCorrupt` that reading it met."""
+        fetched = [self._fetch(block) for block in blocks]
+        if len(blocks) < 2:
+            return [self._decode(b, f) for b, f in zip(blocks, fetched)]
+        return list(_decode_pool().map(self._decode, blocks, fetched))
+
+    def get_blocks_into(self, blocks: Sequence[BlockId], destination: RowDestination
+                        ) -> list[KvtierError | None]:
+        """Decode several **pinned** blocks in parallel straight into caller-owned rows:
+        ``destination(j, layer)`` gives ``(k_out, v_out, k_type, v_type)`` for layer ``layer``
+        of ``blocks[j]`` (see :func:`codec.decode_record_into`). For each block, None or the
+        error that reading it met (a corrupt block is removed, as with :meth:`get_block`).
+
+        Each block is read in its decoding thread, zero-copy where the tier allows (LMDB), and
+        without the index's lock: the pin (a restore holds one) keeps it from moving."""
+        located = [self._locate(block) for block in blocks]
+
+        def decode(j: int) -> KvtierError | None:
+            where = located[j]
+            if isinstance(where, KvtierError):
+                return where
+            tier, keys = where
+
+            def into(values: list[bytes | memoryview | None]) -> None | BlockCorrupt:
+                return self._decode_values(blocks[j], tier, values, lambda vs: [
+                    codec.decode_record_into(v, *destination(j, layer))
+                    for layer, v in enumerate(vs)])
+
+            result = self._account(blocks[j], tier, self._p.tiers[tier].read_many(keys, into))
+            return result if isinstance(result, KvtierError) else None
+
+        return list(_decode_pool().map(decode, range(len(blocks))))
+
+    def _locate(self, block: BlockId) -> tuple[Tier, list[bytes]] | KvtierError:
+        """The tier and record keys of a block, counting the access."""
+        entry = self._index.touch(block, time.time(), self._half_life_s)
+        if entry is None:
+            with self._index.lock:
+                self._index.counters[Tier.WARM].misses += 1
+            return BlockMissing(f"{block} is in no tier")
+        return entry.tier, block.record_keys(entry.n_layers)
+
+    def _fetch(self, block: BlockId) -> Fetched | KvtierError:
+        """The tier and record bytes of a block, read under the lock so that no move can delete
+        them between the catalog lookup and the read."""
+        with self._index.lock:
+            located = self._locate(block)
+            if isinstance(located, KvtierError):
+                return located
+            tier, keys = located
+            return tier, self._p.tiers[tier].get_many(keys)
+
+    def _decode(self, block: BlockId, fetched: Fetched | KvtierError
+                ) -> list[LayerKV] | KvtierError:
+        if isinstance(fetched, KvtierError):
+            return fetched
+        tier, values = fetched
+        result = self._decode_values(block, tier, values,
+                                     lambda vs: [codec.decode_record(v)[1] for v in vs])
+        return self._account(block, tier, result)
+
+    @staticmethod
+    def _decode_values(block: BlockId, tier: Tier, values: Sequence[bytes | memoryview | None],
+                       decode: Callable[[list[bytes | memoryview]], T]) -> T | BlockCorrupt:
+        """``decode`` of a block's records, or the BlockCorrupt that it or a missing layer met;
+        no side effects, so it can run inside a tier's read transaction."""
+        try:
+            if any(v is None for v in values):
+                raise BlockCorrupt(f"{block}: {sum(v is None for v in values)} layers missing "
+                                   f"from {tier.label}")
+            return decode(list(values))
+        except BlockCorrupt as exc:
+            return exc
+
+    def _account(self, block: BlockId, tier: Tier, result: T) -> T:
+        """Count a read; remove a corrupt block; schedule promoting one read from below warm."""
+        with self._index.lock:
+            if isinstance(result, BlockCorrupt):
+                self._index.counters[tier].corrupt += 1
+                self._p.forget([block])
+                return result
+            self._index.counters[tier].hits += 1
+        if tier != Tier.WARM:
+            self._balancer.schedule(Op.PROMOTE, block)
+        return result
+
+    def read_records(self, block: BlockId) -> Fetched:
+        """The tier and raw record bytes of every layer of a block (for inspection tools)."""
+        with self._index.lock:
+            entry = self._index.get(block)
+            if entry is None:
+                raise BlockMissing(f"{block} is in no tier")
+            keys = block.record_keys(entry.n_layers)
+            return entry.tier, self._p.tiers[entry.tier].get_many(keys)
