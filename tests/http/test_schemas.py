@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -66,7 +67,8 @@ def _apply(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
                 target = None
                 break
         if isinstance(target, dict):
-            target[leaf] = value
+            # A copy: hypothesis may hand the same object to two paths, one inside the other.
+            target[leaf] = copy.deepcopy(value)
     return body
 
 
