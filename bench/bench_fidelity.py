@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     model = Model(default_model_path())
     config = load_config(None, {"model.n_slots": 2, "model.n_batch": 512})
-    hot = HotContext(model, config.model, args.context + args.cont + 256)
+    hot = HotContext.for_config(model, config)
     layout = sc.layout_of(hot.ptr)
     tokens = document_tokens(model)
     stride = (len(tokens) - args.context - args.cont) // args.windows

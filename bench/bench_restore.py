@@ -62,8 +62,10 @@ def main() -> None:
     n_ctx = max(args.lengths) + 256
     config = load_config(None, {"data_dir": str(tmp), "model.n_slots": 1,
                                 "model.context_size": n_ctx,
+                                "tiers.gpu_vram_budget": n_ctx * model.kv_bytes_per_token("f16",
+                                                                                           "f16"),
                                 "tiers.host_ram_budget": "4GiB"})
-    hot = HotContext(model, config.model, n_ctx)
+    hot = HotContext.for_config(model, config)
     manager = TierManager(config, background=False)
     ns = model.fingerprint("f16", "f16", 256).namespace
     snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel())

@@ -30,7 +30,7 @@ from kvtier.storage.tiers import LmdbTier, RocksStore, RocksTier
 def real_blocks(n_prefill: int = 1024):
     model = Model(default_model_path())
     config = load_config(None, {"model.n_slots": 1})
-    hot = HotContext(model, config.model, n_prefill + 256)
+    hot = HotContext.for_config(model, config)
     tokens = document_tokens(model, 20_000)[:n_prefill]
     for i in range(0, n_prefill, 512):
         hot.decode([BatchItem(0, tokens[i:i + 512], i, False)])

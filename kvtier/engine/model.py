@@ -105,6 +105,8 @@ class Model:
         self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
         self.n_head = llama_cpp.llama_model_n_head(self.ptr)
         self.n_head_kv = llama_cpp.llama_model_n_head_kv(self.ptr)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
+        """Positions the model was trained on: a working set packs its blocks below this."""
         self.name = self.path.name.removesuffix(".gguf")
         self.architecture = self.meta("general.architecture") or "unknown"
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)

@@ -25,6 +25,7 @@ from kvtier.engine.model import Model
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.sampling import Sampler
 from kvtier.engine.sessions import SessionStore
+from kvtier.engine.sizing import HotSizing
 from kvtier.engine.slots import (SequenceOwner, SessionOwner, Slot, SlotOwner, choose_slot,
                                  common_prefix, may_extend)
 from kvtier.engine.snapshot import Snapshotter, StoredSequence
@@ -80,11 +81,12 @@ class TokenCounts:
 class Scheduler:
     """Runs the engine thread; :meth:`submit` and :meth:`close` may be called from any thread."""
 
-    def __init__(self, config: Config, model: Model, n_ctx_per_slot: int, manager: TierManager,
+    def __init__(self, config: Config, model: Model, sizing: HotSizing, manager: TierManager,
                  namespace: Namespace, sessions: SessionStore) -> None:
         self.config = config
         self.model = model
-        self.n_ctx_per_slot = n_ctx_per_slot
+        self.sizing = sizing
+        self.context_size = sizing.context_size
         self.n_slots = config.model.n_slots
         self.block_size = config.model.block_size
         self.manager = manager
@@ -111,7 +113,8 @@ class Scheduler:
         runs on this one thread: llama.cpp's OpenMP thread pool is per calling thread, and a
         second thread's pool (even an idle one) halved decode speed on a 2-core machine."""
         try:
-            self.hot = HotContext(self.model, self.config.model, self.n_ctx_per_slot)
+            self.hot = HotContext(self.model, self.config.model, self.sizing,
+                                  self.config.working_set.query_layer_stride)
             self.snapshots = Snapshotter(self.hot, self.manager, self.namespace,
                                          self.block_size, self.throughput)
         except BaseException as exc:
@@ -291,7 +294,7 @@ class Scheduler:
         if stopped:
             job.finish_reason = "stop"
         elif len(job.generated) >= job.max_new or \
-                len(job.slot.tokens) + 1 >= self.n_ctx_per_slot:
+                len(job.slot.tokens) + 1 >= self.context_size:
             job.finish_reason = "length"
 
     def _finish(self, job: Job) -> None:
@@ -311,7 +314,7 @@ class Scheduler:
 
     def _store(self, job: Job) -> Finished:
         slot = job.slot
-        if job.next_token is not None and len(slot.tokens) < self.n_ctx_per_slot:
+        if job.next_token is not None and len(slot.tokens) < self.context_size:
             self.hot.decode([BatchItem(slot.index, np.array([job.next_token], np.int32),
                                        len(slot.tokens), False)])
             job.next_token = None

@@ -56,8 +56,9 @@ async def run(config: Config, stop: asyncio.Event, engine: Engine | None = None,
                 raise ConfigError("server.listen", f"cannot listen on {config.server.listen}: "
                                   f"{exc.strerror or exc}") from None
             url = f"http://{config.server.listen}"
-            log.info("serving %s on %s (%d slots, %d tokens each)", engine.model_name, url,
-                     engine.n_slots, engine.n_ctx_per_slot)
+            log.info("serving %s on %s (%d slots; %d tokens each hot, conversations up to %d)",
+                     engine.model_name, url, engine.n_slots, engine.sizing.slot_tokens,
+                     engine.context_size)
             if on_ready is not None:
                 on_ready(url)
             await stop.wait()

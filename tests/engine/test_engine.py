@@ -29,11 +29,12 @@ def test_requests_that_cannot_run_are_refused(tmp_path):
         engine.close()
 
 
-def test_context_per_slot_is_whole_blocks(tmp_path):
+def test_a_slots_hot_share_is_whole_blocks(tmp_path):
     # Regression: the context was rounded down to a multiple of 256 whatever the block size.
     engine = make_engine(tmp_path, **{"model.context_size": 1000, "model.block_size": 96})
     try:
-        assert engine.n_ctx_per_slot == 960
+        assert engine.sizing.slot_tokens == 960
+        assert engine.context_size == 1000
     finally:
         engine.close()
 
