@@ -153,8 +153,9 @@ class WorkingSetConfig(_Section):
 
     sink_blocks: Annotated[int, Field(ge=0)] = 1
     """First blocks of a conversation always held (attention sinks)."""
-    recent_blocks: Annotated[int, Field(ge=1)] = 2
-    """Last blocks always held, the one being written among them."""
+    recent_blocks: Annotated[int, Field(ge=2)] = 2
+    """Last blocks always held, the one being written among them (at least 2: the block before
+    the one being written stays, so new tokens follow it)."""
     top_k: Annotated[int, Field(ge=0)] = 0
     """Older blocks held for the current query, best-scored first; 0: as many as the slot's
     share holds after the sinks and the recent blocks."""
@@ -164,8 +165,12 @@ class WorkingSetConfig(_Section):
     """The queries of this many latest tokens score the stored blocks."""
     query_layer_stride: Annotated[int, Field(ge=1)] = 1
     """Queries are read from every n-th layer (1: all); fewer layers cost less at each selection."""
+    positions: Literal["packed", "own"] = "packed"
+    """Where held blocks sit: ``packed`` together from position 0 in order (as StreamingLLM and
+    InfLLM place a cache with gaps), or each at its ``own`` position while the conversation fits
+    ``max_position`` (packed beyond it)."""
     max_position: Annotated[int, Field(ge=0)] = 0
-    """Highest position the hot tier uses; beyond it, held blocks are packed together. 0: the
+    """Highest position the hot tier uses; beyond it, held blocks are always packed. 0: the
     model's trained context."""
 
 

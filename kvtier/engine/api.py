@@ -80,6 +80,9 @@ class Usage:
     restored_tokens: int = 0
     """Of ``cached_tokens``, those restored from a storage tier (the rest were still hot)."""
     prefill_tokens: int = 0
+    working_set_tokens: int = 0
+    """Tokens of the conversation hot when the reply ended: all of it, unless it is longer than
+    a slot's share of the hot tier (then its working set; the rest is in the store)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +151,31 @@ class ThroughputStats:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkingSetStats:
+    """What the working sets of long conversations did since start."""
+
+    selections: int = 0
+    """Times queries scored a conversation's stored blocks."""
+    loads: int = 0
+    """Blocks brought from the store into the hot tier."""
+    drops: int = 0
+    """Blocks taken out of the hot tier (they stay in the store)."""
+    moves: int = 0
+    """Blocks moved to other positions (packed)."""
+    stored: int = 0
+    """Blocks stored as they filled up."""
+    prefetches: int = 0
+    """Blocks asked to be promoted to warm ahead of their use."""
+    prefetch_hits: int = 0
+    """Loads that found a prefetched block in warm."""
+    prefetch_misses: int = 0
+    """Loads that read cool or cold."""
+
+
+@dataclass(frozen=True, slots=True)
 class CacheStats:
     tiers: tuple[TierStats, ...]
     tokens: TokenStats
     slots: SlotStats
     throughput: ThroughputStats
+    working_set: WorkingSetStats = field(default_factory=WorkingSetStats)

@@ -20,6 +20,7 @@ from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.scheduler import Job, Scheduler
 from kvtier.engine.sessions import SessionStore
 from kvtier.engine.sizing import hot_sizing
+from kvtier.engine.windows import session_prefetch
 from kvtier.engine.slots import SessionOwner
 from kvtier.errors import ContextOverflow, InvalidRequest, ModelNotFound
 from kvtier.storage.manager import TierManager
@@ -68,7 +69,20 @@ class Engine:
                                 f"this server has {self.model_name!r}")
         job = self._prepare(request, GenerationHandle(loop))
         self._scheduler.submit(job)
+        if job.session is not None:
+            self._prefetch(job)
         return job.handle
+
+    def _prefetch(self, job: Job) -> None:
+        """Start promoting the session's blocks that its restore will read, while the request
+        waits for its turn (cool and cold reads are the slow part of a restore)."""
+        seq = self.manager.get_sequence(self.namespace, job.session.sequence)
+        if seq is None:
+            return
+        blocks = seq.block_ids()
+        entries = [self.manager.block_entry(b) for b in blocks]
+        attention = [e.attention if e is not None else -1.0 for e in entries]
+        self.manager.prefetch(session_prefetch(blocks, attention, self.sizing))
 
     def generate(self, request: GenerationRequest) -> Finished:
         """Run a request to the end on the calling thread's behalf (blocking)."""
@@ -122,7 +136,8 @@ class Engine:
                                 s.demotions, s.drops, s.corrupt)
                       for s in self.manager.stats())
         return CacheStats(tiers, self._scheduler.tokens.stats(), self._scheduler.slot_stats(),
-                          _throughput_stats(self._scheduler.throughput))
+                          _throughput_stats(self._scheduler.throughput),
+                          self._scheduler.working_set_stats())
 
     def close(self) -> None:
         """Cut queued requests, finish active ones as cancelled (their KV is stored), close."""

@@ -58,7 +58,8 @@ class HotContext:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = sizing.n_ctx
         params.n_batch = cfg.n_batch
-        params.n_ubatch = min(cfg.n_batch, 512)
+        self.n_ubatch = min(cfg.n_batch, 512)
+        params.n_ubatch = self.n_ubatch
         params.n_seq_max = cfg.n_slots + 1
         params.kv_unified = True
         params.cb_eval = self.capture.callback

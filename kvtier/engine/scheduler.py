@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvtier.config import Config
-from kvtier.engine.api import Finished, GenerationRequest, SlotStats, TokenEvent, TokenStats, Usage
+from kvtier.engine.api import (Finished, GenerationRequest, SlotStats, TokenEvent, TokenStats,
+                               Usage, WorkingSetStats)
 from kvtier.engine.handle import GenerationHandle
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.model import Model
@@ -28,8 +29,10 @@ from kvtier.engine.sessions import SessionStore
 from kvtier.engine.sizing import HotSizing
 from kvtier.engine.slots import (SequenceOwner, SessionOwner, Slot, SlotOwner, choose_slot,
                                  common_prefix, may_extend)
-from kvtier.engine.snapshot import Snapshotter, StoredSequence
+from kvtier.engine.query_capture import RowRange
+from kvtier.engine.snapshot import RestorePlan, Snapshotter, StoredSequence
 from kvtier.engine.text import TextStream
+from kvtier.engine.windows import WindowedSlots, WindowedTurn
 from kvtier.errors import KvtierError, Overloaded
 from kvtier.storage.catalog import SessionEntry
 from kvtier.storage.manager import TierManager
@@ -63,6 +66,8 @@ class Job:
     restored: int = 0
     prefill_started: float = 0.0
     finish_reason: str | None = None
+    turn: WindowedTurn | None = None
+    """Set when the job's conversation runs on a working set (longer than a slot's share)."""
 
 
 @dataclass(slots=True)
@@ -117,6 +122,9 @@ class Scheduler:
                                   self.config.working_set.query_layer_stride)
             self.snapshots = Snapshotter(self.hot, self.manager, self.namespace,
                                          self.block_size, self.throughput)
+            ws = self.config.working_set
+            self.windows = WindowedSlots(self.hot, self.sizing, self.manager, self.namespace,
+                                         ws.query_tokens, ws.reselect_tokens)
         except BaseException as exc:
             self._start_error = exc
             if getattr(self, "hot", None) is not None:
@@ -141,6 +149,10 @@ class Scheduler:
                 self.sessions.claim(job.owner.session_id)
             self._queue.append(job)
             self._cv.notify()
+
+    def working_set_stats(self) -> WorkingSetStats:
+        stats = self.windows.stats()
+        return WorkingSetStats(**{n: getattr(stats, n) for n in WorkingSetStats.__slots__})
 
     def slot_stats(self) -> SlotStats:
         with self._cv:
@@ -204,17 +216,15 @@ class Scheduler:
             session_seq = self.manager.get_sequence(Namespace(job.session.namespace),
                                                     job.session.sequence)
         plan = self.snapshots.plan(prompt, session_seq)
-        restored = 0
-        if plan.n_tokens > hot and self.snapshots.worth_restoring(plan):
-            restored = self.snapshots.restore(slot, plan, prompt).n_tokens
-            hot = restored
-            resident = None
-        if restored == 0 and hot == 0:
-            self.hot.clear(slot)
-            resident = None
-        keep = min(hot, len(prompt) - 1)  # the last prompt token is decoded again for its logits
-        self.hot.truncate(slot, keep)
-        job.seq = self._sequence_for(job, resident, resident_owner, keep)
+        if self.windows.continues(slot, prompt) or self.sizing.windowed(len(prompt)) \
+                or self.sizing.windowed(plan.n_tokens):
+            keep, restored = self._start_windowed(job, plan, hot, resident, resident_owner)
+        else:
+            if self.windows.get(slot) is not None:   # a long conversation was here: start afresh
+                self.windows.drop(slot)
+                self.hot.clear(slot)
+                hot, resident = 0, None
+            keep, restored = self._start_hot(job, plan, hot, resident, resident_owner)
         slot.owner = job.owner or SequenceOwner(job.seq.seq_id)
         job.cached = keep
         job.restored = min(restored, keep)
@@ -225,6 +235,43 @@ class Scheduler:
         job.sampler.accept_prompt(prompt)
         job.stream = TextStream(job.request.sampling.stop)
         job.prefill_started = time.perf_counter()
+
+    def _start_hot(self, job: Job, plan: RestorePlan, hot: int, resident: StoredSequence | None,
+                   resident_owner: SlotOwner | None) -> tuple[int, int]:
+        """A conversation that fits the slot: restore its stored prefix whole, or keep what the
+        slot holds. Returns the tokens kept and, of those, how many were restored."""
+        slot = job.slot
+        restored = 0
+        if plan.n_tokens > hot and self.snapshots.worth_restoring(plan):
+            restored = self.snapshots.restore(slot, plan, job.prompt).n_tokens
+            hot = restored
+            resident = None
+        if restored == 0 and hot == 0:
+            self.hot.clear(slot)
+            resident = None
+        keep = min(hot, len(job.prompt) - 1)  # the last prompt token is decoded again (logits)
+        self.hot.truncate(slot, keep)
+        job.seq = self._sequence_for(job, resident, resident_owner, keep)
+        return keep, restored
+
+    def _start_windowed(self, job: Job, plan: RestorePlan, hot: int,
+                        resident: StoredSequence | None, resident_owner: SlotOwner | None
+                        ) -> tuple[int, int]:
+        """A conversation longer than the slot's share: its working set (:mod:`.windows`)."""
+        slot, prompt = job.slot, job.prompt
+        if self.windows.continues(slot, prompt):
+            job.seq = self._sequence_for(job, resident, resident_owner, len(slot.tokens))
+        elif plan.n_tokens > hot:
+            job.seq = self._sequence_for(job, None, None, 0)
+        else:
+            self.windows.drop(slot)
+            hot = min(hot, self.sizing.slot_tokens)
+            job.seq = self._sequence_for(job, resident, resident_owner, hot)
+        job.turn, keep, restored = self.windows.start(slot, prompt, plan, job.seq, hot)
+        if keep == len(prompt):   # the last prompt token is decoded again for its logits
+            job.turn.window.retract(1)
+            keep -= 1
+        return keep, restored
 
     def _sequence_for(self, job: Job, resident: StoredSequence | None,
                       resident_owner: SlotOwner | None, keep: int) -> StoredSequence:
@@ -243,7 +290,8 @@ class Scheduler:
 
     def _step(self) -> None:
         """One llama_decode for every active slot: a token each for the generating ones, then
-        prompt chunks for the prefilling ones, as far as n_batch allows."""
+        prompt chunks for the prefilling ones, as far as n_batch allows. Jobs on a working set
+        arrange it before, and capture the queries that choose the next one."""
         for job in self._active:
             if job.handle.cancelled and not job.finish_reason:
                 job.finish_reason = "cancelled"
@@ -252,27 +300,51 @@ class Scheduler:
         budget = self.hot.n_batch
         items: list[BatchItem] = []
         jobs: list[Job] = []
+        captures: list[tuple[Job, RowRange]] = []
+        rows = 0
         for job in self._active:
             if job.next_token is not None:
+                turn = job.turn
+                pos = turn.window.prepare(1) if turn else len(job.slot.tokens)
+                if turn and self.windows.wants_queries(turn, prefill=False):
+                    captures.append((job, RowRange(rows, 1)))
                 items.append(BatchItem(job.slot.index, np.array([job.next_token], np.int32),
-                                       len(job.slot.tokens), True))
+                                       pos, True))
                 jobs.append(job)
-                budget -= 1
+                rows += 1
         for job in self._active:
-            if job.next_token is None and len(job.pending) and budget > 0:
-                chunk = job.pending[:budget]
+            if job.next_token is None and len(job.pending) and rows < budget:
+                if job.turn:
+                    chunk = self.windows.prefill_chunk(job.turn, job.pending, budget - rows)
+                    pos = job.turn.window.prepare(len(chunk))
+                    captures.append((job, self.windows.capture_range(rows, len(chunk))))
+                else:
+                    chunk = job.pending[:budget - rows]
+                    pos = len(job.slot.tokens)
                 job.pending = job.pending[len(chunk):]
-                items.append(BatchItem(job.slot.index, chunk, len(job.slot.tokens),
-                                       len(job.pending) == 0))
+                items.append(BatchItem(job.slot.index, chunk, pos, len(job.pending) == 0))
                 jobs.append(job)
-                budget -= len(chunk)
+                rows += len(chunk)
         if not items:
             return
+        # Queries come out of one micro-batch only (query_capture): a larger batch goes without.
+        armed = bool(captures) and rows <= self.hot.n_ubatch
+        if armed:
+            self.hot.capture.arm([r for _, r in captures])
         outputs = self.hot.decode(items)
+        queries = dict(zip((id(j) for j, _ in captures), self.hot.capture.collect())) \
+            if armed else {}
         for job, item, index in zip(jobs, items, outputs):
+            q = queries.get(id(job))
             if job.next_token is not None:
                 job.next_token = None
+                if job.turn:
+                    self.windows.after_token(job.turn, q)
             else:
+                if job.turn and not self.windows.after_prefill(job.turn, item.tokens, index >= 0,
+                                                               q):
+                    job.pending = np.concatenate([item.tokens, job.pending])
+                    continue
                 self.tokens.prefilled += len(item.tokens)
                 if index >= 0:
                     self.throughput.observe_prefill(len(job.prompt) - job.cached,
@@ -315,18 +387,23 @@ class Scheduler:
     def _store(self, job: Job) -> Finished:
         slot = job.slot
         if job.next_token is not None and len(slot.tokens) < self.context_size:
+            pos = job.turn.window.prepare(1) if job.turn else len(slot.tokens)
             self.hot.decode([BatchItem(slot.index, np.array([job.next_token], np.int32),
-                                       len(slot.tokens), False)])
+                                       pos, False)])
+            if job.turn:
+                self.windows.after_token(job.turn, None)
             job.next_token = None
         tail = job.stream.finish()
         if tail:
             job.handle.emit_token(TokenEvent(tail, -1))
-        job.seq = self.snapshots.save(slot, job.seq)
+        job.seq = self.windows.finish(job.turn) if job.turn else \
+            self.snapshots.save(slot, job.seq)
         self._slot_seq[slot.index] = job.seq
         if job.owner is not None:
             self._save_session(job, job.owner.session_id)
         usage = Usage(len(job.prompt), sum(1 for t in job.generated if not self.model.is_eog(t)),
-                      job.cached, job.restored, len(job.prompt) - job.cached)
+                      job.cached, job.restored, len(job.prompt) - job.cached,
+                      job.turn.window.held_tokens if job.turn else len(slot.tokens))
         return Finished(job.stream.text, job.finish_reason or "stop", usage,
                         job.request.session_id)
 
@@ -340,6 +417,7 @@ class Scheduler:
         if job in self._active:
             self._active.remove(job)
         if job.slot is not None:
+            self.windows.drop(job.slot)
             self.hot.clear(job.slot)
             self._slot_seq.pop(job.slot.index, None)
         self._release(job)

@@ -35,6 +35,9 @@ class HotSizing:
     """The working set of a conversation longer than ``slot_tokens``, in blocks."""
     max_position: int
     """Positions at and past this are never used: held blocks are packed below it."""
+    packed: bool = True
+    """Held blocks of a working set always packed (``working_set.positions``), or at their own
+    positions while the conversation fits ``max_position``."""
 
     @property
     def n_ctx(self) -> int:
@@ -74,7 +77,7 @@ def hot_sizing(config: Config, kv_bytes_per_token: int, n_ctx_train: int) -> Hot
                           f"is {max_position}, less than a slot's hot share of {slot_tokens} "
                           f"tokens")
     return HotSizing(bs, slot_tokens, context_size, min(SCRATCH_BLOCKS, blocks) * bs,
-                     mc.n_slots, shape, max_position)
+                     mc.n_slots, shape, max_position, ws.positions == "packed")
 
 
 def _shape(blocks: int, sink: int, recent: int, top_k: int, needed: bool) -> Shape:

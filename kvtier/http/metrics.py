@@ -50,6 +50,13 @@ class EngineCollector(Collector):
         for state, value in stats.slots.model_dump().items():
             slots.add_metric([state], float(value))
         yield slots
+        working_set = CounterMetricFamily(
+            "kvtier_working_set", "Working sets of conversations longer than a slot's share "
+            "(selections, loads, drops, moves, stored, prefetches, prefetch_hits, "
+            "prefetch_misses).", labels=["event"])
+        for event, value in stats.working_set.model_dump().items():
+            working_set.add_metric([event], float(value))
+        yield working_set
 
 
 class Metrics:

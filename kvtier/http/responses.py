@@ -31,6 +31,11 @@ class _Response(BaseModel):
 class PromptTokensDetails(_Response):
     cached_tokens: int
     """Prompt tokens whose KV was reused or restored from the cache, not computed."""
+    restored_tokens: int = 0
+    """kvtier: of ``cached_tokens``, those restored from a storage tier."""
+    working_set_tokens: int = 0
+    """kvtier: tokens of the conversation hot when the reply ended (the working set of a
+    conversation longer than a slot's share; else all of it)."""
 
 
 class Usage(_Response):
@@ -43,7 +48,9 @@ class Usage(_Response):
     def of(cls, usage: api.Usage) -> Usage:
         return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                    total_tokens=usage.prompt_tokens + usage.completion_tokens,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens))
+                   prompt_tokens_details=PromptTokensDetails(
+                       cached_tokens=usage.cached_tokens, restored_tokens=usage.restored_tokens,
+                       working_set_tokens=usage.working_set_tokens))
 
 
 FinishReason = Literal["stop", "length"]
@@ -304,12 +311,26 @@ class Throughput(_Response):
     """Per storage tier, fastest first."""
 
 
+class WorkingSetCounts(_Response):
+    """What the working sets of conversations longer than a slot's share did since start."""
+
+    selections: int
+    loads: int
+    drops: int
+    moves: int
+    stored: int
+    prefetches: int
+    prefetch_hits: int
+    prefetch_misses: int
+
+
 class CacheStats(_Response):
     object: Literal["cache.stats"] = "cache.stats"
     tiers: list[TierStats]
     tokens: TokenCounts
     slots: SlotCounts
     throughput: Throughput
+    working_set: WorkingSetCounts
 
     @classmethod
     def of(cls, stats: api.CacheStats) -> CacheStats:

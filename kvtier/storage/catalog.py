@@ -7,6 +7,7 @@ An LMDB environment of its own (``<data_dir>/catalog``), synced on commit, with 
     hashes     namespace | chain hash   → BlockId bytes of the one stored copy of that full block
     sequences  namespace | sequence u64 → SequenceEntry (msgpack)
     sessions   session id (utf-8)       → SessionEntry (msgpack)
+    summaries  BlockId bytes            → the block's key summary (:class:`KeySummary` bytes)
 
 The catalog knows where blocks are; the codec knows their bytes. Block data is always written
 before the catalog entry that points at it, and deleted only after the entry's removal commits.
@@ -23,6 +24,7 @@ from typing import Any
 
 import lmdb
 import msgpack
+import numpy as np
 
 from kvtier.storage.records import BlockId, ChainHash, Namespace
 from kvtier.storage.tiers import Tier
@@ -53,6 +55,9 @@ class BlockEntry:
     """Hit count decayed with ``eviction.hit_half_life_s`` as of ``last_access``."""
     attention: float = -1.0
     """Measured attention score; negative until the engine reports one."""
+    position: int = -1
+    """The position of the block's first token when its keys were computed (keys are cached
+    after RoPE); -1: its own position in its sequence (block index x block size)."""
 
     def pack(self) -> bytes:
         return msgpack.packb([int(self.tier), *astuple(self)[1:]])
@@ -114,6 +119,28 @@ class SessionEntry:
         return cls(*msgpack.unpackb(data))
 
 
+@dataclass(frozen=True, slots=True)
+class KeySummary:
+    """Per layer, the per-channel minimum and maximum of a block's keys (f16): what a query-aware
+    working set scores a block by without reading it."""
+
+    bounds: np.ndarray
+    """float16, shape (layers, 2, width): ``[:, 0]`` minima, ``[:, 1]`` maxima."""
+
+    _HEAD = struct.Struct("<HI")
+
+    def pack(self) -> bytes:
+        layers, _, width = self.bounds.shape
+        return self._HEAD.pack(layers, width) + np.ascontiguousarray(
+            self.bounds, dtype="<f2").tobytes()
+
+    @classmethod
+    def unpack(cls, data: bytes) -> KeySummary:
+        layers, width = cls._HEAD.unpack_from(data)
+        bounds = np.frombuffer(data, dtype="<f2", offset=cls._HEAD.size)
+        return cls(bounds.reshape(layers, 2, width))
+
+
 def sequence_key(namespace: bytes, sequence: int) -> bytes:
     return namespace + _U64.pack(sequence)
 
@@ -149,6 +176,17 @@ class CatalogTxn:
         cursor = self._txn.cursor(db=self._c.blocks_db)
         for key, value in cursor:
             yield BlockId.from_bytes(key), BlockEntry.unpack(value)
+
+    # key summaries
+    def get_summary(self, block: BlockId) -> KeySummary | None:
+        data = self._txn.get(block.to_bytes(), db=self._c.summaries_db)
+        return KeySummary.unpack(data) if data is not None else None
+
+    def put_summary(self, block: BlockId, summary: KeySummary) -> None:
+        self._txn.put(block.to_bytes(), summary.pack(), db=self._c.summaries_db)
+
+    def delete_summary(self, block: BlockId) -> None:
+        self._txn.delete(block.to_bytes(), db=self._c.summaries_db)
 
     # content hashes of shared full blocks
     def find_hash(self, namespace: Namespace, chain: ChainHash) -> BlockId | None:
@@ -242,6 +280,7 @@ class Catalog:
         self.hashes_db = self.env.open_db(b"hashes")
         self.sequences_db = self.env.open_db(b"sequences")
         self.sessions_db = self.env.open_db(b"sessions")
+        self.summaries_db = self.env.open_db(b"summaries")
         with self.write() as txn:
             version = txn.get_meta(b"version")
             if version is None:

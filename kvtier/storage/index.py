@@ -132,12 +132,18 @@ class BlockIndex:
             self._dirty.add(block)
             return entry
 
-    def set_attention(self, scores: dict[BlockId, float]) -> None:
+    def add_attention(self, scores: dict[BlockId, float], now: float, half_life_s: float
+                      ) -> None:
+        """Add measured attention at ``now``: a block's earlier attention decays (as hits do,
+        with the same half-life), then the new score is added; reporting counts as an access."""
         with self.lock:
             for block, score in scores.items():
                 entry = self._entries.get(block)
                 if entry is not None:
-                    self._entries[block] = replace(entry, attention=float(score))
+                    before = decayed_hits(max(entry.attention, 0.0), entry.last_access, now,
+                                          half_life_s)
+                    self._entries[block] = replace(entry, attention=before + float(score),
+                                                   last_access=now)
                     self._dirty.add(block)
 
     def take_dirty(self) -> list[tuple[BlockId, BlockEntry]]:

@@ -30,9 +30,10 @@ import numpy as np
 
 from kvtier.config import Config
 from kvtier.errors import BlockMissing, KvtierError, TierFull
-from kvtier.storage import codec, policy
+from kvtier.storage import codec, policy, summary
 from kvtier.storage.balancer import Balancer, Op
-from kvtier.storage.catalog import BlockEntry, Catalog, CatalogTxn, SequenceEntry, SessionEntry
+from kvtier.storage.catalog import (BlockEntry, Catalog, CatalogTxn, KeySummary, SequenceEntry,
+                                    SessionEntry)
 from kvtier.storage.checker import CheckReport, check
 from kvtier.storage.codec import RecordFormat
 from kvtier.storage.dirlock import DataDirLock
@@ -40,7 +41,7 @@ from kvtier.storage.index import BlockIndex
 from kvtier.storage.placement import Placement
 from kvtier.storage.quant import Encoding
 from kvtier.storage.reads import BlockReader, Fetched, RowDestination
-from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
+from kvtier.storage.records import WINDOWED, BlockId, ChainHash, LayerKV, Namespace, chain_hash
 from kvtier.storage.tiers import LmdbTier, RocksStore, RocksTier, Tier, TierStore
 from kvtier.storage.view import NAMESPACE_META, StoreView
 
@@ -125,13 +126,15 @@ class TierManager:
         return self._stores[resolved]
 
     # -- blocks ----------------------------------------------------------------------------------
-    def put_block(self, block: BlockId, layers: Sequence[LayerKV], chain: ChainHash | None = None
-                  ) -> BlockId:
+    def put_block(self, block: BlockId, layers: Sequence[LayerKV], chain: ChainHash | None = None,
+                  position: int = -1) -> BlockId:
         """Store all layers of a block in the warm tier; returns the id that now holds it.
 
         A full block with a chain hash that is already stored is not written again: the id of
         the stored copy is returned. The new block has no references until a sequence names it.
-        Block ids are never reused: storing an id that exists is a ValueError.
+        Block ids are never reused: storing an id that exists is a ValueError. ``position`` is
+        where the block's first token sat when its keys were computed (-1: its own position);
+        the block's key summary is kept in the catalog beside its entry.
         """
         if chain is not None:
             existing = self.find_hash(block.namespace, chain)
@@ -153,12 +156,16 @@ class TierManager:
         entry = BlockEntry(tier=Tier.WARM, stored_bytes=stored,
                            raw_bytes=sum(layer.nbytes for layer in layers),
                            n_layers=len(layers), n_tokens=layers[0].n_tokens if layers else 0,
-                           refs=0, chain=chain or b"", created=t, last_access=t, hits=0.0)
+                           refs=0, chain=chain or b"", created=t, last_access=t, hits=0.0,
+                           position=position)
+        key_summary = summary.key_summary(layers)
         with self._balancer.room(Tier.WARM, stored):
             self._balancer.write_records(Tier.WARM, records)
             with self._index.lock:
                 with self.catalog.write() as txn:
                     txn.put_block(block, entry)
+                    if key_summary is not None:
+                        txn.put_summary(block, key_summary)
                     if chain is not None:
                         txn.put_hash(block.namespace, chain, block)
                 self._index.add(block, entry)
@@ -190,6 +197,12 @@ class TierManager:
         """The tier and raw record bytes of every layer of a block (for inspection tools)."""
         return self._reader.read_records(block)
 
+    def key_summaries(self, blocks: Sequence[BlockId]) -> list[KeySummary | None]:
+        """Each block's key summary (None for a block without one: gone, or not an f16 cache),
+        read from the catalog alone: no tier is touched."""
+        with self.catalog.read() as txn:
+            return [txn.get_summary(block) for block in blocks]
+
     def has_block(self, block: BlockId) -> bool:
         return block in self._index
 
@@ -200,8 +213,18 @@ class TierManager:
         return self._index.snapshot()
 
     def report_attention(self, scores: dict[BlockId, float]) -> None:
-        """Record measured attention scores (the engine's importance of each block)."""
-        self._index.set_attention(scores)
+        """Add measured attention (a block's share of a selection's queries, about 1 for an
+        average block): the eviction priority's attention term (:mod:`.policy`)."""
+        self._index.add_attention(scores, time.time(), self.weights.hit_half_life_s)
+
+    def prefetch(self, blocks: Sequence[BlockId]) -> int:
+        """Promote these blocks to warm in the background, those below it; returns how many were
+        asked for. A block that moves or is pinned meanwhile stays where it is."""
+        below = [b for b in blocks if (e := self._index.get(b)) is not None
+                 and e.tier != Tier.WARM]
+        for block in below:
+            self._balancer.schedule(Op.PROMOTE, block)
+        return len(below)
 
     @contextmanager
     def pinned(self, blocks: Sequence[BlockId]) -> Iterator[None]:
@@ -223,14 +246,23 @@ class TierManager:
 
     def match_prefix(self, namespace: Namespace, tokens: np.ndarray, block_size: int
                      ) -> list[BlockId]:
-        """Stored full blocks holding the longest prefix of ``tokens``, in order."""
+        """Stored full blocks holding the longest prefix of ``tokens``, in order: at each block,
+        the full-attention copy if there is one, else one computed under a working set (whose
+        successors are then such blocks too)."""
         found: list[BlockId] = []
         parent: ChainHash | None = None
+        keys = (b"", WINDOWED)
         for start in range(0, len(tokens) - block_size + 1, block_size):
-            parent = chain_hash(parent, tokens[start:start + block_size])
-            block = self.find_hash(namespace, parent)
+            for key in keys:
+                chain = chain_hash(parent, tokens[start:start + block_size], key)
+                block = self.find_hash(namespace, chain)
+                if block is not None:
+                    break
             if block is None:
                 break
+            if key:
+                keys = (WINDOWED,)
+            parent = chain
             found.append(block)
         return found
 

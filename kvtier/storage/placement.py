@@ -32,6 +32,7 @@ class Placement:
         if entry is None:
             return None
         txn.delete_block(block)
+        txn.delete_summary(block)
         if entry.chain and self.index.hash_owner(block.namespace + entry.chain) == block:
             txn.delete_hash(block.namespace, entry.chain)
         txn.after_commit(lambda: self._delete(block))

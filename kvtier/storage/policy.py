@@ -2,9 +2,11 @@
 
     priority(block) = α·(1/attention_score) + β·age + γ·tier_preference
 
-A *higher* priority means *evicted sooner*. ``attention_score`` is the importance the engine reports
-for a block; until measured attention exists it is a decayed hit count (see :func:`importance`),
-and either is multiplied by the number of sequences sharing the block. ``age`` is in hours since
+A *higher* priority means *evicted sooner*. ``attention_score`` is the attention the engine measured
+for a block (each working-set selection adds the block's share of the queries' attention, about 1
+for an average block; earlier measurements decay with the hits' half-life); a block never measured
+uses its decayed hit count instead (see :func:`importance`). Either is multiplied by the number of
+sequences sharing the block. ``age`` is in hours since
 the last access. ``tier_preference`` is the block's tier index over the number of tiers below hot
 (0 warm … 2/3 cold), so that among otherwise equal blocks the one already furthest down goes first.
 
@@ -49,7 +51,7 @@ class Candidate(Generic[K]):
     pinned: bool = False
     """In use (a restore reads it, or it is being moved already): never chosen."""
     attention: float = -1.0
-    """Measured attention; negative until the engine reports one."""
+    """Measured attention as of ``last_access``; negative until the engine reports one."""
     hits: float = 0.0
     """Hit count decayed as of ``last_access``."""
     last_access: float = 0.0
@@ -62,10 +64,10 @@ def decayed_hits(hits: float, last_access: float, now: float, half_life_s: float
 
 def importance(measured_attention: float, hits: float, last_access: float, now: float,
                half_life_s: float) -> float:
-    """Measured attention when the engine reported one (non-negative), else hits decayed to now."""
-    if measured_attention >= 0.0:
-        return measured_attention
-    return decayed_hits(hits, last_access, now, half_life_s)
+    """Measured attention when the engine reported one (non-negative), else hits; either as of
+    ``last_access``, decayed to now."""
+    value = measured_attention if measured_attention >= 0.0 else hits
+    return decayed_hits(value, last_access, now, half_life_s)
 
 
 def eviction_priority(attention_score: float, age_s: float, tier: int, weights: Weights) -> float:

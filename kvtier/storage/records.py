@@ -39,11 +39,20 @@ def namespace_of(fingerprint: bytes) -> Namespace:
     return Namespace(hashlib.blake2b(fingerprint, digest_size=NAMESPACE_BYTES).digest())
 
 
-def chain_hash(parent: ChainHash | None, tokens: np.ndarray) -> ChainHash:
-    """``h_i = H(h_{i-1}, tokens of block i)``: equal prefixes give equal hashes, in any process."""
+WINDOWED = b"working-set"
+"""The chain-hash key of blocks computed while only a working set of the blocks before them was
+hot: their KV is a function of the same tokens, but not the full-attention one, so they are shared
+only with other such blocks."""
+
+
+def chain_hash(parent: ChainHash | None, tokens: np.ndarray, key: bytes = b"") -> ChainHash:
+    """``h_i = H(h_{i-1}, tokens of block i[, key])``: equal prefixes give equal hashes, in any
+    process; ``key`` (as vLLM's extra keys) tells apart KV computed another way."""
     h = hashlib.blake2b(digest_size=HASH_BYTES)
     h.update(parent if parent is not None else b"\0" * HASH_BYTES)
     h.update(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+    if key:
+        h.update(key)
     return ChainHash(h.digest())
 
 

@@ -8,8 +8,13 @@ storing a block.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numba import njit
+
+from kvtier.storage.catalog import KeySummary
+from kvtier.storage.records import LayerKV
 
 
 @njit(cache=True, nogil=True)
@@ -43,3 +48,17 @@ def key_min_max(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     hi = np.full(width, 0x7E00, dtype=np.uint16)
     _min_max(np.ascontiguousarray(bits), lo, hi)
     return lo, hi
+
+
+def key_summary(layers: Sequence[LayerKV]) -> KeySummary | None:
+    """A block's key summary over all its layers; None unless every layer's K is f16 rows of one
+    width (llama.cpp's quantized caches, or layers of several widths, are not summarized)."""
+    if not layers or any(not layer.k.is_f16 or layer.n_tokens == 0 for layer in layers):
+        return None
+    width = layers[0].k.rows.shape[1] // 2
+    if any(layer.k.rows.shape[1] != 2 * width for layer in layers):
+        return None
+    bounds = np.empty((len(layers), 2, width), dtype=np.uint16)
+    for i, layer in enumerate(layers):
+        bounds[i, 0], bounds[i, 1] = key_min_max(layer.k.rows.view(np.uint16))
+    return KeySummary(bounds.view(np.float16))

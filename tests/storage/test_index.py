@@ -38,8 +38,9 @@ def test_usage_follows_adds_moves_and_removals(index):
 def test_touch_decays_then_counts_and_marks_dirty(index):
     touched = index.touch(A, now=3601.0, half_life_s=3600.0)
     assert touched.hits == pytest.approx(1.5) and touched.last_access == 3601.0
-    index.set_attention({B: 2.0, block_id(9, 9): 1.0})
-    assert dict(index.take_dirty()) == {A: touched, B: replace(index.get(B), attention=2.0)}
+    index.add_attention({B: 2.0, block_id(9, 9): 1.0}, now=7200.0, half_life_s=3600.0)
+    assert dict(index.take_dirty()) == {A: touched, B: replace(index.get(B), attention=2.0,
+                                                               last_access=7200.0)}
     assert index.take_dirty() == []
     assert index.touch(block_id(9, 9), 1.0, 1.0) is None
 
@@ -77,3 +78,9 @@ def test_reservations(index):
     assert index.usage[Tier.WARM].reserved_bytes == 70
     index.release(Tier.WARM, 70)
     assert index.usage[Tier.WARM].reserved_bytes == 0
+
+
+def test_attention_decays_then_adds_up(index):
+    index.add_attention({B: 2.0}, now=0.0, half_life_s=3600.0)
+    index.add_attention({B: 1.0}, now=3600.0, half_life_s=3600.0)
+    assert index.get(B).attention == pytest.approx(2.0)    # 2 halved, plus 1

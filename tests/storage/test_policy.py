@@ -57,3 +57,4 @@ def test_one_decay_formula():
     assert decayed_hits(4.0, 100.0, 50.0, 3600.0) == 4.0    # never grows backwards in time
     assert importance(-1.0, 4.0, 0.0, 7200.0, 3600.0) == pytest.approx(1.0)
     assert importance(0.0, 4.0, 0.0, 7200.0, 3600.0) == 0.0    # measured attention wins
+    assert importance(8.0, 4.0, 0.0, 7200.0, 3600.0) == pytest.approx(2.0)  # and decays alike

@@ -1,0 +1,372 @@
+"""A conversation longer than its slot's hot share: its blocks in the store, a working set hot.
+
+A :class:`Window` is the working set of one slot (:mod:`kvtier.engine.working_set` decides which
+blocks and where; this module moves them). Every full block of the conversation is stored as soon
+as it is complete, with the position its keys were computed at and its key summary; the hot tier
+then holds only the sinks, the recent blocks and the blocks the latest queries score highest.
+
+Moving blocks, in a unified cache (:mod:`kvtier.engine.hot`):
+
+- drop: ``llama_memory_seq_rm`` of the block's positions;
+- move: ``llama_memory_seq_add`` (the K-shift, applied by llama.cpp at the next decode);
+- load: the block's records are decoded into a state blob composed for the scratch sequence at the
+  position they were computed at, written there, shifted if their place differs, and handed to
+  the slot with ``llama_memory_seq_cp`` (no data copied).
+
+llama.cpp reads state without applying pending K-shifts, so a block is stored right after the
+decode that completed it, and a plan (:meth:`Window.replan`) is applied only just before the
+slot's next decode (:meth:`Window.apply`), never before a state read.
+
+Every block sits at a multiple of the block size (its own position, or packed), so the block
+convention of :mod:`kvtier.engine.state_codec` places it by the index ``position // block_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvtier.engine import state_codec, working_set
+from kvtier.engine.block_scores import block_scores
+from kvtier.engine.hot import HotContext
+from kvtier.engine.sizing import HotSizing
+from kvtier.engine.slots import Slot
+from kvtier.errors import KvtierError
+from kvtier.storage.catalog import KeySummary
+from kvtier.storage.manager import TierManager
+from kvtier.storage.records import WINDOWED, BlockId, ChainHash, LayerKV, Namespace, chain_hash
+from kvtier.storage.tiers import Tier
+
+log = logging.getLogger(__name__)
+
+_FAR = 1 << 28
+"""Moves go through positions this far up, so that no range caught by a move holds another
+block on its way (llama.cpp moves every cell of a sequence inside the range it is given)."""
+
+
+@dataclass(slots=True)
+class StoredBlock:
+    """A full block of the conversation, in the store."""
+
+    block: BlockId
+    position: int
+    """Where its first token sat when its keys were computed."""
+    chain: ChainHash
+    summary: tuple[np.ndarray, np.ndarray] | None
+    """Per sampled layer, the per-channel (minimum, maximum) of its keys: (layers, kv, dim)."""
+
+
+PREFETCH_FACTOR = 2
+"""A selection prefetches this many times as many of the next-best blocks as it holds."""
+
+
+@dataclass(slots=True)
+class WindowStats:
+    """What a window did, for usage and stats."""
+
+    selections: int = 0
+    loads: int = 0
+    drops: int = 0
+    moves: int = 0
+    stored: int = 0
+    prefetches: int = 0
+    """Blocks a selection asked the store to promote to warm."""
+    prefetch_hits: int = 0
+    """Loads of a prefetched block that found it in warm."""
+    prefetch_misses: int = 0
+    """Loads that had to read cool or cold (the prefetch was late, or never asked)."""
+
+
+@dataclass(slots=True)
+class Window:
+    """The working set of one slot. Engine thread only."""
+
+    hot: HotContext
+    slot: Slot
+    sizing: HotSizing
+    manager: TierManager
+    namespace: Namespace
+    seq_id: int
+    layers: list[int]
+    """The layers whose queries are captured (and whose summaries score blocks)."""
+    n_kv: int
+    head_dim: int
+    stored: list[StoredBlock] = field(default_factory=list)
+    """The conversation's full blocks, in order."""
+    held: dict[int, int] = field(default_factory=dict)
+    """Block index -> the position of its first token in the hot tier."""
+    tail: StoredBlock | None = None
+    """A stored partial last block on its way into the hot tier (a restore)."""
+    packed: bool = False
+    scores: dict[int, float] = field(default_factory=dict)
+    pending: working_set.Plan | None = None
+    stats: WindowStats = field(default_factory=WindowStats)
+    _prefetched: set[int] = field(default_factory=set)
+    """Blocks a prefetch asked for since they were last loaded."""
+
+    # -- shape ---------------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.sizing.block_size
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.slot.tokens)
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks of the conversation, the partial last one included."""
+        return -(-self.n_tokens // self.block_size)
+
+    def lengths_of(self, blocks: Sequence[int]) -> list[int]:
+        """Tokens in each of these blocks of the conversation."""
+        bs = self.block_size
+        return [min(bs, self.n_tokens - b * bs) for b in blocks]
+
+    def lengths(self) -> dict[int, int]:
+        """Tokens of each held block."""
+        return dict(zip(self.held, self.lengths_of(list(self.held))))
+
+    @property
+    def next_position(self) -> int:
+        """Where the slot's next token is decoded: after the last held token (llama.cpp takes a
+        sequence's next token at its largest position + 1)."""
+        return working_set.next_position(self.held, self.lengths())
+
+    @property
+    def held_tokens(self) -> int:
+        return sum(self.lengths().values())
+
+    # -- building ------------------------------------------------------------------------------
+    def adopt_hot(self, chains: Sequence[ChainHash]) -> None:
+        """Take over a slot whose conversation is hot from position 0 (a conversation that just
+        outgrew its share, or a prompt started from nothing): its full blocks are stored now."""
+        bs = self.block_size
+        self.held = {b: b * bs for b in range(self.n_blocks)}
+        for b in range(len(self.stored), self.n_tokens // bs):
+            self.store_block(b, chains[b] if b < len(chains) else None)
+
+    def restore(self, tokens: np.ndarray, full: Sequence[StoredBlock],
+                tail: StoredBlock | None) -> None:
+        """Start from stored blocks holding ``tokens``: full ones, and maybe a partial tail; the
+        slot is empty. Its sinks and recent blocks are brought in (the rest when queries ask)."""
+        self.stored, self.tail, self.held = list(full), tail, {}
+        self.slot.tokens = np.asarray(tokens, dtype=np.int32)
+        self.load_summaries()
+        self.replan(0)
+        self.apply()
+        self.tail = None
+
+    def store_tail(self) -> StoredBlock | None:
+        """Store the partial last block, hot now (a new block each time: blocks are immutable);
+        None when the conversation ends on a block boundary."""
+        bs, n = self.block_size, self.n_tokens
+        if n % bs == 0:
+            return None
+        b = n // bs
+        position = self.held[b]
+        blob = self.hot.read_range(self.slot.index, position, position + n % bs)
+        layers = state_codec.split_blocks(state_codec.parse(blob), bs)[position // bs]
+        block = BlockId(self.namespace, self.seq_id, b)
+        if self.manager.has_block(block):
+            block = BlockId(self.namespace, self.manager.new_sequence(), b)
+        stored = self.manager.put_block(block, layers, None, position)
+        return StoredBlock(stored, position, ChainHash(b""), None)
+
+    def _block(self, b: int) -> StoredBlock:
+        """Stored block ``b``: a full one, or the tail being restored."""
+        if b < len(self.stored):
+            return self.stored[b]
+        if self.tail is not None and b == len(self.stored):
+            return self.tail
+        raise KvtierError(f"block {b} of the conversation is not stored")
+
+    # -- storing -------------------------------------------------------------------------------
+    def store_block(self, b: int, chain: ChainHash | None = None) -> StoredBlock:
+        """Store full block ``b``, hot now and complete since the last decode."""
+        bs = self.block_size
+        if b != len(self.stored):
+            raise KvtierError(f"block {b} stored out of order ({len(self.stored)} are stored)")
+        position = self.held[b]
+        blob = self.hot.read_range(self.slot.index, position, position + bs)
+        layers = state_codec.split_blocks(state_codec.parse(blob), bs)[position // bs]
+        if chain is None:
+            parent = self.stored[-1].chain if self.stored else None
+            exact = len(self.held) == self.n_blocks and all(
+                self.held.get(i) == i * bs for i in range(b + 1))
+            chain = chain_hash(parent, self.slot.tokens[b * bs:(b + 1) * bs],
+                               b"" if exact else WINDOWED)
+        stored = self.manager.put_block(BlockId(self.namespace, self.seq_id, b), layers, chain,
+                                        position)
+        block = StoredBlock(stored, position, chain, self._summary_of(layers))
+        self.stored.append(block)
+        self.stats.stored += 1
+        return block
+
+    def _summary_of(self, layers: Sequence[LayerKV]) -> tuple[np.ndarray, np.ndarray] | None:
+        from kvtier.storage.summary import key_summary
+        return self._sampled(key_summary(layers))
+
+    def _sampled(self, summary: KeySummary | None) -> tuple[np.ndarray, np.ndarray] | None:
+        if summary is None:
+            return None
+        bounds = summary.bounds[self.layers].astype(np.float32)
+        shape = (len(self.layers), self.n_kv, self.head_dim)
+        return bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape)
+
+    def load_summaries(self) -> None:
+        """Fill in the key summaries of stored blocks that lack them, from the catalog."""
+        missing = [i for i, s in enumerate(self.stored) if s.summary is None]
+        for i, summary in zip(missing, self.manager.key_summaries(
+                [self.stored[i].block for i in missing])):
+            self.stored[i].summary = self._sampled(summary)
+
+    # -- choosing ------------------------------------------------------------------------------
+    def score(self, queries: np.ndarray) -> dict[int, float]:
+        """Score the stored blocks for ``queries`` (sampled layers, rows, heads, dim): each one's
+        share of their attention by its key summary, times the number of blocks (1 is average).
+
+        Every score is reported to the store (measured attention drives the tiers); the blocks
+        that may be selected (not sinks, not recent) are remembered for the next selections, and
+        the best of them that sit below warm are prefetched there."""
+        shape = self.sizing.shape
+        scored = [b for b, s in enumerate(self.stored) if s.summary is not None]
+        if not scored:
+            return {}
+        lo = np.stack([self.stored[b].summary[0] for b in scored])
+        hi = np.stack([self.stored[b].summary[1] for b in scored])
+        attention = dict(zip(scored, (float(s) * len(scored)
+                                      for s in block_scores(queries, lo, hi))))
+        self.manager.report_attention({self.stored[b].block: a for b, a in attention.items()})
+        first_recent = max(shape.sink, self.n_blocks - shape.recent)
+        self.scores = {b: a for b, a in attention.items() if shape.sink <= b < first_recent}
+        room = shape.budget - shape.sink - shape.recent
+        best = sorted(self.scores, key=lambda b: -self.scores[b])[:PREFETCH_FACTOR * room]
+        asked = self.manager.prefetch([self.stored[b].block for b in best if b not in self.held])
+        self._prefetched.update(b for b in best if b not in self.held)
+        self.stats.prefetches += asked
+        self.stats.selections += 1
+        return self.scores
+
+    def replan(self, n_upcoming: int = 0) -> working_set.Plan:
+        """Choose the working set for the slot's next decode (of ``n_upcoming`` tokens, which
+        may start a new block) and keep the plan until :meth:`apply`."""
+        bs = self.block_size
+        span = self.n_tokens + n_upcoming
+        wanted = working_set.select(-(-span // bs), self.scores, self.sizing.shape)
+        wanted = [b for b in wanted if b < self.n_blocks]      # the new block is not a block yet
+        if not self.packed and (self.sizing.packed or span > self.sizing.max_position):
+            if not self.hot.can_shift:
+                raise KvtierError("this model's KV cache cannot be shifted, so a conversation "
+                                  "cannot go past its trained context")
+            self.packed = True
+        placement = working_set.place(wanted, bs, self.sizing.max_position + 1 if self.packed
+                                      else span, self.sizing.max_position)
+        self.pending = working_set.plan(self.held, placement)
+        return self.pending
+
+    # -- around a decode -------------------------------------------------------------------------
+    def prepare(self, n_upcoming: int) -> int:
+        """Before decoding ``n_upcoming`` tokens of this slot: choose and arrange the working set
+        for them, and return the position the first of them goes to."""
+        self.replan(n_upcoming)
+        self.apply()
+        position = self.next_position
+        if self.n_tokens % self.block_size == 0:
+            self.held[self.n_blocks] = position     # the block these tokens start
+        return position
+
+    def completed(self, queries: np.ndarray | None = None) -> None:
+        """After a decode: store the blocks it completed, and score with its queries."""
+        while len(self.stored) < self.n_tokens // self.block_size:
+            self.store_block(len(self.stored))
+        if queries is not None:
+            self.score(queries)
+
+    def retract(self, n: int) -> None:
+        """Forget the last ``n`` tokens decoded (at most a block): their cells are freed, so they
+        can be decoded again, on another working set. A stored block they were in stays stored:
+        decoding the same tokens again gives the block it holds."""
+        bs = self.block_size
+        keep = self.n_tokens - n
+        end = self.next_position
+        self.hot.remove(self.slot.index, end - n, end)
+        self.slot.tokens = self.slot.tokens[:keep]
+        if keep % bs == 0:
+            self.held.pop(keep // bs, None)
+
+    # -- moving --------------------------------------------------------------------------------
+    def apply(self) -> None:
+        """Carry out the pending plan: drops, moves, then loads from the store."""
+        plan, self.pending = self.pending, None
+        if plan is None or plan.empty:
+            return
+        seq = self.slot.index
+        for drop in plan.drop:
+            self.hot.remove(seq, drop.source, drop.source + self.lengths()[drop.block])
+            del self.held[drop.block]
+            self.stats.drops += 1
+        for move in plan.move:
+            length = self.lengths()[move.block]
+            self.hot.shift(seq, move.source, move.source + length, _FAR + move.target - move.source)
+        for move in plan.move:
+            length = self.lengths()[move.block]
+            self.hot.shift(seq, _FAR + move.target, _FAR + move.target + length, -_FAR)
+            self.held[move.block] = move.target
+            self.stats.moves += 1
+        if plan.load:
+            self._load(plan.load)
+
+    def _load(self, loads: Sequence[working_set.Move]) -> None:
+        """Bring stored blocks in: those that land where they were computed in one blob, each
+        other one alone (it is shifted inside the scratch sequence)."""
+        in_place = [m for m in loads if self._block(m.block).position == m.target]
+        shifted = [m for m in loads if self._block(m.block).position != m.target]
+        groups = ([in_place] if in_place else []) + [[m] for m in shifted]
+        for group in groups:
+            self._load_group(group)
+
+    def _load_group(self, group: Sequence[working_set.Move]) -> None:
+        bs = self.block_size
+        blocks = [self._block(m.block) for m in group]
+        lengths = self.lengths_of([m.block for m in group])
+        layout = self.hot_layout()
+        target = state_codec.allocate(layout, self.hot.scratch, 0,
+                                      [(s.position // bs, [n]) for s, n in zip(blocks, lengths)],
+                                      bs)
+        cache = layout.caches[0]
+        for move, stored in zip(group, blocks):
+            entry = self.manager.block_entry(stored.block)
+            if entry is not None and entry.tier != Tier.WARM:
+                self.stats.prefetch_misses += 1
+            elif move.block in self._prefetched:
+                self.stats.prefetch_hits += 1
+            self._prefetched.discard(move.block)
+
+        def destination(j: int, layer: int):
+            k, v = target.rows(target.blocks.index(blocks[j].position // bs), layer)
+            return k, v, cache.k_types[layer], cache.v_types[layer]
+
+        with self.manager.pinned([s.block for s in blocks]):
+            errors = self.manager.get_blocks_into([s.block for s in blocks], destination)
+        bad = [e for e in errors if e is not None]
+        if bad:
+            raise KvtierError(f"a block of the working set could not be read: {bad[0]}")
+        self.hot.write_scratch(target.blob)
+        for move, stored, n in zip(group, blocks, lengths):
+            if move.target != stored.position:
+                self.hot.shift(self.hot.scratch, stored.position, stored.position + n,
+                               move.target - stored.position)
+        self.hot.adopt_scratch(self.slot.index)
+        for move in group:
+            self.held[move.block] = move.target
+            self.stats.loads += 1
+
+    def hot_layout(self) -> state_codec.StateLayout:
+        layout = getattr(self.hot, "layout", None)
+        if layout is None:
+            layout = self.hot.layout = state_codec.layout_of(self.hot.ptr, self.hot.scratch)
+        return layout
