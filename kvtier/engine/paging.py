@@ -170,11 +170,16 @@ class Window:
         position = self.held[b]
         blob = self.hot.read_range(self.slot.index, position, position + n % bs)
         layers = state_codec.split_blocks(state_codec.parse(blob), bs)[position // bs]
+        stored = self.manager.put_block(self._fresh_id(b), layers, None, position)
+        return StoredBlock(stored, position, ChainHash(b""), None)
+
+    def _fresh_id(self, b: int) -> BlockId:
+        """An id for block ``b`` that no stored block has (blocks are immutable: a tail that
+        grew is a new block)."""
         block = BlockId(self.namespace, self.seq_id, b)
         if self.manager.has_block(block):
             block = BlockId(self.namespace, self.manager.new_sequence(), b)
-        stored = self.manager.put_block(block, layers, None, position)
-        return StoredBlock(stored, position, ChainHash(b""), None)
+        return block
 
     def _block(self, b: int) -> StoredBlock:
         """Stored block ``b``: a full one, or the tail being restored."""
@@ -199,8 +204,7 @@ class Window:
                 self.held.get(i) == i * bs for i in range(b + 1))
             chain = chain_hash(parent, self.slot.tokens[b * bs:(b + 1) * bs],
                                b"" if exact else WINDOWED)
-        stored = self.manager.put_block(BlockId(self.namespace, self.seq_id, b), layers, chain,
-                                        position)
+        stored = self.manager.put_block(self._fresh_id(b), layers, chain, position)
         block = StoredBlock(stored, position, chain, self._summary_of(layers))
         self.stored.append(block)
         self.stats.stored += 1

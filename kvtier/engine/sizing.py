@@ -10,11 +10,14 @@ to the scratch one and copied over with ``llama_memory_seq_cp``, metadata-only i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from kvtier.config import Config
 from kvtier.engine.working_set import Shape
 from kvtier.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SLOT_TOKENS = 4096
 """A slot's hot share when ``tiers.gpu_vram_budget`` is 0 (the default)."""
@@ -82,13 +85,18 @@ def hot_sizing(config: Config, kv_bytes_per_token: int, n_ctx_train: int) -> Hot
 
 def _shape(blocks: int, sink: int, recent: int, top_k: int, needed: bool) -> Shape:
     """The working set a share of ``blocks`` holds; checked only where conversations can
-    outgrow their share."""
+    outgrow their share. A share that sinks and recent blocks fill leaves no room for selected
+    blocks: a StreamingLLM-like window, allowed (a baseline to compare with) but said."""
     room = blocks - sink - recent
-    if needed and room < 1:
+    if needed and room < 0:
         raise ConfigError("working_set.recent_blocks",
-                          f"a slot's share of {blocks} blocks leaves no room for a selected block "
-                          f"after {sink} sink and {recent} recent blocks; raise "
-                          f"tiers.gpu_vram_budget or lower working_set.sink_blocks/recent_blocks")
+                          f"a slot's share of {blocks} blocks cannot hold {sink} sink and "
+                          f"{recent} recent blocks; raise tiers.gpu_vram_budget or lower "
+                          f"working_set.sink_blocks / working_set.recent_blocks")
+    if needed and room == 0:
+        log.warning("a slot's share of %d blocks holds only %d sink and %d recent blocks: "
+                    "long conversations keep no block chosen by their queries", blocks, sink,
+                    recent)
     if not needed:
         return Shape(0, 1, max(blocks, 1))
     budget = sink + recent + (min(top_k, room) if top_k else room)

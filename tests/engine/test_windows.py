@@ -1,0 +1,113 @@
+"""Conversations longer than a slot's share of the hot tier, on the real default model: served on
+a working set, the key of a passkey prompt found by the queries' choice of blocks (and missed
+without it), resumed from the store after a restart, attended blocks kept in the faster tier."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import passkey
+from kvtier.engine.api import GenerationRequest, SamplingParams
+from kvtier.engine.engine import Engine
+from kvtier.storage.tiers import Tier
+from tests.engine.engines import make_engine
+
+BLOCK = 64
+SHARE = 4 * BLOCK                # a slot holds 4 blocks: 1 sink, 1 selected, 2 recent
+KV_BYTES_PER_TOKEN = 23_040      # the default model, f16 K and V
+N_PROMPT = 1200                  # ~19 blocks
+ANSWER = SamplingParams(temperature=0.0, max_tokens=8)
+
+
+def long_engine(tmp_path, **extra) -> Engine:
+    settings = {"model.block_size": BLOCK, "model.n_slots": 1, "model.context_size": 4096,
+                "tiers.gpu_vram_budget": SHARE * KV_BYTES_PER_TOKEN}
+    settings.update(extra)
+    return make_engine(tmp_path, **settings)
+
+
+def count(engine: Engine):
+    return lambda text: len(engine.model.tokenize(text, add_special=False))
+
+
+@pytest.fixture(scope="module")
+def key() -> int:
+    return passkey.keys(1, seed=7)[0]
+
+
+def test_a_long_prompt_runs_on_a_working_set_that_finds_the_key(tmp_path, key):
+    engine = long_engine(tmp_path)
+    try:
+        text = passkey.prompt(N_PROMPT, 0.3, key, count(engine))
+        done = engine.generate(GenerationRequest(prompt=text, sampling=ANSWER))
+        assert passkey.found(done.text, key), done.text
+        assert done.usage.prompt_tokens > 2 * SHARE
+        assert 0 < done.usage.working_set_tokens <= SHARE
+        stats = engine.cache_stats().working_set
+        assert stats.selections > 0 and stats.loads > 0 and stats.drops > 0
+        # Every block of the conversation is in the store, the hot tier held four.
+        n_tokens = done.usage.prompt_tokens + done.usage.completion_tokens
+        seqs = engine.manager.sequences()
+        assert len(seqs) == 1 and seqs[0].n_tokens == n_tokens
+        assert len(seqs[0].blocks) == -(-n_tokens // BLOCK)
+    finally:
+        engine.close()
+
+
+def test_sinks_and_recent_blocks_alone_miss_the_key(tmp_path, key):
+    # The same share filled by sinks and recent blocks (StreamingLLM's window): no block chosen.
+    engine = long_engine(tmp_path, **{"working_set.recent_blocks": 3})
+    try:
+        text = passkey.prompt(N_PROMPT, 0.3, key, count(engine))
+        done = engine.generate(GenerationRequest(prompt=text, sampling=ANSWER))
+        assert not passkey.found(done.text, key), done.text
+    finally:
+        engine.close()
+
+
+def test_a_long_session_resumes_from_the_store_after_a_restart(tmp_path, key):
+    engine = long_engine(tmp_path)
+    try:
+        document = passkey.document(N_PROMPT, 0.6, key, count(engine))
+        first = engine.generate(GenerationRequest(prompt=document, session_id="doc",
+                                                  sampling=SamplingParams(max_tokens=1)))
+    finally:
+        engine.close()
+    engine = long_engine(tmp_path)
+    try:
+        second = engine.generate(GenerationRequest(prompt=passkey.QUESTION, session_id="doc",
+                                                   sampling=ANSWER))
+        history = first.usage.prompt_tokens + first.usage.completion_tokens
+        assert second.usage.cached_tokens == history
+        assert second.usage.restored_tokens == history
+        assert second.usage.working_set_tokens <= SHARE
+        assert passkey.found(second.text, key), second.text
+    finally:
+        engine.close()
+
+
+def test_blocks_the_model_attends_to_stay_in_the_faster_tier(tmp_path, key):
+    # Warm holds about half of the conversation's blocks: the rest is demoted, by attention.
+    engine = long_engine(tmp_path, **{"tiers.host_ram_budget": "8MiB"})
+    try:
+        text = passkey.prompt(N_PROMPT, 0.5, key, count(engine))
+        done = engine.generate(GenerationRequest(prompt=text, sampling=ANSWER))
+        assert passkey.found(done.text, key), done.text
+        engine.manager.drain()
+        (seq,) = engine.manager.sequences()
+        tokens = np.frombuffer(seq.tokens, dtype="<i4")
+        needle = engine.model.tokenize(f" {key}", add_special=False)
+        at = next(i for i in range(len(tokens)) if np.array_equal(
+            tokens[i:i + len(needle)], needle))
+        blocks = seq.block_ids()
+        entries = {b: engine.manager.block_entry(b) for b in blocks}
+        attended = blocks[at // BLOCK]
+        assert entries[attended].tier == Tier.WARM
+        assert entries[attended].attention > 1.0      # more than an average block's share
+        filler = [b for i, b in enumerate(blocks[1:-3], 1) if abs(i - at // BLOCK) > 1]
+        demoted = [b for b in filler if entries[b].tier != Tier.WARM]
+        assert len(demoted) >= len(filler) // 2, [entries[b].tier for b in filler]
+        assert all(entries[b].attention < entries[attended].attention for b in filler)
+    finally:
+        engine.close()
