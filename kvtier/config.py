@@ -163,6 +163,9 @@ class WorkingSetConfig(_Section):
     """While generating, the working set is chosen again every this many tokens."""
     query_tokens: Annotated[int, Field(ge=1, le=64)] = 8
     """The queries of this many latest tokens score the stored blocks."""
+    prefetch: bool = True
+    """Promote blocks to warm ahead of their use: the next-best blocks of each selection, and a
+    session's blocks while its request waits for a slot."""
     query_layer_stride: Annotated[int, Field(ge=1)] = 1
     """Queries are read from every n-th layer (1: all); fewer layers cost less at each selection."""
     positions: Literal["packed", "own"] = "packed"

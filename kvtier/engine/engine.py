@@ -69,7 +69,7 @@ class Engine:
                                 f"this server has {self.model_name!r}")
         job = self._prepare(request, GenerationHandle(loop))
         self._scheduler.submit(job)
-        if job.session is not None:
+        if job.session is not None and self.config.working_set.prefetch:
             self._prefetch(job)
         return job.handle
 

@@ -41,6 +41,9 @@ class BatchItem:
     pos: int
     want_logits: bool
     """Logits for the last token (a prompt's end or a generated token)."""
+    all_logits: bool = False
+    """Logits for every token (perplexity measurements); :meth:`HotContext.decode` then returns
+    the batch index of the first, the others follow."""
 
 
 class HotContext:
@@ -153,14 +156,17 @@ class HotContext:
         out: list[int] = []
         for item in items:
             count = len(item.tokens)
+            first = n
             for i in range(count):
                 b.token[n] = int(item.tokens[i])
                 b.pos[n] = item.pos + i
                 b.n_seq_id[n] = 1
                 b.seq_id[n][0] = item.slot
-                b.logits[n] = False
+                b.logits[n] = item.all_logits
                 n += 1
-            if item.want_logits and count:
+            if item.all_logits and count:
+                out.append(first)
+            elif item.want_logits and count:
                 b.logits[n - 1] = True
                 out.append(n - 1)
             else:

@@ -94,6 +94,8 @@ class Window:
     """The layers whose queries are captured (and whose summaries score blocks)."""
     n_kv: int
     head_dim: int
+    prefetch: bool = True
+    """Promote the next-best blocks of each selection to warm."""
     stored: list[StoredBlock] = field(default_factory=list)
     """The conversation's full blocks, in order."""
     held: dict[int, int] = field(default_factory=dict)
@@ -247,12 +249,13 @@ class Window:
         self.manager.report_attention({self.stored[b].block: a for b, a in attention.items()})
         first_recent = max(shape.sink, self.n_blocks - shape.recent)
         self.scores = {b: a for b, a in attention.items() if shape.sink <= b < first_recent}
-        room = shape.budget - shape.sink - shape.recent
-        best = sorted(self.scores, key=lambda b: -self.scores[b])[:PREFETCH_FACTOR * room]
-        asked = self.manager.prefetch([self.stored[b].block for b in best if b not in self.held])
-        self._prefetched.update(b for b in best if b not in self.held)
-        self.stats.prefetches += asked
         self.stats.selections += 1
+        if self.prefetch:
+            room = shape.budget - shape.sink - shape.recent
+            best = [b for b in sorted(self.scores, key=lambda b: -self.scores[b])
+                    [:PREFETCH_FACTOR * room] if b not in self.held]
+            self.stats.prefetches += self.manager.prefetch([self.stored[b].block for b in best])
+            self._prefetched.update(best)
         return self.scores
 
     def replan(self, n_upcoming: int = 0) -> working_set.Plan:

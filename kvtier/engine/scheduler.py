@@ -124,7 +124,7 @@ class Scheduler:
                                          self.block_size, self.throughput)
             ws = self.config.working_set
             self.windows = WindowedSlots(self.hot, self.sizing, self.manager, self.namespace,
-                                         ws.query_tokens, ws.reselect_tokens)
+                                         ws.query_tokens, ws.reselect_tokens, ws.prefetch)
         except BaseException as exc:
             self._start_error = exc
             if getattr(self, "hot", None) is not None:

@@ -48,13 +48,15 @@ class WindowedSlots:
     """The working sets of the hot tier's slots (engine thread only)."""
 
     def __init__(self, hot: HotContext, sizing: HotSizing, manager: TierManager,
-                 namespace: Namespace, query_tokens: int, reselect_tokens: int) -> None:
+                 namespace: Namespace, query_tokens: int, reselect_tokens: int,
+                 prefetch: bool = True) -> None:
         self.hot = hot
         self.sizing = sizing
         self.manager = manager
         self.namespace = namespace
         self.query_tokens = query_tokens
         self.reselect_tokens = reselect_tokens
+        self.prefetch = prefetch
         self.windows: dict[int, Window] = {}
         self.totals = WindowStats()
         model = hot.model
@@ -85,7 +87,7 @@ class WindowedSlots:
     def _new(self, slot: Slot, seq_id: int) -> Window:
         self.drop(slot)
         window = Window(self.hot, slot, self.sizing, self.manager, self.namespace, seq_id,
-                        self.hot.capture.layers, self._n_kv, self._head_dim)
+                        self.hot.capture.layers, self._n_kv, self._head_dim, self.prefetch)
         self.windows[slot.index] = window
         return window
 

@@ -1,0 +1,111 @@
+"""Perplexity over a long document with the hot tier at a quarter of it: full attention vs the
+working set (packed, and at the blocks' own positions) vs sinks + recent blocks.
+
+    python -m bench.bench_perplexity [--tokens 4096] [--hot 1024] [--offsets 0 20000]
+
+The document is English from ``pydoc_data.topics`` (ships with Python). Every token's next-token
+negative log-likelihood is taken while the document is prefilled: in one context holding all of
+it (full attention), or a block at a time on a working set of ``--hot`` tokens that the previous
+block's queries chose (how kvtier prefills a long prompt). Perplexity is exp(mean NLL) over the
+same tokens (the first block is left out: every method sees it whole). Writes
+bench/results/perplexity.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import numpy as np
+
+from bench.common import document_tokens, print_table, write_json
+from kvtier.config import load_config
+from kvtier.engine.hot import BatchItem, HotContext
+from kvtier.engine.model import Model, default_model_path
+from kvtier.engine.paging import Window
+from kvtier.engine.query_capture import RowRange
+from kvtier.storage.manager import TierManager
+
+BLOCK = 256
+QUERY_TOKENS = 8
+
+
+def nll(hot: HotContext, index: int, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihoods of ``targets`` from the logits at batch rows ``index`` on."""
+    out = np.empty(len(targets))
+    for i, target in enumerate(targets):
+        logits = hot.logits(index + i).astype(np.float64)
+        top = logits.max()
+        out[i] = np.log(np.exp(logits - top).sum()) + top - logits[target]
+    return out
+
+
+def run(model: Model, tokens: np.ndarray, method: str, hot_tokens: int) -> np.ndarray:
+    """Per-token NLL of ``tokens[1:]`` (the i-th predicts token i + 1) under ``method``."""
+    per_token = model.kv_bytes_per_token("f16", "f16")
+    share = len(tokens) + BLOCK if method == "full" else hot_tokens
+    settings = {"data_dir": tempfile.mkdtemp(prefix="kvtier-bench-ppl-"), "model.n_slots": 1,
+                "model.context_size": len(tokens) + BLOCK,
+                "tiers.gpu_vram_budget": share * per_token}
+    if method == "own":
+        settings["working_set.positions"] = "own"
+    if method == "sinks+recent":
+        settings["working_set.recent_blocks"] = hot_tokens // BLOCK - 1
+    config = load_config(None, settings)
+    hot = HotContext.for_config(model, config)
+    manager = TierManager(config, background=False)
+    slot = hot.slots[0]
+    window = None if method == "full" else Window(
+        hot, slot, hot.sizing, manager, model.fingerprint("f16", "f16", BLOCK).namespace,
+        manager.new_sequence(), hot.capture.layers, model.n_head_kv, model.n_embd // model.n_head)
+    out = []
+    try:
+        step = hot.n_batch if window is None else BLOCK
+        for start in range(0, len(tokens) - 1, step):
+            chunk = tokens[start:start + step]
+            targets = tokens[start + 1:start + 1 + len(chunk)]
+            chunk = chunk[:len(targets)]
+            if window is None:
+                index = hot.decode([BatchItem(0, chunk, start, False, all_logits=True)])[0]
+                out.append(nll(hot, index, targets))
+                continue
+            position = window.prepare(len(chunk))
+            hot.capture.arm([RowRange(len(chunk) - QUERY_TOKENS, QUERY_TOKENS)])
+            index = hot.decode([BatchItem(0, chunk, position, False, all_logits=True)])[0]
+            (queries,) = hot.capture.collect()
+            out.append(nll(hot, index, targets))
+            window.completed(queries)
+    finally:
+        manager.close()
+        hot.close()
+    return np.concatenate(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hot", type=int, default=1024)
+    parser.add_argument("--offsets", type=int, nargs="+", default=[0, 20000],
+                        help="where in the text each document starts (tokens)")
+    parser.add_argument("--methods", nargs="+",
+                        default=["full", "packed", "own", "sinks+recent"])
+    args = parser.parse_args()
+    model = Model(default_model_path())
+    text = document_tokens(model)
+    results, rows = [], []
+    for offset in args.offsets:
+        tokens = text[offset:offset + args.tokens + 1]
+        by_method = {m: run(model, tokens, m, args.hot)[BLOCK:] for m in args.methods}
+        for method, values in by_method.items():
+            ppl = float(np.exp(values.mean()))
+            base = float(np.exp(by_method[args.methods[0]].mean()))
+            results.append({"offset": offset, "method": method, "tokens": args.tokens,
+                            "hot": args.hot, "perplexity": ppl, "ratio": ppl / base})
+            rows.append([offset, method, f"{ppl:.3f}", f"{ppl / base:.4f}"])
+            print(results[-1], flush=True)
+    print_table(["offset", "method", "perplexity", f"vs {args.methods[0]}"], rows)
+    write_json("perplexity", {"results": results})
+
+
+if __name__ == "__main__":
+    main()
