@@ -25,24 +25,25 @@ from kvtier.engine.api import GenerationRequest, SamplingParams
 from kvtier.engine.engine import Engine
 from kvtier.engine.model import Model, default_model_path
 
-BLOCK = 256
 ANSWER = SamplingParams(temperature=0.0, max_tokens=8)
 METHODS = ("full", "sinks+recent", "kvtier")
 
 
-def engine_for(method: str, hot: int, length: int, model: Model, threads: int
+def engine_for(method: str, length: int, model: Model, args: argparse.Namespace
                ) -> Engine | None:
-    """An engine whose slot holds ``hot`` tokens (the whole prompt for full attention, which
-    runs only inside the model's trained context); None where the method cannot run."""
-    share = length + 2 * BLOCK if method == "full" else hot
+    """An engine whose slot holds ``args.hot`` tokens (the whole prompt for full attention,
+    which runs only inside the model's trained context); None where the method cannot run."""
+    block = args.block_size
+    share = length + 2 * block if method == "full" else args.hot
     if method == "full" and share > model.n_ctx_train:
         return None
     settings = {"data_dir": tempfile.mkdtemp(prefix="kvtier-bench-passkey-"),
                 "model.n_slots": 1, "model.context_size": length + 1024,
-                "model.n_threads": threads,
-                "tiers.gpu_vram_budget": share * model.kv_bytes_per_token("f16", "f16")}
+                "model.n_threads": args.threads, "model.block_size": block,
+                "tiers.gpu_vram_budget": share * model.kv_bytes_per_token("f16", "f16"),
+                "working_set.sink_blocks": args.sink, "working_set.recent_blocks": args.recent}
     if method == "sinks+recent":
-        settings["working_set.recent_blocks"] = hot // BLOCK - 1
+        settings["working_set.recent_blocks"] = args.hot // block - args.sink
     return Engine(load_config(None, settings))
 
 
@@ -55,6 +56,9 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1, help="keys per length and depth")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--sink", type=int, default=1, help="working_set.sink_blocks")
+    parser.add_argument("--recent", type=int, default=2, help="working_set.recent_blocks")
     parser.add_argument("--plot", action="store_true")
     args = parser.parse_args()
 
@@ -62,7 +66,7 @@ def main() -> None:
     results = []
     for length in args.lengths:
         for method in args.methods:
-            engine = engine_for(method, args.hot, length, model, args.threads)
+            engine = engine_for(method, length, model, args)
             if engine is None:
                 continue
             count = lambda text: len(engine.model.tokenize(text, add_special=False))  # noqa: E731
@@ -90,7 +94,9 @@ def main() -> None:
             line.append(f"{sum(r['found'] for r in rows)}/{len(rows)}" if rows else "-")
         table.append(line)
     print_table(["tokens", *args.methods], table)
-    write_json("passkey", {"hot_tokens": args.hot, "block_size": BLOCK, "results": results})
+    write_json("passkey", {"hot_tokens": args.hot, "block_size": args.block_size,
+                           "sink_blocks": args.sink, "recent_blocks": args.recent,
+                           "results": results})
     if args.plot:
         plot(results, args)
 

@@ -26,7 +26,6 @@ from kvtier.engine.paging import Window
 from kvtier.engine.query_capture import RowRange
 from kvtier.storage.manager import TierManager
 
-BLOCK = 256
 QUERY_TOKENS = 8
 
 
@@ -40,27 +39,29 @@ def nll(hot: HotContext, index: int, targets: np.ndarray) -> np.ndarray:
     return out
 
 
-def run(model: Model, tokens: np.ndarray, method: str, hot_tokens: int) -> np.ndarray:
+def run(model: Model, tokens: np.ndarray, method: str, args: argparse.Namespace) -> np.ndarray:
     """Per-token NLL of ``tokens[1:]`` (the i-th predicts token i + 1) under ``method``."""
     per_token = model.kv_bytes_per_token("f16", "f16")
-    share = len(tokens) + BLOCK if method == "full" else hot_tokens
+    block = args.block_size
+    share = len(tokens) + block if method == "full" else args.hot
     settings = {"data_dir": tempfile.mkdtemp(prefix="kvtier-bench-ppl-"), "model.n_slots": 1,
-                "model.context_size": len(tokens) + BLOCK,
-                "tiers.gpu_vram_budget": share * per_token}
+                "model.context_size": len(tokens) + block, "model.block_size": block,
+                "tiers.gpu_vram_budget": share * per_token,
+                "working_set.sink_blocks": args.sink, "working_set.recent_blocks": args.recent}
     if method == "own":
         settings["working_set.positions"] = "own"
     if method == "sinks+recent":
-        settings["working_set.recent_blocks"] = hot_tokens // BLOCK - 1
+        settings["working_set.recent_blocks"] = args.hot // block - args.sink
     config = load_config(None, settings)
     hot = HotContext.for_config(model, config)
     manager = TierManager(config, background=False)
     slot = hot.slots[0]
     window = None if method == "full" else Window(
-        hot, slot, hot.sizing, manager, model.fingerprint("f16", "f16", BLOCK).namespace,
+        hot, slot, hot.sizing, manager, model.fingerprint("f16", "f16", block).namespace,
         manager.new_sequence(), hot.capture.layers, model.n_head_kv, model.n_embd // model.n_head)
     out = []
     try:
-        step = hot.n_batch if window is None else BLOCK
+        step = hot.n_batch if window is None else block
         for start in range(0, len(tokens) - 1, step):
             chunk = tokens[start:start + step]
             targets = tokens[start + 1:start + 1 + len(chunk)]
@@ -89,18 +90,22 @@ def main() -> None:
                         help="where in the text each document starts (tokens)")
     parser.add_argument("--methods", nargs="+",
                         default=["full", "packed", "own", "sinks+recent"])
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--sink", type=int, default=1, help="working_set.sink_blocks")
+    parser.add_argument("--recent", type=int, default=2, help="working_set.recent_blocks")
     args = parser.parse_args()
     model = Model(default_model_path())
     text = document_tokens(model)
     results, rows = [], []
     for offset in args.offsets:
         tokens = text[offset:offset + args.tokens + 1]
-        by_method = {m: run(model, tokens, m, args.hot)[BLOCK:] for m in args.methods}
+        by_method = {m: run(model, tokens, m, args)[args.block_size:] for m in args.methods}
         for method, values in by_method.items():
             ppl = float(np.exp(values.mean()))
             base = float(np.exp(by_method[args.methods[0]].mean()))
             results.append({"offset": offset, "method": method, "tokens": args.tokens,
-                            "hot": args.hot, "perplexity": ppl, "ratio": ppl / base})
+                            "hot": args.hot, "block_size": args.block_size, "sink": args.sink,
+                            "recent": args.recent, "perplexity": ppl, "ratio": ppl / base})
             rows.append([offset, method, f"{ppl:.3f}", f"{ppl / base:.4f}"])
             print(results[-1], flush=True)
     print_table(["offset", "method", "perplexity", f"vs {args.methods[0]}"], rows)
