@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from kvtier.config import Config
 from kvtier.engine.api import Finished, GenerationRequest, SlotStats, TokenEvent, TokenStats, Usage
 from kvtier.engine.handle import GenerationHandle
+from kvtier.engine.host_buffers import BufferPool, CudaRegistrar
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.model import Model
 from kvtier.engine.restore_policy import ThroughputModel
@@ -28,6 +30,7 @@ from kvtier.engine.sessions import SessionStore
 from kvtier.engine.slots import (SequenceOwner, SessionOwner, Slot, SlotOwner, choose_slot,
                                  common_prefix, may_extend)
 from kvtier.engine.snapshot import Snapshotter, StoredSequence
+from kvtier.engine.store_writer import StoreWriter
 from kvtier.engine.text import TextStream
 from kvtier.errors import KvtierError, Overloaded
 from kvtier.storage.catalog import SessionEntry
@@ -99,11 +102,16 @@ class Scheduler:
         self._stopping = False
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        # Finished requests are stored by this writer's thread; the engine thread only reads
+        # their new cells out of llama.cpp (see Snapshotter.prepare).
+        self.writer = StoreWriter(manager, BufferPool(config.tiers.store_queue_budget,
+                                                      CudaRegistrar.find(), "store buffers"))
         self._thread = threading.Thread(target=self._main, name="kvtier-engine", daemon=True)
         self._thread.start()
         self._started.wait()
         if self._start_error is not None:
             self._thread.join()
+            self.writer.close()
             raise self._start_error
 
     def _main(self) -> None:
@@ -113,7 +121,7 @@ class Scheduler:
         try:
             self.hot = HotContext(self.model, self.config.model, self.n_ctx_per_slot)
             self.snapshots = Snapshotter(self.hot, self.manager, self.namespace,
-                                         self.block_size, self.throughput)
+                                         self.block_size, self.throughput, self.writer)
         except BaseException as exc:
             self._start_error = exc
             if getattr(self, "hot", None) is not None:
@@ -124,6 +132,7 @@ class Scheduler:
         try:
             self._run()
         finally:
+            self.snapshots.close()
             self.hot.close()
 
     # -- any thread ------------------------------------------------------------------------------
@@ -144,7 +153,7 @@ class Scheduler:
             return SlotStats(self.n_slots, len(self._active), len(self._queue))
 
     def close(self) -> None:
-        """Cut queued jobs, finish active ones as cancelled (their KV is stored), stop."""
+        """Cut queued jobs, finish active ones as cancelled, stop, and store everything."""
         with self._cv:
             if self._stopping:
                 return
@@ -156,6 +165,7 @@ class Scheduler:
                 job.handle.cancel()
             self._cv.notify()
         self._thread.join()
+        self.writer.close()
 
     # -- the engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -310,6 +320,9 @@ class Scheduler:
         job.handle.finish(finished)
 
     def _store(self, job: Job) -> Finished:
+        """Decode the last token, read the cells the store lacks, and queue them for the store
+        writer (with the session's update, which must follow its sequence): the only part of
+        storing that runs on the engine thread is reading the state out of llama.cpp."""
         slot = job.slot
         if job.next_token is not None and len(slot.tokens) < self.n_ctx_per_slot:
             self.hot.decode([BatchItem(slot.index, np.array([job.next_token], np.int32),
@@ -318,20 +331,27 @@ class Scheduler:
         tail = job.stream.finish()
         if tail:
             job.handle.emit_token(TokenEvent(tail, -1))
-        job.seq = self.snapshots.save(slot, job.seq)
+        job.seq, store = self.snapshots.prepare(slot, job.seq)
         self._slot_seq[slot.index] = job.seq
         if job.owner is not None:
-            self._save_session(job, job.owner.session_id)
+            store.session_id = job.owner.session_id
+            store.after = self._session_update(job, job.owner.session_id)
+        self.writer.submit(store)
         usage = Usage(len(job.prompt), sum(1 for t in job.generated if not self.model.is_eog(t)),
                       job.cached, job.restored, len(job.prompt) - job.cached)
         return Finished(job.stream.text, job.finish_reason or "stop", usage,
                         job.request.session_id)
 
-    def _save_session(self, job: Job, session_id: str) -> None:
+    def _session_update(self, job: Job, session_id: str) -> Callable[[], None]:
+        """The session's new turn, saved by the store writer once the turn's KV is stored."""
         generated = b"".join(self.model.piece(t, special=True)
                              for t in job.generated).decode("utf-8", errors="replace")
-        self.sessions.save_turn(session_id, job.session, job.request, job.stream.text,
-                                job.session_text + generated, job.seq.seq_id)
+        previous, request, reply = job.session, job.request, job.stream.text
+        text, seq_id = job.session_text + generated, job.seq.seq_id
+
+        def update() -> None:
+            self.sessions.save_turn(session_id, previous, request, reply, text, seq_id)
+        return update
 
     def _fail(self, job: Job, exc: Exception) -> None:
         if job in self._active:

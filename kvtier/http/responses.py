@@ -304,12 +304,33 @@ class Throughput(_Response):
     """Per storage tier, fastest first."""
 
 
+class StoreCounts(_Response):
+    """The background store writer (finished requests' KV on its way into the tiers)."""
+
+    queued_jobs: int
+    queued_bytes: int
+    jobs: int
+    blocks_written: int
+    failures: int
+    """Stores that failed (logged; their replies had been sent)."""
+    waits: int
+    """Times the engine waited for the writer (back-pressure)."""
+    wait_s: float
+    read_s: float
+    """Engine-thread seconds spent reading states out of llama.cpp."""
+    write_s: float
+    bytes_read: int
+    pinned: bool
+    """Whether the state buffers are pinned (registered with the GPU runtime)."""
+
+
 class CacheStats(_Response):
     object: Literal["cache.stats"] = "cache.stats"
     tiers: list[TierStats]
     tokens: TokenCounts
     slots: SlotCounts
     throughput: Throughput
+    store: StoreCounts
 
     @classmethod
     def of(cls, stats: api.CacheStats) -> CacheStats:
