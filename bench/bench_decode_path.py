@@ -5,7 +5,8 @@ RocksDB (cool) store, verified and decoded into one llama.cpp state blob, as
     python -m bench.bench_decode_path [--shapes default 8b] [--blocks 16] [--repeats 5]
 
 Shapes: ``default`` is the default model (30 layers x 192 values per row), ``8b`` a Llama 8B
-(32 layers x 1024); 256-token blocks. Formats: warm Q8 and f16, cool Q4 + zstd. Synthetic KV
+(32 layers x 1024); 256-token blocks. Formats: warm Q8 and f16, cool Q4 + zstd, and llama.cpp's
+``q8_0`` KV cache kept as it is in the warm tier (a restore is a copy). Synthetic KV
 (keys with outlier channels, as real keys have) is stored through ``put_block``, so the records
 are the ones the server writes. The blob is laid out for a one-stream context with V per token
 (flash attention), like the engine's.
@@ -30,21 +31,35 @@ from bench.common import print_table, write_json
 from kvtier.config import load_config
 from kvtier.engine import state_codec
 from kvtier.engine.state_codec import CacheLayout, StateLayout
-from kvtier.ggml import F16
+from kvtier.ggml import F16, Q8_0
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId, LayerKV, TensorRows, namespace_of
 from kvtier.storage.tiers import Tier
 
+try:
+    from kvtier.storage.reads import RowTargets
+except ImportError:          # before the batched decode path: one call per record
+    RowTargets = None
+
 SHAPES = {"default": (30, 192), "8b": (32, 1024)}
 """name -> (layers, K or V values per row)."""
 BLOCK = 256
-CASES = [("warm", "f16", Tier.WARM), ("warm", "q8", Tier.WARM), ("cool", "q8", Tier.COOL)]
-"""(label, warm_format, tier): cool blocks are Q4 + zstd whatever the warm format."""
+CASES = [("warm", "f16", Tier.WARM, F16), ("warm", "q8", Tier.WARM, F16),
+         ("cool", "q8", Tier.COOL, F16), ("warm", "q8", Tier.WARM, Q8_0)]
+"""(label, warm_format, tier, KV cache type): cool blocks are Q4 + zstd whatever the warm format;
+q8_0 rows are stored as they are in every tier."""
 NS = namespace_of(b"bench-decode-path")
 
 
-def synthetic_block(rng: np.random.Generator, n_layers: int, width: int) -> list[LayerKV]:
-    """f16 K with a few large channels and V with per-token scales, like real KV."""
+def synthetic_block(rng: np.random.Generator, n_layers: int, width: int,
+                    cache_type=F16) -> list[LayerKV]:
+    """f16 K with a few large channels and V with per-token scales, like real KV (random rows
+    for a quantized cache type)."""
+    if cache_type != F16:
+        rb = cache_type.row_bytes(width)
+        return [LayerKV(TensorRows(cache_type.id, rng.integers(0, 256, (BLOCK, rb), np.uint8)),
+                        TensorRows(cache_type.id, rng.integers(0, 256, (BLOCK, rb), np.uint8)))
+                for _ in range(n_layers)]
     layers = []
     for _ in range(n_layers):
         k = rng.standard_normal((BLOCK, width), dtype=np.float32)
@@ -56,9 +71,9 @@ def synthetic_block(rng: np.random.Generator, n_layers: int, width: int) -> list
     return layers
 
 
-def layout_for(n_layers: int, width: int) -> StateLayout:
-    rb = (2 * width,) * n_layers
-    types = (F16.id,) * n_layers
+def layout_for(n_layers: int, width: int, cache_type=F16) -> StateLayout:
+    rb = (cache_type.row_bytes(width),) * n_layers
+    types = (cache_type.id,) * n_layers
     return StateLayout((CacheLayout(1, False, n_layers, types, rb, types, rb),))
 
 
@@ -72,35 +87,42 @@ def time_it(fn, repeats: int) -> list[float]:
     return times
 
 
-def run_case(shape: str, label: str, warm_format: str, tier: Tier, n_blocks: int,
+def run_case(shape: str, label: str, warm_format: str, tier: Tier, cache_type, n_blocks: int,
              repeats: int, tmp: Path) -> dict:
     n_layers, width = SHAPES[shape]
     block_raw = n_layers * 2 * BLOCK * width * 2
     config = load_config(None, {
-        "data_dir": str(tmp / f"{shape}-{label}-{warm_format}"),
+        "data_dir": str(tmp / f"{shape}-{label}-{warm_format}-{cache_type.name}"),
         "tiers.host_ram_budget": max(1 << 30, 2 * n_blocks * block_raw),
         "tiers.local_ssd_budget": 4 * n_blocks * block_raw,
         "tiers.warm_format": warm_format})
     rng = np.random.default_rng(0)
     with TierManager(config, background=False) as manager:
         blocks = []
-        template = synthetic_block(rng, n_layers, width)
+        template = synthetic_block(rng, n_layers, width, cache_type)
         for b in range(n_blocks):
             # Every block its own bytes (a shifted copy of one random block: fast to make).
-            layers = [LayerKV(TensorRows(F16.id, np.roll(kv.k.rows, b, axis=0)),
-                              TensorRows(F16.id, np.roll(kv.v.rows, b, axis=0)))
+            layers = [LayerKV(TensorRows(cache_type.id, np.roll(kv.k.rows, b, axis=0)),
+                              TensorRows(cache_type.id, np.roll(kv.v.rows, b, axis=0)))
                       for kv in template]
             blocks.append(manager.put_block(BlockId(NS, 1, b), layers))
             if tier != Tier.WARM:
                 assert manager.move(blocks[-1], tier)
         stored = sum(manager.block_entry(b).stored_bytes for b in blocks)
-        layout = layout_for(n_layers, width)
+        layout = layout_for(n_layers, width, cache_type)
         target = state_codec.allocate(layout, 0, 0, [(j, [BLOCK]) for j in range(n_blocks)],
                                       BLOCK)
 
         def destination(j: int, layer: int):
             k, v = target.rows(j, layer)
-            return k, v, F16.id, F16.id
+            return k, v, cache_type.id, cache_type.id
+
+        if RowTargets is not None:   # as the restore does; older code takes the function
+            base = np.frombuffer(target.blob, np.uint8).__array_interface__["data"][0]
+            cache = layout.caches[0]
+            destination = RowTargets(base + target.k_offsets, base + target.v_offsets,
+                                     cache.k_types, cache.v_types, cache.k_row_bytes,
+                                     cache.v_row_bytes, (BLOCK,) * n_blocks)
 
         def restore() -> None:
             errors = manager.get_blocks_into(blocks, destination)
@@ -113,7 +135,10 @@ def run_case(shape: str, label: str, warm_format: str, tier: Tier, n_blocks: int
         memcpy = statistics.median(time_it(lambda: np.copyto(copy, blob), repeats))
     seconds = statistics.median(times)
     records = n_blocks * n_layers
-    return {"shape": shape, "case": f"{label} {'q4+zstd' if tier == Tier.COOL else warm_format}",
+    name = "q4+zstd" if tier == Tier.COOL else warm_format
+    if cache_type != F16:
+        name = f"{cache_type.name} as is"
+    return {"shape": shape, "case": f"{label} {name}",
             "blocks": n_blocks, "records": records, "blob_bytes": int(blob.nbytes),
             "stored_bytes": int(stored), "seconds": seconds, "best_s": min(times),
             "us_per_record": seconds / records * 1e6,
@@ -132,9 +157,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-decode-path-") as tmp:
         for shape in args.shapes:
-            for label, warm_format, tier in CASES:
-                r = run_case(shape, label, warm_format, tier, args.blocks, args.repeats,
-                             Path(tmp))
+            for label, warm_format, tier, cache_type in CASES:
+                r = run_case(shape, label, warm_format, tier, cache_type, args.blocks,
+                             args.repeats, Path(tmp))
                 results.append(r)
                 print(f"{r['shape']} {r['case']}: {r['seconds']:.4f} s, "
                       f"{r['us_per_record']:.1f} us/record", flush=True)
@@ -144,7 +169,8 @@ def main() -> None:
                   r["us_per_record"], r["blob_gb_s"], r["stored_gb_s"], r["memcpy_s"],
                   r["x_memcpy"]] for r in results])
     path = write_json(args.out, {"blocks": args.blocks, "repeats": args.repeats,
-                                 "results": results})
+                                 "destination": "function" if RowTargets is None
+                                 else "addresses", "results": results})
     print(f"wrote {path}")
 
 

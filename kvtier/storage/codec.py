@@ -51,7 +51,8 @@ FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<4sQ")
 _BODY = struct.Struct("<IIHH" + "ibBHIQ" * 2)
 """Format 2's fixed header after the prefix: tokens, exact rows, flags, summary channels, K, V."""
-_FIXED_BYTES = _PREFIX.size + _BODY.size
+_HEAD = struct.Struct(_PREFIX.format + _BODY.format[1:])
+_FIXED_BYTES = _HEAD.size
 _V1_LENGTH = struct.Struct("<I")
 _ALIGN = 16
 _FLAG_ZSTD = 1
@@ -272,28 +273,33 @@ class DecodeBatch:
         ``v_dst``: ``n_rows`` contiguous rows of ``k_row_bytes`` (``v_row_bytes``) bytes each.
         Raises :class:`BlockCorrupt` for a damaged record, :class:`ModelMismatch` for one whose
         types or shapes are not the destination's."""
-        view = _verify(data)
-        if view[:4] != MAGIC:
+        view = memoryview(data)
+        magic = None
+        if len(view) >= _FIXED_BYTES:
+            (magic, checksum, n, exact, zstd, channels,
+             kt, ke, kg, kgs, kw, kn, vt, ve, vg, vgs, vw, vn) = _HEAD.unpack_from(view)
+        if magic != MAGIC:
+            view = _verify(view)           # format 1, or damaged: the general path says which
             header, offset = _parse_header(view)
             k, v = header.k, header.v
-            fields = (header.n_tokens, header.exact_rows, int(header.zstd),
-                      k.ggml_type, k.encoding, k.grouping, k.group_size, k.width, k.nbytes,
-                      v.ggml_type, v.encoding, v.grouping, v.group_size, v.width, v.nbytes)
-        elif len(view) < _FIXED_BYTES:
-            raise BlockCorrupt(f"record of {len(view)} bytes is shorter than its header")
+            n, exact, zstd = header.n_tokens, header.exact_rows, header.zstd
+            kt, ke, kg, kgs, kw, kn = k.ggml_type, k.encoding, k.grouping, k.group_size, \
+                k.width, k.nbytes
+            vt, ve, vg, vgs, vw, vn = v.ggml_type, v.encoding, v.grouping, v.group_size, \
+                v.width, v.nbytes
+        elif xxhash.xxh3_64_intdigest(view[_PREFIX.size:]) != checksum:
+            raise BlockCorrupt("checksum mismatch")
+        elif zstd & ~_FLAG_ZSTD:
+            raise BlockCorrupt(f"unknown flags {zstd:#x}")
         else:
-            n_tokens, exact, flags, channels, *rest = _BODY.unpack_from(view, _PREFIX.size)
-            if flags & ~_FLAG_ZSTD:
-                raise BlockCorrupt(f"unknown flags {flags:#x}")
             offset = _payload_offset(channels)
-            fields = (n_tokens, exact, flags, *rest)
-        (n, exact, zstd, kt, ke, kg, kgs, kw, kn, vt, ve, vg, vgs, vw, vn) = fields
-        if (kt, vt, n, _row_bytes(ke, kw), _row_bytes(ve, vw)) != \
-                (k_type, v_type, n_rows, k_row_bytes, v_row_bytes):
-            raise ModelMismatch(f"a record of types {kt}/{vt}, {n} rows of "
-                                f"{_row_bytes(ke, kw)}/{_row_bytes(ve, vw)} bytes, for a "
-                                f"destination of types {k_type}/{v_type}, {n_rows} rows of "
-                                f"{k_row_bytes}/{v_row_bytes} bytes")
+        k_rb = kw if ke == RAW else 2 * kw
+        v_rb = vw if ve == RAW else 2 * vw
+        if kt != k_type or vt != v_type or n != n_rows or k_rb != k_row_bytes \
+                or v_rb != v_row_bytes:
+            raise ModelMismatch(f"a record of types {kt}/{vt}, {n} rows of {k_rb}/{v_rb} bytes, "
+                                f"for a destination of types {k_type}/{v_type}, {n_rows} rows "
+                                f"of {k_row_bytes}/{v_row_bytes} bytes")
         if zstd:
             payload = _decompress(view[offset:], kn + vn)
             self._keep.append(payload)
