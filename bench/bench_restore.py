@@ -8,12 +8,12 @@ repository root:
 
     python -m bench.bench_restore [--lengths 1024 4096 8192] [--repeats 3]
         [--model PATH] [--n-gpu-layers -1] [--flash-attn on] [--cache-type q8_0]
-        [--warm-format f16] [--chunks 4] [--unified] [--out restore]
+        [--warm-format f16] [--unified] [--chunk-mib 256] [--out restore]
 
 ``--cache-type q8_0`` runs llama.cpp's q8_0 KV cache: records hold its rows as they are and a
 restore is a copy. ``--unified`` builds the hot tier as one unified KV cache with a scratch
-sequence (what issue 9 makes the default), so restores go in ``--chunks`` chunks; a context
-that already has a scratch sequence uses it without the flag.
+sequence (what issue 9 makes the default), so restores go in chunks of ``--chunk-mib`` MiB of KV;
+a context that already has a scratch sequence uses it without the flag.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from kvtier.engine.host_buffers import BufferPool, CudaRegistrar
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.model import Model, default_model_path
 from kvtier.engine.restore_policy import ThroughputModel
-from kvtier.engine.snapshot import Snapshotter, StoredSequence
+from kvtier.engine.snapshot import RESTORE_CHUNK_BYTES, Snapshotter, StoredSequence
 from kvtier.engine.store_writer import StoreWriter
 from kvtier.storage.manager import TierManager
 from kvtier.storage.tiers import Tier
@@ -110,8 +110,8 @@ def main() -> None:
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--cache-type", default="f16", help="llama.cpp K and V cache type")
     parser.add_argument("--warm-format", choices=["f16", "q8"], default="q8")
-    parser.add_argument("--chunks", type=int, default=4,
-                        help="restore chunks where the context has a scratch sequence")
+    parser.add_argument("--chunk-mib", type=float, default=RESTORE_CHUNK_BYTES / 2**20,
+                        help="KV MiB per restore chunk where the context has a scratch sequence")
     parser.add_argument("--unified", action="store_true",
                         help="one unified KV cache with a scratch sequence")
     parser.add_argument("--tiers", nargs="+", choices=[t.label for t in Tier],
@@ -134,7 +134,8 @@ def main() -> None:
     hot = hot_context(model, config, n_ctx, args.unified)
     manager = TierManager(config, background=False)
     ns = model.fingerprint(args.cache_type, args.cache_type, 256).namespace
-    snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel(), restore_chunks=args.chunks)
+    snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel(),
+                        restore_chunk_bytes=int(args.chunk_mib * 2**20))
     writer = StoreWriter(manager, BufferPool(config.tiers.store_queue_budget, CudaRegistrar.find(),
                                              "store buffers"))
     tiers = [Tier.from_label(t) for t in args.tiers]
@@ -200,7 +201,7 @@ def main() -> None:
     settings = {"model": Path(args.model or default_model_path()).name,
                 "n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn,
                 "cache_type": args.cache_type, "warm_format": args.warm_format,
-                "scratch_seq": snaps.scratch_seq, "restore_chunks": args.chunks,
+                "scratch_seq": snaps.scratch_seq, "restore_chunk_mib": args.chunk_mib,
                 "pinned": snaps.restore_buffers.pinned}
     path = write_json(args.out, {"settings": settings, "results": results,
                                  "note": "x prefill = prefill time / restore time; x file = "

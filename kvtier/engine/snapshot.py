@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import sys
 import time
 from collections import Counter
@@ -44,9 +43,10 @@ from kvtier.storage.tiers import Tier
 
 log = logging.getLogger(__name__)
 
-RESTORE_CHUNKS = 4
-"""Chunks a restore is cut into where the context has a scratch sequence: decoding chunk k+1
-overlaps writing chunk k (see :meth:`Snapshotter.restore`)."""
+RESTORE_CHUNK_BYTES = 256 << 20
+"""KV bytes (as llama.cpp holds them) per restore chunk where the context has a scratch sequence:
+decoding chunk k+1 overlaps writing chunk k (see :meth:`Snapshotter.restore`), and the two
+buffers in flight bound the restore's host memory."""
 
 
 @dataclass(slots=True)
@@ -99,7 +99,7 @@ class Snapshotter:
 
     def __init__(self, hot: HotContext, manager: TierManager, namespace: Namespace,
                  block_size: int, throughput: ThroughputModel, writer: StoreWriter | None = None,
-                 restore_chunks: int = RESTORE_CHUNKS) -> None:
+                 restore_chunk_bytes: int = RESTORE_CHUNK_BYTES) -> None:
         self.hot = hot
         self.manager = manager
         self.namespace = namespace
@@ -107,7 +107,7 @@ class Snapshotter:
         self.throughput = throughput
         self.writer = writer
         """Where :meth:`prepare`'s jobs go; its pending ids and chains are taken into account."""
-        self.restore_chunks = restore_chunks
+        self.restore_chunk_bytes = restore_chunk_bytes
         self.layout = state_codec.layout_of(hot.ptr)
         registrar = CudaRegistrar.find()
         self.restore_buffers = BufferPool(sys.maxsize, registrar, "restore buffers")
@@ -302,10 +302,7 @@ class Snapshotter:
         pipelined through the scratch sequence. Returns how many blocks (a prefix) it wrote."""
         if not blocks:
             return 0
-        scratch = self.scratch_seq
-        n_chunks = min(self.restore_chunks, len(blocks)) if scratch is not None else 1
-        size = math.ceil(len(blocks) / n_chunks)
-        chunks = [range(j, min(j + size, len(blocks))) for j in range(0, len(blocks), size)]
+        chunks = self._chunks(entries[:len(blocks)])
         pending: Future | None = self._chunk_decoder.submit(self._decode_chunk, slot, blocks,
                                                             entries, chunks[0])
         written = 0
@@ -330,6 +327,20 @@ class Snapshotter:
             if pending is not None:
                 self._drop(pending)
         return written
+
+    def _chunks(self, entries: list[BlockEntry]) -> list[range]:
+        """Consecutive runs of blocks of at most ``restore_chunk_bytes`` (one block at least);
+        a single run without a scratch sequence to pass them through."""
+        if self.scratch_seq is None:
+            return [range(len(entries))]
+        chunks, start, size = [], 0, 0
+        for j, entry in enumerate(entries):
+            if j > start and size + entry.raw_bytes > self.restore_chunk_bytes:
+                chunks.append(range(start, j))
+                start, size = j, 0
+            size += entry.raw_bytes
+        chunks.append(range(start, len(entries)))
+        return chunks
 
     def _drop(self, pending: Future) -> None:
         """Wait for a chunk that will not be written and give its buffer back."""

@@ -34,7 +34,8 @@ def test_a_session_turn_being_stored_is_waited_for(tmp_path):
         second.join(120)
         turn_2 = results[0]
         # Turn 2 saw turn 1: its prompt holds it, and its KV was still in the slot.
-        assert turn_2.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+        turn_1_tokens = first.usage.prompt_tokens + first.usage.completion_tokens
+        assert turn_2.usage.prompt_tokens > turn_1_tokens
         assert turn_2.usage.cached_tokens >= first.usage.prompt_tokens
         info = engine.get_session("s")
         assert [m["role"] for m in info.messages] == ["user", "assistant"] * 2

@@ -130,7 +130,8 @@ def unified(tmp_path, model, monkeypatch):
     hot.scratch_seq = 2
     manager = TierManager(config, background=False)
     ns = model.fingerprint("f16", "f16", 256).namespace
-    snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel(), restore_chunks=3)
+    # Chunks of one block (5.9 MB of KV each): the 700-token restores below go in three.
+    snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel(), restore_chunk_bytes=6 << 20)
     assert snaps.scratch_seq == 2
     yield hot, manager, snaps
     snaps.close()
