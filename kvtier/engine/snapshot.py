@@ -20,7 +20,6 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,7 +32,7 @@ from kvtier.engine.hot import HotContext
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.slots import Slot
 from kvtier.engine.store_writer import (BlockWrite, SequenceWrite, StoreJob, StoreWriter,
-                                        rows_at)
+                                        write_blocks)
 from kvtier.errors import KvtierError, StateRejected
 from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.manager import TierManager
@@ -142,12 +141,11 @@ class Snapshotter:
             found = self.writer.pending_chain(self.namespace, chain)
         return found
 
-    def prepare(self, slot: Slot, seq: StoredSequence,
-                acquire: Callable[[int], HostBuffer] | None = None
+    def prepare(self, slot: Slot, seq: StoredSequence, buffers: BufferPool | None = None
                 ) -> tuple[StoredSequence, StoreJob]:
         """What storing ``slot`` takes: the sequence as the store will hold it once the job is
         done, and the job, with the cells the store lacks already read out of llama.cpp into a
-        buffer from ``acquire`` (the writer's, by default: it waits while the writer is behind).
+        buffer of ``buffers`` (the writer's by default: it waits while the writer is behind).
         Full blocks that some sequence stored (or a queued job stores) are shared."""
         if self.writer is not None and self.writer.take_broken(seq.seq_id):
             log.warning("sequence %d: a store failed, storing it afresh", seq.seq_id)
@@ -181,21 +179,19 @@ class Snapshotter:
                                                       np.array(tokens, np.int32),
                                                       tuple(saved.blocks)))
         if writes:
-            if acquire is None:
-                acquire = self.writer.buffer if self.writer is not None \
-                    else self._inline_buffers.acquire
+            if buffers is None:
+                buffers = self.writer.pool if self.writer is not None else self._inline_buffers
             job.buffer, job.nbytes, job.read_s = self._read_cells(slot, writes[0].first_pos,
-                                                                  acquire)
+                                                                  buffers)
         return saved, job
 
     def save(self, slot: Slot, seq: StoredSequence) -> StoredSequence:
         """Store the blocks of ``slot`` that the store lacks and record the sequence, now."""
-        saved, job = self.prepare(slot, seq, self._inline_buffers.acquire)
+        saved, job = self.prepare(slot, seq, self._inline_buffers)
         try:
             if job.blocks:
-                state = state_codec.parse(job.buffer.view(job.nbytes))
-                stored = [self.manager.put_block(w.block, rows_at(state, w.first_pos, w.n_tokens),
-                                                 w.chain) for w in job.blocks]
+                stored = write_blocks(self.manager, state_codec.parse(job.buffer.view(job.nbytes)),
+                                      job.blocks)
                 alias = {w.block: s for w, s in zip(job.blocks, stored)}
                 saved.full = [alias.get(b, b) for b in saved.full]
                 saved.tail = alias.get(saved.tail, saved.tail) if saved.tail else None
@@ -213,7 +209,7 @@ class Snapshotter:
             return candidate
         return BlockId(self.namespace, self.manager.new_sequence(), block)
 
-    def _read_cells(self, slot: Slot, first_pos: int, acquire: Callable[[int], HostBuffer]
+    def _read_cells(self, slot: Slot, first_pos: int, buffers: BufferPool
                     ) -> tuple[HostBuffer, int, float]:
         """The state of ``slot``'s cells from ``first_pos`` on, in a buffer, and the seconds
         llama.cpp took (a wait for the buffer not included): only those cells where a scratch
@@ -228,7 +224,7 @@ class Snapshotter:
         try:
             size = llama_cpp.llama_state_seq_get_size(ctx, source)
             waited = time.perf_counter()
-            buffer = acquire(size)
+            buffer = buffers.acquire(size)
             start += time.perf_counter() - waited
             n = llama_cpp.llama_state_seq_get_data(
                 ctx, ctypes.cast(buffer.address, ctypes.POINTER(ctypes.c_uint8)), size, source)
@@ -236,6 +232,7 @@ class Snapshotter:
             if source != slot.index:
                 llama_cpp.llama_memory_seq_rm(memory, scratch, -1, -1)
         if n != size:
+            buffers.release(buffer)
             raise StateRejected(f"llama_state_seq_get_data wrote {n} of {size} bytes for "
                                 f"sequence {source}")
         return buffer, size, time.perf_counter() - start

@@ -116,6 +116,14 @@ def rows_at(state: SequenceState, first: int, n: int) -> list[LayerKV]:
     return layers
 
 
+def write_blocks(manager: TierManager, state: SequenceState, blocks: Sequence[BlockWrite]
+                 ) -> list[BlockId]:
+    """Store blocks from a parsed state read; returns the id each is stored under (another one
+    than asked where its chain hash was stored by then, and it is shared)."""
+    return [manager.put_block(w.block, rows_at(state, w.first_pos, w.n_tokens), w.chain)
+            for w in blocks]
+
+
 class StoreWriter:
     """One background thread that runs :class:`StoreJob`\\ s in order (see the module)."""
 
@@ -123,6 +131,7 @@ class StoreWriter:
                  name: str = "kvtier-store") -> None:
         self.manager = manager
         self.pool = pool
+        """Buffers for state reads: acquiring one waits while queued jobs hold the budget."""
         self._queue: deque[StoreJob] = deque()
         self._cv = threading.Condition()
         self._pending_blocks: Counter[BlockId] = Counter()
@@ -142,10 +151,6 @@ class StoreWriter:
         self._thread.start()
 
     # -- the engine's side -----------------------------------------------------------------------
-    def buffer(self, nbytes: int) -> HostBuffer:
-        """A buffer for a state read, waiting while queued jobs hold the budget."""
-        return self.pool.acquire(nbytes)
-
     def submit(self, job: StoreJob) -> None:
         """Queue a job, its buffer already filled."""
         with self._cv:
@@ -243,24 +248,17 @@ class StoreWriter:
             if job.buffer is None:
                 raise ValueError("a job with blocks to store needs a state read")
             state = parse(job.buffer.view(job.nbytes))
-            self.write_blocks(state, job.blocks)
+            for w, stored in zip(job.blocks, write_blocks(self.manager, state, job.blocks)):
+                with self._cv:
+                    self._blocks_written += 1
+                    if stored != w.block:
+                        self._aliases[w.block] = stored
         if job.sequence is not None:
             s = job.sequence
             self.manager.save_sequence(s.namespace, s.seq_id, s.tokens,
                                        [self.resolve(b) for b in s.blocks])
         if job.after is not None:
             job.after()
-
-    def write_blocks(self, state: SequenceState, blocks: Sequence[BlockWrite]) -> None:
-        """Store blocks from a parsed state (on the writer thread, or inline for a caller that
-        stores synchronously)."""
-        for w in blocks:
-            stored = self.manager.put_block(w.block, rows_at(state, w.first_pos, w.n_tokens),
-                                            w.chain)
-            with self._cv:
-                self._blocks_written += 1
-                if stored != w.block:
-                    self._aliases[w.block] = stored
 
     def _finish(self, job: StoreJob, error: BaseException | None, seconds: float) -> None:
         if job.buffer is not None:

@@ -116,11 +116,11 @@ def test_a_full_queue_makes_the_engine_wait(store):
     writer = StoreWriter(manager, BufferPool(4 * MiB))
     gate = threading.Event()
     try:
-        first = writer.buffer(3 * MiB)
+        first = writer.pool.acquire(3 * MiB)
         writer.submit(StoreJob(first, 0, after=gate.wait))
         threading.Timer(0.2, gate.set).start()
         start = time.perf_counter()
-        second = writer.buffer(3 * MiB)                   # waits for the first job's buffer
+        second = writer.pool.acquire(3 * MiB)                   # waits for the first job's buffer
         assert time.perf_counter() - start >= 0.15
         writer.pool.release(second)
         stats = writer.stats()
