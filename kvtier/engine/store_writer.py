@@ -25,10 +25,12 @@ writer serves a working set that stores blocks of a long prompt as they are pref
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,22 +118,35 @@ def rows_at(state: SequenceState, first: int, n: int) -> list[LayerKV]:
     return layers
 
 
-def write_blocks(manager: TierManager, state: SequenceState, blocks: Sequence[BlockWrite]
-                 ) -> list[BlockId]:
-    """Store blocks from a parsed state read; returns the id each is stored under (another one
-    than asked where its chain hash was stored by then, and it is shared)."""
-    return [manager.put_block(w.block, rows_at(state, w.first_pos, w.n_tokens), w.chain)
-            for w in blocks]
+def write_blocks(manager: TierManager, state: SequenceState, blocks: Sequence[BlockWrite],
+                 pool: ThreadPoolExecutor | None = None) -> list[BlockId]:
+    """Store blocks from a parsed state read, several at once in ``pool`` if given (encoding
+    holds no GIL; the manager serializes what must be); returns the id each is stored under
+    (another one than asked where its chain hash was stored by then, and it is shared)."""
+    def put(w: BlockWrite) -> BlockId:
+        return manager.put_block(w.block, rows_at(state, w.first_pos, w.n_tokens), w.chain)
+    if pool is None or len(blocks) < 2:
+        return [put(w) for w in blocks]
+    return list(pool.map(put, blocks))
+
+
+def default_threads() -> int:
+    """Blocks a writer encodes at once: a quarter of the cores (one on a small machine, where
+    llama.cpp needs every core to decode)."""
+    return max(1, len(os.sched_getaffinity(0)) // 4)
 
 
 class StoreWriter:
     """One background thread that runs :class:`StoreJob`\\ s in order (see the module)."""
 
-    def __init__(self, manager: TierManager, pool: BufferPool,
+    def __init__(self, manager: TierManager, pool: BufferPool, threads: int | None = None,
                  name: str = "kvtier-store") -> None:
         self.manager = manager
         self.pool = pool
         """Buffers for state reads: acquiring one waits while queued jobs hold the budget."""
+        threads = default_threads() if threads is None else threads
+        self._encoders = ThreadPoolExecutor(threads, thread_name_prefix=f"{name}-encode") \
+            if threads > 1 else None
         self._queue: deque[StoreJob] = deque()
         self._cv = threading.Condition()
         self._pending_blocks: Counter[BlockId] = Counter()
@@ -221,6 +236,8 @@ class StoreWriter:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join()
+        if self._encoders is not None:
+            self._encoders.shutdown()
         self.pool.close()
 
     # -- the writer thread -----------------------------------------------------------------------
@@ -248,7 +265,8 @@ class StoreWriter:
             if job.buffer is None:
                 raise ValueError("a job with blocks to store needs a state read")
             state = parse(job.buffer.view(job.nbytes))
-            for w, stored in zip(job.blocks, write_blocks(self.manager, state, job.blocks)):
+            stored_as = write_blocks(self.manager, state, job.blocks, self._encoders)
+            for w, stored in zip(job.blocks, stored_as):
                 with self._cv:
                     self._blocks_written += 1
                     if stored != w.block:

@@ -41,12 +41,12 @@ def job_for(pool: BufferPool, blob: bytes, writes: list[BlockWrite], **kwargs) -
     return StoreJob(buffer, len(blob), writes, **kwargs)
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(params=[1, 3], ids=["1 thread", "3 threads"])
+def store(tmp_path, request):
     with TierManager(make_config(tmp_path, **{"tiers.warm_format": "f16",
                                               "tiers.host_ram_budget": "64MiB"}),
                      background=False) as manager:
-        writer = StoreWriter(manager, BufferPool(16 * MiB))
+        writer = StoreWriter(manager, BufferPool(16 * MiB), threads=request.param)
         yield manager, writer
         writer.close()
 
