@@ -104,8 +104,12 @@ class Scheduler:
         self._start_error: BaseException | None = None
         # Finished requests are stored by this writer's thread; the engine thread only reads
         # their new cells out of llama.cpp (see Snapshotter.prepare).
-        self.writer = StoreWriter(manager, BufferPool(config.tiers.store_queue_budget,
-                                                      CudaRegistrar.find(), "store buffers"))
+        registrar = CudaRegistrar.find()
+        log.info("state buffers for stores and restores: %s",
+                 f"pinned through {registrar.name}" if registrar is not None
+                 else "pageable (no CUDA runtime in this process)")
+        self.writer = StoreWriter(manager, BufferPool(config.tiers.store_queue_budget, registrar,
+                                                      "store buffers"))
         self._thread = threading.Thread(target=self._main, name="kvtier-engine", daemon=True)
         self._thread.start()
         self._started.wait()

@@ -49,6 +49,7 @@ def setup(tmp_path, model, request):
     ns = model.fingerprint("f16", "f16", 256).namespace
     snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel())
     yield hot, manager, snaps
+    snaps.close()
     manager.close()
     hot.close()
 
