@@ -5,7 +5,7 @@ RocksDB (cool) store, verified and decoded into one llama.cpp state blob, as
     python -m bench.bench_decode_path [--shapes default 8b] [--blocks 16] [--repeats 5]
 
 Shapes: ``default`` is the default model (30 layers x 192 values per row), ``8b`` a Llama 8B
-(32 layers x 1024); 256-token blocks. Formats: warm Q8 and f16, cool Q4 + zstd, and llama.cpp's
+(32 layers x 1024), ``tiny`` 32 layers x 32 (the fixed cost per record); 256-token blocks. Formats: warm Q8 and f16, cool Q4 + zstd, and llama.cpp's
 ``q8_0`` KV cache kept as it is in the warm tier (a restore is a copy). Synthetic KV
 (keys with outlier channels, as real keys have) is stored through ``put_block``, so the records
 are the ones the server writes. The blob is laid out for a one-stream context with V per token
@@ -41,8 +41,9 @@ try:
 except ImportError:          # before the batched decode path: one call per record
     RowTargets = None
 
-SHAPES = {"default": (30, 192), "8b": (32, 1024)}
-"""name -> (layers, K or V values per row)."""
+SHAPES = {"default": (30, 192), "8b": (32, 1024), "tiny": (32, 32)}
+"""name -> (layers, K or V values per row); ``tiny`` records (16 KB of f16 per tensor) show the
+fixed cost per record, which the larger shapes hide behind their bytes."""
 BLOCK = 256
 CASES = [("warm", "f16", Tier.WARM, F16), ("warm", "q8", Tier.WARM, F16),
          ("cool", "q8", Tier.COOL, F16), ("warm", "q8", Tier.WARM, Q8_0)]
@@ -148,7 +149,8 @@ def run_case(shape: str, label: str, warm_format: str, tier: Tier, cache_type, n
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["default", "8b"])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES),
+                        default=["tiny", "default", "8b"])
     parser.add_argument("--blocks", type=int, default=16,
                         help="blocks of 256 tokens per sequence (16 = 4K tokens; 128 = 32K)")
     parser.add_argument("--repeats", type=int, default=5)
