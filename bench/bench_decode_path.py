@@ -2,11 +2,12 @@
 RocksDB (cool) store, verified and decoded into one llama.cpp state blob, as
 ``TierManager.get_blocks_into`` does for a restore. No model is needed.
 
-    python -m bench.bench_decode_path [--shapes default 8b] [--blocks 16] [--repeats 5]
+    python -m bench.bench_decode_path [--shapes tiny default 8b] [--blocks 16] [--repeats 5]
 
 Shapes: ``default`` is the default model (30 layers x 192 values per row), ``8b`` a Llama 8B
-(32 layers x 1024), ``tiny`` 32 layers x 32 (the fixed cost per record); 256-token blocks. Formats: warm Q8 and f16, cool Q4 + zstd, and llama.cpp's
-``q8_0`` KV cache kept as it is in the warm tier (a restore is a copy). Synthetic KV
+(32 layers x 1024), ``tiny`` 32 layers x 32 (the fixed cost per record); 256-token blocks.
+Formats: warm Q8 and f16, cool Q4 + zstd, and llama.cpp's ``q8_0`` KV cache kept as it is in the
+warm tier (a restore is a copy). Synthetic KV
 (keys with outlier channels, as real keys have) is stored through ``put_block``, so the records
 are the ones the server writes. The blob is laid out for a one-stream context with V per token
 (flash attention), like the engine's.
