@@ -38,7 +38,7 @@ import zstandard
 
 from kvtier.errors import BlockCorrupt, ModelMismatch
 from kvtier.ggml import F16
-from kvtier.storage import quant
+from kvtier.storage import batch, quant
 from kvtier.storage.quant import Encoding, Grouping
 from kvtier.storage.records import LayerKV, TensorRows
 from kvtier.storage.summary import key_min_max
@@ -57,7 +57,7 @@ _V1_LENGTH = struct.Struct("<I")
 _ALIGN = 16
 _FLAG_ZSTD = 1
 
-RAW = quant.RAW
+RAW = batch.RAW
 """Encoding of rows that are not f16 (llama.cpp's own quantized cache types): stored as they are."""
 
 
@@ -105,10 +105,6 @@ class RecordHeader:
     key_max: bytes
     exact_rows: int = 0
     """Leading rows stored as f16 before the quantized rest (see SINK_ROWS)."""
-
-    @property
-    def payload_nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
     def key_summary(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Per-channel (min, max) of K as float32, or None for non-f16 caches."""
@@ -249,7 +245,7 @@ def _decompress(compressed: memoryview, nbytes: int) -> bytes:
 
 
 class DecodeBatch:
-    """Records decoded into caller-owned rows with one kernel call (:func:`quant.decode_tasks`).
+    """Records decoded into caller-owned rows with one kernel call (:func:`batch.decode_tasks`).
 
     :meth:`add` verifies a record (checksum, header, that it fits its destination) and notes where
     its tensors' payloads are and where their rows go; :meth:`run` decodes them all without the
@@ -331,7 +327,7 @@ class DecodeBatch:
         try:
             if not tasks:
                 return
-            status = quant.decode_tasks(np.array(tasks, np.int64))
+            status = batch.decode_tasks(np.array(tasks, np.int64))
         finally:
             self._keep.clear()
         bad = np.flatnonzero(status)
