@@ -128,6 +128,9 @@ class TierConfig(_Section):
     cold_format: Literal["q8", "q4"] = "q4"
     """Encoding of cool and cold blocks: ``q8`` or ``q4`` (always zstd-compressed)."""
     zstd_level: Annotated[int, Field(ge=1, le=22)] = 3
+    store_queue_budget: ByteSize = GiB
+    """Bytes of finished requests' KV read out of llama.cpp and waiting to be stored in the
+    background; when it is spent the engine waits (a single larger state is still taken)."""
 
     @field_validator("host_ram_budget")
     @classmethod

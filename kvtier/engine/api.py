@@ -173,9 +173,36 @@ class WorkingSetStats:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreStats:
+    """The background store writer: what the engine thread handed it and how it kept up."""
+
+    queued_jobs: int = 0
+    """Finished requests (or blocks) read out of llama.cpp and not yet stored, the running one
+    included."""
+    queued_bytes: int = 0
+    """Bytes of state those jobs hold in host buffers (bounded by ``tiers.store_queue_budget``)."""
+    jobs: int = 0
+    """Jobs done since start, failed ones included."""
+    blocks_written: int = 0
+    failures: int = 0
+    """Jobs that failed (logged; their requests had been answered already)."""
+    waits: int = 0
+    """Times the engine thread waited for room in the queue (back-pressure)."""
+    wait_s: float = 0.0
+    read_s: float = 0.0
+    """Engine-thread seconds spent reading states out of llama.cpp: a store's only cost there."""
+    write_s: float = 0.0
+    """Writer-thread seconds: parsing, encoding, checksums, writes, sequence and session updates."""
+    bytes_read: int = 0
+    pinned: bool = False
+    """Whether the state buffers are registered with the GPU runtime (pinned)."""
+
+
+@dataclass(frozen=True, slots=True)
 class CacheStats:
     tiers: tuple[TierStats, ...]
     tokens: TokenStats
     slots: SlotStats
     throughput: ThroughputStats
     working_set: WorkingSetStats = field(default_factory=WorkingSetStats)
+    store: StoreStats = field(default_factory=StoreStats)

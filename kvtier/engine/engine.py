@@ -95,6 +95,8 @@ class Engine:
         session = None
         owner = None
         if request.session_id is not None:
+            # The session's previous turn may still be on its way into the store.
+            self._scheduler.writer.wait_session(request.session_id)
             session = self.sessions.load(request.session_id)
             owner = SessionOwner(request.session_id)
         prompt = build_prompt(self.model, request, self.sessions.history(session))
@@ -115,20 +117,29 @@ class Engine:
     # -- sessions --------------------------------------------------------------------------------
     def list_sessions(self, after: str = "", limit: int = 20) -> list[SessionInfo]:
         """Sessions in id order, from after ``after``."""
+        self._scheduler.writer.wait_session()
         return self.sessions.list(after, limit)
 
     def get_session(self, session_id: str) -> SessionInfo:
+        self._scheduler.writer.wait_session(session_id)
         return self.sessions.get(session_id)
 
     def delete_session(self, session_id: str) -> None:
         """Forget a session; :class:`SessionBusy` while it is generating a reply."""
+        self._scheduler.writer.wait_session(session_id)
         self.sessions.delete(session_id)
 
     def fork_session(self, session_id: str, new_id: str | None = None) -> SessionInfo:
         """A new session with the same history; the two share every stored block."""
+        self._scheduler.writer.wait_session(session_id)
         return self.sessions.fork(session_id, new_id)
 
     # -- state -----------------------------------------------------------------------------------
+    def wait_stored(self, timeout: float | None = None) -> bool:
+        """Wait until the KV of every request finished so far is in the store (requests are
+        answered first and stored in the background); False on timeout."""
+        return self._scheduler.writer.drain(timeout)
+
     def cache_stats(self) -> CacheStats:
         """The store's tiers, the engine's token counts, its slots and measured throughput."""
         tiers = tuple(TierStats(s.name, s.blocks, s.stored_bytes, s.budget,
@@ -137,7 +148,8 @@ class Engine:
                       for s in self.manager.stats())
         return CacheStats(tiers, self._scheduler.tokens.stats(), self._scheduler.slot_stats(),
                           _throughput_stats(self._scheduler.throughput),
-                          self._scheduler.working_set_stats())
+                          self._scheduler.working_set_stats(),
+                          self._scheduler.writer.stats())
 
     def close(self) -> None:
         """Cut queued requests, finish active ones as cancelled (their KV is stored), close."""

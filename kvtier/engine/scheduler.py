@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ from kvtier.config import Config
 from kvtier.engine.api import (Finished, GenerationRequest, SlotStats, TokenEvent, TokenStats,
                                Usage, WorkingSetStats)
 from kvtier.engine.handle import GenerationHandle
+from kvtier.engine.host_buffers import BufferPool, CudaRegistrar
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.model import Model
 from kvtier.engine.restore_policy import ThroughputModel
@@ -31,6 +33,7 @@ from kvtier.engine.slots import (SequenceOwner, SessionOwner, Slot, SlotOwner, c
                                  common_prefix, may_extend)
 from kvtier.engine.query_capture import RowRange
 from kvtier.engine.snapshot import RestorePlan, Snapshotter, StoredSequence
+from kvtier.engine.store_writer import StoreWriter
 from kvtier.engine.text import TextStream
 from kvtier.engine.windows import WindowedSlots, WindowedTurn
 from kvtier.errors import KvtierError, Overloaded
@@ -106,11 +109,20 @@ class Scheduler:
         self._stopping = False
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        # Finished requests are stored by this writer's thread; the engine thread only reads
+        # their new cells out of llama.cpp (see Snapshotter.prepare).
+        registrar = CudaRegistrar.find()
+        log.info("state buffers for stores and restores: %s",
+                 f"pinned through {registrar.name}" if registrar is not None
+                 else "pageable (no CUDA runtime in this process)")
+        self.writer = StoreWriter(manager, BufferPool(config.tiers.store_queue_budget, registrar,
+                                                      "store buffers"))
         self._thread = threading.Thread(target=self._main, name="kvtier-engine", daemon=True)
         self._thread.start()
         self._started.wait()
         if self._start_error is not None:
             self._thread.join()
+            self.writer.close()
             raise self._start_error
 
     def _main(self) -> None:
@@ -121,7 +133,7 @@ class Scheduler:
             self.hot = HotContext(self.model, self.config.model, self.sizing,
                                   self.config.working_set.query_layer_stride)
             self.snapshots = Snapshotter(self.hot, self.manager, self.namespace,
-                                         self.block_size, self.throughput)
+                                         self.block_size, self.throughput, self.writer)
             ws = self.config.working_set
             self.windows = WindowedSlots(self.hot, self.sizing, self.manager, self.namespace,
                                          ws.query_tokens, ws.reselect_tokens, ws.prefetch)
@@ -135,6 +147,7 @@ class Scheduler:
         try:
             self._run()
         finally:
+            self.snapshots.close()
             self.hot.close()
 
     # -- any thread ------------------------------------------------------------------------------
@@ -159,7 +172,7 @@ class Scheduler:
             return SlotStats(self.n_slots, len(self._active), len(self._queue))
 
     def close(self) -> None:
-        """Cut queued jobs, finish active ones as cancelled (their KV is stored), stop."""
+        """Cut queued jobs, finish active ones as cancelled, stop, and store everything."""
         with self._cv:
             if self._stopping:
                 return
@@ -171,6 +184,7 @@ class Scheduler:
                 job.handle.cancel()
             self._cv.notify()
         self._thread.join()
+        self.writer.close()
 
     # -- the engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -385,6 +399,9 @@ class Scheduler:
         job.handle.finish(finished)
 
     def _store(self, job: Job) -> Finished:
+        """Decode the last token, read the cells the store lacks, and queue them for the store
+        writer (with the session's update, which must follow its sequence): the only part of
+        storing that runs on the engine thread is reading the state out of llama.cpp."""
         slot = job.slot
         if job.next_token is not None and len(slot.tokens) < self.context_size:
             pos = job.turn.window.prepare(1) if job.turn else len(slot.tokens)
@@ -396,22 +413,35 @@ class Scheduler:
         tail = job.stream.finish()
         if tail:
             job.handle.emit_token(TokenEvent(tail, -1))
-        job.seq = self.windows.finish(job.turn) if job.turn else \
-            self.snapshots.save(slot, job.seq)
-        self._slot_seq[slot.index] = job.seq
-        if job.owner is not None:
-            self._save_session(job, job.owner.session_id)
+        if job.turn:
+            # A long conversation's blocks were stored as they filled; the rest is stored here.
+            job.seq = self.windows.finish(job.turn)
+            self._slot_seq[slot.index] = job.seq
+            if job.owner is not None:
+                self._session_update(job, job.owner.session_id)()
+        else:
+            job.seq, store = self.snapshots.prepare(slot, job.seq)
+            self._slot_seq[slot.index] = job.seq
+            if job.owner is not None:
+                store.session_id = job.owner.session_id
+                store.after = self._session_update(job, job.owner.session_id)
+            self.writer.submit(store)
         usage = Usage(len(job.prompt), sum(1 for t in job.generated if not self.model.is_eog(t)),
                       job.cached, job.restored, len(job.prompt) - job.cached,
                       job.turn.window.held_tokens if job.turn else len(slot.tokens))
         return Finished(job.stream.text, job.finish_reason or "stop", usage,
                         job.request.session_id)
 
-    def _save_session(self, job: Job, session_id: str) -> None:
+    def _session_update(self, job: Job, session_id: str) -> Callable[[], None]:
+        """The session's new turn, saved by the store writer once the turn's KV is stored."""
         generated = b"".join(self.model.piece(t, special=True)
                              for t in job.generated).decode("utf-8", errors="replace")
-        self.sessions.save_turn(session_id, job.session, job.request, job.stream.text,
-                                job.session_text + generated, job.seq.seq_id)
+        previous, request, reply = job.session, job.request, job.stream.text
+        text, seq_id = job.session_text + generated, job.seq.seq_id
+
+        def update() -> None:
+            self.sessions.save_turn(session_id, previous, request, reply, text, seq_id)
+        return update
 
     def _fail(self, job: Job, exc: Exception) -> None:
         if job in self._active:

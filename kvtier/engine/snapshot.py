@@ -2,29 +2,50 @@
 
 Snapshots are incremental: a full block is written once (and not at all when another sequence
 already stored the same chain hash); the partial tail is written under a fresh id each time it
-changes, so blocks stay immutable and forks can share them.
+changes, so blocks stay immutable and forks can share them. Storing has two halves: the engine
+thread reads only the cells the store lacks out of llama.cpp into a host buffer
+(:meth:`Snapshotter.prepare`), and a :class:`~kvtier.engine.store_writer.StoreWriter` parses,
+encodes and writes them in the background (or :meth:`Snapshotter.save` does it all at once).
+
+A restore decodes records straight into a state blob in a reusable (pinned, on a GPU build) host
+buffer. Where the context has a scratch sequence (one unified KV cache), it goes in chunks of
+blocks: chunk k is written into the scratch sequence and copied into the slot's (metadata only)
+while chunk k+1 decodes in the pool threads, so reading and decoding overlap llama.cpp's copy.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import llama_cpp
 import numpy as np
 
 from kvtier.engine import state_codec
+from kvtier.engine.host_buffers import BufferPool, CudaRegistrar, HostBuffer
 from kvtier.engine.hot import HotContext
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.slots import Slot
-from kvtier.errors import KvtierError
+from kvtier.engine.store_writer import (BlockWrite, SequenceWrite, StoreJob, StoreWriter,
+                                        write_blocks)
+from kvtier.errors import KvtierError, StateRejected
 from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.manager import TierManager
+from kvtier.storage.reads import RowTargets
 from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
 from kvtier.storage.tiers import Tier
 
 log = logging.getLogger(__name__)
+
+RESTORE_CHUNK_BYTES = 256 << 20
+"""KV bytes (as llama.cpp holds them) per restore chunk where the context has a scratch sequence:
+decoding chunk k+1 overlaps writing chunk k (see :meth:`Snapshotter.restore`), and the two
+buffers in flight bound the restore's host memory."""
 
 
 @dataclass(slots=True)
@@ -73,14 +94,36 @@ class Restored:
 
 
 class Snapshotter:
+    """Stores what a slot computed and restores stored prefixes into slots (engine thread)."""
+
     def __init__(self, hot: HotContext, manager: TierManager, namespace: Namespace,
-                 block_size: int, throughput: ThroughputModel) -> None:
+                 block_size: int, throughput: ThroughputModel, writer: StoreWriter | None = None,
+                 restore_chunk_bytes: int = RESTORE_CHUNK_BYTES) -> None:
         self.hot = hot
         self.manager = manager
         self.namespace = namespace
         self.block_size = block_size
         self.throughput = throughput
+        self.writer = writer
+        """Where :meth:`prepare`'s jobs go; its pending ids and chains are taken into account."""
+        self.restore_chunk_bytes = restore_chunk_bytes
         self.layout = state_codec.layout_of(hot.ptr)
+        registrar = CudaRegistrar.find()
+        self.restore_buffers = BufferPool(sys.maxsize, registrar, "restore buffers")
+        """Blobs of restores: two at most (one written while the next decodes), kept for reuse."""
+        self._inline_buffers = BufferPool(sys.maxsize, registrar, "state reads")
+        self._chunk_decoder = ThreadPoolExecutor(1, thread_name_prefix="kvtier-restore")
+
+    def close(self) -> None:
+        self._chunk_decoder.shutdown()
+        self.restore_buffers.close()
+        self._inline_buffers.close()
+
+    @property
+    def scratch_seq(self) -> int | None:
+        """The hot tier's scratch sequence where its cache is unified (copying cells between
+        sequences is then metadata only), else None."""
+        return self.hot.scratch if self.layout.n_stream == 1 else None
 
     # -- snapshot --------------------------------------------------------------------------------
     def _chains(self, tokens: np.ndarray, known: list[ChainHash]) -> list[ChainHash]:
@@ -90,45 +133,108 @@ class Snapshotter:
             chains.append(chain_hash(chains[-1] if chains else None, tokens[b * bs:(b + 1) * bs]))
         return chains
 
-    def save(self, slot: Slot, seq: StoredSequence) -> StoredSequence:
-        """Store the blocks of ``slot`` that the store lacks and record the sequence."""
+    def _find(self, chain: ChainHash) -> BlockId | None:
+        """The stored block (or one a queued job stores) with this chain hash."""
+        found = self.manager.find_hash(self.namespace, chain)
+        if found is None and self.writer is not None:
+            found = self.writer.pending_chain(self.namespace, chain)
+        return found
+
+    def prepare(self, slot: Slot, seq: StoredSequence, buffers: BufferPool | None = None
+                ) -> tuple[StoredSequence, StoreJob]:
+        """What storing ``slot`` takes: the sequence as the store will hold it once the job is
+        done, and the job, with the cells the store lacks already read out of llama.cpp into a
+        buffer of ``buffers`` (the writer's by default: it waits while the writer is behind).
+        Full blocks that some sequence stored (or a queued job stores) are shared."""
+        if self.writer is not None and self.writer.take_broken(seq.seq_id):
+            log.warning("sequence %d: a store failed, storing it afresh", seq.seq_id)
+            seq = StoredSequence(seq.seq_id)
         tokens = slot.tokens
         bs = self.block_size
         n_full = len(tokens) // bs
         chains = self._chains(tokens, seq.chains)
         full = seq.full[:n_full]
-        # Full blocks that some sequence already stored are shared; from the first one the store
-        # lacks, the rest are written (put_block still shares any that exist by then).
+        # From the first full block the store lacks, the rest are written (the writer still
+        # shares any whose chain hash is stored by the time it gets there).
         while len(full) < n_full:
-            existing = self.manager.find_hash(self.namespace, chains[len(full)])
+            existing = self._find(chains[len(full)])
             if existing is None:
                 break
             full.append(existing)
-        missing = list(range(len(full), n_full))
+        writes = []
+        for b in range(len(full), n_full):
+            full.append(self._fresh_id(seq.seq_id, b))
+            writes.append(BlockWrite(full[-1], chains[b], b * bs, bs))
         tail_len = len(tokens) - n_full * bs
         tail_changed = tail_len > 0 and (seq.tail is None or seq.tail_tokens != tail_len
-                                         or missing or len(full) < len(seq.full))
+                                         or bool(writes) or len(full) < len(seq.full))
         tail, tail_tokens = (seq.tail, seq.tail_tokens) if tail_len and not tail_changed \
             else (None, 0)
-        if missing or tail_changed:
-            blocks = state_codec.split_blocks(
-                state_codec.parse(state_codec.read_state(self.hot.ptr, slot.index)), bs)
-            for b in missing:
-                stored = self.manager.put_block(self._fresh_id(seq.seq_id, b), blocks[b],
-                                                chains[b])
-                full.append(stored)
-            if tail_changed:
-                tail = self.manager.put_block(self._fresh_id(seq.seq_id, n_full), blocks[n_full])
-                tail_tokens = tail_len
+        if tail_changed:
+            tail, tail_tokens = self._fresh_id(seq.seq_id, n_full), tail_len
+            writes.append(BlockWrite(tail, None, n_full * bs, tail_len))
         saved = StoredSequence(seq.seq_id, full, chains, tail, tail_tokens)
-        self.manager.save_sequence(self.namespace, seq.seq_id, tokens, saved.blocks)
+        job = StoreJob(None, 0, writes, SequenceWrite(self.namespace, seq.seq_id,
+                                                      np.array(tokens, np.int32),
+                                                      tuple(saved.blocks)))
+        if writes:
+            if buffers is None:
+                buffers = self.writer.pool if self.writer is not None else self._inline_buffers
+            job.buffer, job.nbytes, job.read_s = self._read_cells(slot, writes[0].first_pos,
+                                                                  buffers)
+        return saved, job
+
+    def save(self, slot: Slot, seq: StoredSequence) -> StoredSequence:
+        """Store the blocks of ``slot`` that the store lacks and record the sequence, now."""
+        saved, job = self.prepare(slot, seq, self._inline_buffers)
+        try:
+            if job.blocks:
+                stored = write_blocks(self.manager, state_codec.parse(job.buffer.view(job.nbytes)),
+                                      job.blocks)
+                alias = {w.block: s for w, s in zip(job.blocks, stored)}
+                saved.full = [alias.get(b, b) for b in saved.full]
+                saved.tail = alias.get(saved.tail, saved.tail) if saved.tail else None
+        finally:
+            if job.buffer is not None:
+                self._inline_buffers.release(job.buffer)
+        self.manager.save_sequence(self.namespace, seq.seq_id, job.sequence.tokens,
+                                   saved.blocks)
         return saved
 
     def _fresh_id(self, seq_id: int, block: int) -> BlockId:
         candidate = BlockId(self.namespace, seq_id, block)
-        if not self.manager.has_block(candidate):
+        if not self.manager.has_block(candidate) and \
+                (self.writer is None or not self.writer.is_pending(candidate)):
             return candidate
         return BlockId(self.namespace, self.manager.new_sequence(), block)
+
+    def _read_cells(self, slot: Slot, first_pos: int, buffers: BufferPool
+                    ) -> tuple[HostBuffer, int, float]:
+        """The state of ``slot``'s cells from ``first_pos`` on, in a buffer, and the seconds
+        llama.cpp took (a wait for the buffer not included): only those cells where a scratch
+        sequence allows (copied there, metadata only), else the whole sequence."""
+        ctx, memory = self.hot.ptr, self.hot.memory
+        start = time.perf_counter()
+        source, scratch = slot.index, self.scratch_seq
+        if scratch is not None and first_pos > 0:
+            llama_cpp.llama_memory_seq_rm(memory, scratch, -1, -1)
+            llama_cpp.llama_memory_seq_cp(memory, slot.index, scratch, first_pos, -1)
+            source = scratch
+        try:
+            size = llama_cpp.llama_state_seq_get_size(ctx, source)
+            waited = time.perf_counter()
+            buffer = buffers.acquire(size)
+            start += time.perf_counter() - waited
+            n = llama_cpp.llama_state_seq_get_data(
+                ctx, ctypes.cast(buffer.address, ctypes.POINTER(ctypes.c_uint8)), size, source)
+        finally:
+            if source != slot.index:
+                llama_cpp.llama_memory_seq_rm(memory, scratch, -1, -1)
+        if n != size:
+            buffers.release(buffer)
+            raise StateRejected(f"llama_state_seq_get_data wrote {n} of {size} bytes for "
+                                f"sequence {source}")
+        return buffer, size, time.perf_counter() - start
 
     # -- restore ---------------------------------------------------------------------------------
     def plan(self, tokens: np.ndarray, sequence: SequenceEntry | None = None) -> RestorePlan:
@@ -159,22 +265,21 @@ class Snapshotter:
         """Put the plan's blocks into ``slot`` (cleared first). Stops at the first block that is
         missing or corrupt: what comes after it is recomputed, nothing is lost."""
         start = time.perf_counter()
+        self.hot.clear(slot)
         with self.manager.pinned(plan.blocks):
             entries = [self.manager.block_entry(block) for block in plan.blocks]
             usable = next((j for j, e in enumerate(entries) if e is None), len(entries))
             blocks = plan.blocks[:usable]
             if self._direct:
-                blob, n_blocks = self._decode_into_blob(slot, blocks, entries)
+                n_blocks = self._restore_direct(slot, blocks, entries)
             else:
-                blob, n_blocks = self._compose(slot, blocks)
+                n_blocks = self._restore_composed(slot, blocks)
         tiers: Counter[Tier] = Counter()
         for entry in entries[:n_blocks]:
             tiers[entry.tier] += entry.n_tokens
         n = min(plan.n_tokens, tiers.total())
-        self.hot.clear(slot)
         if n == 0:
             return Restored(0, 0.0, tiers)
-        state_codec.write_state(self.hot.ptr, slot.index, blob)
         slot.tokens = np.array(tokens[:n], dtype=np.int32)
         seconds = time.perf_counter() - start
         for tier, count in tiers.items():
@@ -187,34 +292,126 @@ class Snapshotter:
         """Records can be decoded straight into the blob: one cache, V stored per token."""
         return len(self.layout.caches) == 1 and not self.layout.caches[0].v_trans
 
-    def _decode_into_blob(self, slot: Slot, blocks: list[BlockId], entries: list[BlockEntry]
-                          ) -> tuple[memoryview, int]:
+    def _restore_direct(self, slot: Slot, blocks: list[BlockId], entries: list[BlockEntry]
+                        ) -> int:
+        """Decode the blocks into blobs and write them into ``slot``: one blob, or chunks
+        pipelined through the scratch sequence. Returns how many blocks (a prefix) it wrote."""
+        if not blocks:
+            return 0
+        chunks = self._chunks(entries[:len(blocks)])
+        pending: Future | None = self._chunk_decoder.submit(self._decode_chunk, slot, blocks,
+                                                            entries, chunks[0])
+        written = 0
+        try:
+            for k, chunk in enumerate(chunks):
+                current, pending = pending, None
+                buffer, blob, good = current.result()
+                try:
+                    if good == len(chunk) and k + 1 < len(chunks):
+                        pending = self._chunk_decoder.submit(self._decode_chunk, slot, blocks,
+                                                             entries, chunks[k + 1])
+                    ok = good > 0 and self._write_chunk(slot, blob, first=written == 0)
+                finally:
+                    if buffer is not None:
+                        self.restore_buffers.release(buffer)
+                if not ok:
+                    break
+                written += good
+                if good < len(chunk):
+                    break
+        finally:
+            if pending is not None:
+                self._drop(pending)
+        return written
+
+    def _chunks(self, entries: list[BlockEntry]) -> list[range]:
+        """Consecutive runs of blocks of at most ``restore_chunk_bytes`` (one block at least);
+        a single run without a scratch sequence to pass them through."""
+        if self.scratch_seq is None:
+            return [range(len(entries))]
+        chunks, start, size = [], 0, 0
+        for j, entry in enumerate(entries):
+            if j > start and size + entry.raw_bytes > self.restore_chunk_bytes:
+                chunks.append(range(start, j))
+                start, size = j, 0
+            size += entry.raw_bytes
+        chunks.append(range(start, len(entries)))
+        return chunks
+
+    def _drop(self, pending: Future) -> None:
+        """Wait for a chunk that will not be written and give its buffer back."""
+        try:
+            buffer, _, _ = pending.result()
+        except Exception:
+            return   # the restore ends anyway; what this chunk met does not matter
+        if buffer is not None:
+            self.restore_buffers.release(buffer)
+
+    def _decode_chunk(self, slot: Slot, blocks: list[BlockId], entries: list[BlockEntry],
+                      chunk: range) -> tuple[HostBuffer | None, memoryview | None, int]:
+        """Decode ``blocks[chunk]`` into a blob in a restore buffer: (buffer, blob, blocks in
+        it), the blob holding the chunk's blocks up to the first that failed."""
         cache = self.layout.caches[0]
-        while True:
-            target = state_codec.allocate(
-                self.layout, slot.index, state_codec.stream_of(self.layout, slot.index),
-                [(j, [entries[j].n_tokens]) for j in range(len(blocks))], self.block_size)
+        stream = state_codec.stream_of(self.layout, slot.index)
+        j0, j1 = chunk.start, chunk.stop
+        while j1 > j0:
+            held: list[HostBuffer] = []
 
-            def destination(j: int, layer: int
-                            ) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
-                k, v = target.rows(j, layer)
-                return k, v, cache.k_types[layer], cache.v_types[layer]
+            def memory(nbytes: int) -> np.ndarray:
+                held.append(self.restore_buffers.acquire(nbytes))
+                return held[-1].view(nbytes)
 
-            errors = self.manager.get_blocks_into(blocks, destination)
-            bad = next((j for j, e in enumerate(errors) if e is not None), None)
+            target = state_codec.allocate(self.layout, slot.index, stream,
+                                          [(j, [entries[j].n_tokens]) for j in range(j0, j1)],
+                                          self.block_size, out=memory)
+            base = np.frombuffer(target.blob, np.uint8).__array_interface__["data"][0]
+            targets = RowTargets(base + target.k_offsets, base + target.v_offsets,
+                                 cache.k_types, cache.v_types, cache.k_row_bytes,
+                                 cache.v_row_bytes,
+                                 tuple(entries[j].n_tokens for j in range(j0, j1)))
+            try:
+                errors = self.manager.get_blocks_into(blocks[j0:j1], targets)
+            except BaseException:
+                self.restore_buffers.release(held[0])
+                raise
+            bad = next((i for i, e in enumerate(errors) if e is not None), None)
             if bad is None:
-                return target.blob, len(blocks)
-            log.warning("restore stops at block %d of %d: %s", bad, len(blocks), errors[bad])
-            blocks = blocks[:bad]
+                return held[0], target.blob, j1 - j0
+            log.warning("restore stops at block %d of %d: %s", j0 + bad, len(blocks),
+                        errors[bad])
+            self.restore_buffers.release(held[0])
+            j1 = j0 + bad
+        return None, None, 0
 
-    def _compose(self, slot: Slot, blocks: list[BlockId]) -> tuple[memoryview, int]:
+    def _write_chunk(self, slot: Slot, blob: memoryview, first: bool) -> bool:
+        """Write a chunk's blob: the first straight into the slot's sequence, the others into the
+        scratch sequence, then copied into the slot's (metadata only in a unified cache). False
+        (the restore ends there, the rest is recomputed) when llama.cpp refuses it."""
+        try:
+            if first:
+                state_codec.write_state(self.hot.ptr, slot.index, blob)
+                return True
+            self.hot.write_scratch(blob)
+            self.hot.adopt_scratch(slot.index)
+            return True
+        except StateRejected as exc:
+            log.warning("restore stops at a chunk llama.cpp refused: %s", exc)
+            if not first:
+                llama_cpp.llama_memory_seq_rm(self.hot.memory, self.scratch_seq, -1, -1)
+            return False
+
+    def _restore_composed(self, slot: Slot, blocks: list[BlockId]) -> int:
+        """The general path (two caches, or V transposed): decoded layers composed into a blob."""
         loaded: list[tuple[int, list[LayerKV]]] = []
         for j, result in enumerate(self.manager.get_blocks(blocks)):
             if isinstance(result, KvtierError):
                 log.warning("restore stops at block %d of %d: %s", j, len(blocks), result)
                 break
             loaded.append((j, result))
+        if not loaded:
+            return 0
         blob = state_codec.compose(self.layout, slot.index,
                                    state_codec.stream_of(self.layout, slot.index), loaded,
                                    self.block_size)
-        return blob, len(loaded)
+        state_codec.write_state(self.hot.ptr, slot.index, blob)
+        return len(loaded)

@@ -57,6 +57,20 @@ class EngineCollector(Collector):
         for event, value in stats.working_set.model_dump().items():
             working_set.add_metric([event], float(value))
         yield working_set
+        store = stats.store
+        for name, value, text in (("queued_jobs", store.queued_jobs, "Store jobs queued."),
+                                  ("queued_bytes", store.queued_bytes,
+                                   "Bytes of state waiting to be stored.")):
+            yield GaugeMetricFamily(f"kvtier_store_{name}", text, value=float(value))
+        for name, value, text in (
+                ("jobs", store.jobs, "Store jobs done."),
+                ("blocks_written", store.blocks_written, "Blocks stored by the writer."),
+                ("failures", store.failures, "Store jobs that failed."),
+                ("waits", store.waits, "Times the engine waited for the store writer."),
+                ("wait_seconds", store.wait_s, "Seconds the engine waited for the writer."),
+                ("read_seconds", store.read_s, "Engine-thread seconds reading states."),
+                ("write_seconds", store.write_s, "Writer-thread seconds storing.")):
+            yield CounterMetricFamily(f"kvtier_store_{name}", text, value=float(value))
 
 
 class Metrics:

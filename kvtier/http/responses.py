@@ -324,6 +324,26 @@ class WorkingSetCounts(_Response):
     prefetch_misses: int
 
 
+class StoreCounts(_Response):
+    """The background store writer (finished requests' KV on its way into the tiers)."""
+
+    queued_jobs: int
+    queued_bytes: int
+    jobs: int
+    blocks_written: int
+    failures: int
+    """Stores that failed (logged; their replies had been sent)."""
+    waits: int
+    """Times the engine waited for the writer (back-pressure)."""
+    wait_s: float
+    read_s: float
+    """Engine-thread seconds spent reading states out of llama.cpp."""
+    write_s: float
+    bytes_read: int
+    pinned: bool
+    """Whether the state buffers are pinned (registered with the GPU runtime)."""
+
+
 class CacheStats(_Response):
     object: Literal["cache.stats"] = "cache.stats"
     tiers: list[TierStats]
@@ -331,6 +351,7 @@ class CacheStats(_Response):
     slots: SlotCounts
     throughput: Throughput
     working_set: WorkingSetCounts
+    store: StoreCounts
 
     @classmethod
     def of(cls, stats: api.CacheStats) -> CacheStats:

@@ -1,12 +1,24 @@
 """The bytes of one record: a checksummed header and the (possibly quantized, compressed) payload.
 
-    0   4  magic b"KVB1"
-    4   8  u64 xxh3_64 of every byte after this field (header and payload)
-    12  4  u32 header length H
-    16  H  msgpack header: format version, token count, first position, for K and V the ggml
-           type, encoding, grouping, group size, row width and encoded length; the key summary;
-           compression
-    16+H   payload: K's encoded bytes then V's (zstd-compressed as one frame when ``zstd`` is set)
+Format 2 (``KVB2``, what is written), a fixed binary header, so that a restore reads thousands of
+them with one ``struct`` call each and decodes them all with one kernel call
+(:class:`DecodeBatch`)::
+
+    0   4  magic b"KVB2"
+    4   8  u64 xxh3_64 of every byte after this field (header, summary and payload)
+    12  4  u32 tokens
+    16  4  u32 exact leading rows (f16 before the quantized rest, see SINK_ROWS)
+    20  2  u16 flags: bit 0, the payload is one zstd frame
+    22  2  u16 W, channels of the key summary (0: none, K is not f16)
+    24 20  K: i32 ggml type, i8 encoding, u8 grouping, u16 group size, u32 width, u64 bytes
+    44 20  V: the same
+    64 4W  key summary: per-channel min of K (f16 x W), then max (f16 x W)
+       ..  zero padding to a multiple of 16 (aligned payloads for the kernels)
+           payload: K's encoded bytes then V's (zstd-compressed as one frame when flagged)
+
+Format 1 (``KVB1``) is still read: the same checksum, then ``u32 H`` and an H-byte msgpack header
+``[version, tokens, K, V, zstd, key_min, key_max, exact_rows]`` (K and V as ``[ggml type,
+encoding, grouping, group size, width, bytes]``), then the payload; ``kvtier compact`` re-encodes.
 
 The checksum covers the header too, so a flipped byte anywhere is a :class:`BlockCorrupt`, never
 data. The key summary (per-channel min and max of K, f16) is stored with every f16 block so that
@@ -26,16 +38,26 @@ import zstandard
 
 from kvtier.errors import BlockCorrupt, ModelMismatch
 from kvtier.ggml import F16
-from kvtier.storage import quant
+from kvtier.storage import batch, quant
 from kvtier.storage.quant import Encoding, Grouping
 from kvtier.storage.records import LayerKV, TensorRows
 from kvtier.storage.summary import key_min_max
 
-MAGIC = b"KVB1"
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<4sQI")
+MAGIC = b"KVB2"
+"""Format 2, what :func:`encode_record` writes."""
+MAGIC_V1 = b"KVB1"
+"""Format 1, still read."""
+FORMAT_VERSION = 2
+_PREFIX = struct.Struct("<4sQ")
+_BODY = struct.Struct("<IIHH" + "ibBHIQ" * 2)
+"""Format 2's fixed header after the prefix: tokens, exact rows, flags, summary channels, K, V."""
+_HEAD = struct.Struct(_PREFIX.format + _BODY.format[1:])
+_FIXED_BYTES = _HEAD.size
+_V1_LENGTH = struct.Struct("<I")
+_ALIGN = 16
+_FLAG_ZSTD = 1
 
-RAW = -1
+RAW = batch.RAW
 """Encoding of rows that are not f16 (llama.cpp's own quantized cache types): stored as they are."""
 
 
@@ -83,10 +105,6 @@ class RecordHeader:
     key_max: bytes
     exact_rows: int = 0
     """Leading rows stored as f16 before the quantized rest (see SINK_ROWS)."""
-
-    @property
-    def payload_nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
     def key_summary(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Per-channel (min, max) of K as float32, or None for non-f16 caches."""
@@ -137,6 +155,10 @@ def key_summary(k: TensorRows) -> tuple[bytes, bytes]:
     return lo.tobytes(), hi.tobytes()
 
 
+def _payload_offset(summary_channels: int) -> int:
+    return -(-(_FIXED_BYTES + 4 * summary_channels) // _ALIGN) * _ALIGN
+
+
 def encode_record(layer: LayerKV, fmt: RecordFormat, exact_rows: int = 0) -> bytes:
     """Serialize one layer of one block for a tier, the first ``exact_rows`` rows exactly."""
     if layer.k.n_tokens != layer.v.n_tokens:
@@ -148,106 +170,197 @@ def encode_record(layer: LayerKV, fmt: RecordFormat, exact_rows: int = 0) -> byt
     if fmt.zstd_level:
         payload = _compressor(fmt.zstd_level).compress(payload)
     key_min, key_max = key_summary(layer.k)
-    header = msgpack.packb([FORMAT_VERSION, layer.n_tokens, k_head.pack(), v_head.pack(),
-                            bool(fmt.zstd_level), key_min, key_max, exact_rows])
-    body = struct.pack("<I", len(header)) + header + payload
-    return MAGIC + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)) + body
+    channels = len(key_min) // 2
+    if channels > 0xFFFF:
+        raise ValueError(f"a key summary of {channels} channels does not fit a record header")
+    body = _BODY.pack(layer.n_tokens, exact_rows, _FLAG_ZSTD if fmt.zstd_level else 0, channels,
+                      *k_head.pack(), *v_head.pack())
+    pad = bytes(_payload_offset(channels) - _FIXED_BYTES - 2 * len(key_min))
+    checked = b"".join((body, key_min, key_max, pad, payload))
+    return _PREFIX.pack(MAGIC, xxhash.xxh3_64_intdigest(checked)) + checked
 
 
 def _verify(data: bytes | memoryview) -> memoryview:
     view = memoryview(data)
-    if len(view) < _PREFIX.size:
+    if len(view) < _V1_LENGTH.size + _PREFIX.size:
         raise BlockCorrupt(f"record of {len(view)} bytes is shorter than its prefix")
-    magic, checksum, _ = _PREFIX.unpack_from(view)
-    if magic != MAGIC:
+    magic, checksum = _PREFIX.unpack_from(view)
+    if magic != MAGIC and magic != MAGIC_V1:
         raise BlockCorrupt(f"bad magic {bytes(magic)!r}")
-    if xxhash.xxh3_64_intdigest(view[12:]) != checksum:
+    if xxhash.xxh3_64_intdigest(view[_PREFIX.size:]) != checksum:
         raise BlockCorrupt("checksum mismatch")
     return view
 
 
-def _parse_header(view: memoryview) -> tuple[RecordHeader, memoryview]:
-    (hlen,) = struct.unpack_from("<I", view, 12)
+def _parse_header(view: memoryview) -> tuple[RecordHeader, int]:
+    """The header of a verified record, and where its payload starts."""
+    if view[:4] == MAGIC:
+        if len(view) < _FIXED_BYTES:
+            raise BlockCorrupt(f"record of {len(view)} bytes is shorter than its header")
+        n_tokens, exact_rows, flags, channels, *t = _BODY.unpack_from(view, _PREFIX.size)
+        offset = _payload_offset(channels)
+        if flags & ~_FLAG_ZSTD or len(view) < offset:
+            raise BlockCorrupt(f"flags {flags:#x}, {channels} summary channels in a record of "
+                               f"{len(view)} bytes")
+        summary = _FIXED_BYTES + 2 * channels
+        return (RecordHeader(FORMAT_VERSION, n_tokens, TensorHeader(*t[:6]), TensorHeader(*t[6:]),
+                             bool(flags), bytes(view[_FIXED_BYTES:summary]),
+                             bytes(view[summary:summary + 2 * channels]), exact_rows), offset)
+    (hlen,) = _V1_LENGTH.unpack_from(view, _PREFIX.size)
+    start = _PREFIX.size + _V1_LENGTH.size
     try:
-        fields = msgpack.unpackb(view[16:16 + hlen])
+        fields = msgpack.unpackb(view[start:start + hlen])
         version, n_tokens, k, v, zstd, key_min, key_max, exact_rows = fields
         header = RecordHeader(version, n_tokens, TensorHeader(*k), TensorHeader(*v), bool(zstd),
                               key_min, key_max, exact_rows)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise BlockCorrupt(f"unreadable header: {exc}") from None
-    if header.version != FORMAT_VERSION:
-        raise BlockCorrupt(f"record format {header.version}, this kvtier reads {FORMAT_VERSION}")
-    return header, view[16 + hlen:]
+    if header.version != 1:
+        raise BlockCorrupt(f"a KVB1 record says format {header.version}")
+    return header, start + hlen
 
 
 def read_header(data: bytes | memoryview) -> RecordHeader:
     """The verified header of a record (the checksum is checked over the whole record)."""
-    return _parse_header(_verify(data))[0]
+    view = _verify(data)
+    return _parse_header(view)[0]
 
 
-def _decode_tensor_into(head: TensorHeader, payload: memoryview, exact_rows: int,
-                        out: np.ndarray) -> None:
-    """Decode one tensor into ``out``: uint8 (n_tokens, row_bytes) with contiguous rows."""
-    if head.encoding == RAW:
-        out[...] = np.frombuffer(payload, dtype=np.uint8).reshape(out.shape)
-        return
-    bits = out.view(np.uint16)
-    exact = exact_rows * head.width * 2
-    bits[:exact_rows] = np.frombuffer(payload[:exact], dtype="<u2").reshape(-1, head.width)
-    quant.decode_into(payload[exact:], bits[exact_rows:], Encoding(head.encoding),
-                      Grouping(head.grouping), head.group_size)
+def _row_bytes(encoding: int, width: int) -> int:
+    return width if encoding == RAW else 2 * width
 
 
-def _row_bytes(head: TensorHeader) -> int:
-    return head.width if head.encoding == RAW else 2 * head.width
+def _address(buffer: bytes | bytearray | memoryview | np.ndarray) -> int:
+    return np.frombuffer(buffer, np.uint8).__array_interface__["data"][0]
 
 
-def _payload(data: bytes | memoryview) -> tuple[RecordHeader, memoryview]:
-    header, payload = _parse_header(_verify(data))
-    if header.zstd:
+def _decompress(compressed: memoryview, nbytes: int) -> bytes:
+    try:
+        payload = _decompressor().decompress(compressed, max_output_size=nbytes)
+    except zstandard.ZstdError as exc:
+        raise BlockCorrupt(f"zstd: {exc}") from None
+    if len(payload) != nbytes:
+        raise BlockCorrupt(f"payload is {len(payload)} bytes, header says {nbytes}")
+    return payload
+
+
+class DecodeBatch:
+    """Records decoded into caller-owned rows with one kernel call (:func:`batch.decode_tasks`).
+
+    :meth:`add` verifies a record (checksum, header, that it fits its destination) and notes where
+    its tensors' payloads are and where their rows go; :meth:`run` decodes them all without the
+    GIL. Records and destinations are used in place: they must stay valid (an LMDB transaction
+    open, the blob alive) until :meth:`run` returns. Per record this costs one checksum (which
+    releases the GIL), one ``struct`` call and a few comparisons.
+    """
+
+    __slots__ = ("_tasks", "_keep")
+
+    def __init__(self) -> None:
+        self._tasks: list[tuple[int, ...]] = []
+        self._keep: list[bytes] = []
+
+    def __len__(self) -> int:
+        return len(self._tasks) // 2
+
+    def add(self, data: bytes | memoryview, k_dst: int, v_dst: int, k_type: int, v_type: int,
+            k_row_bytes: int, v_row_bytes: int, n_rows: int) -> None:
+        """Verify a record and queue its K and V for decoding to the addresses ``k_dst`` and
+        ``v_dst``: ``n_rows`` contiguous rows of ``k_row_bytes`` (``v_row_bytes``) bytes each.
+        Raises :class:`BlockCorrupt` for a damaged record, :class:`ModelMismatch` for one whose
+        types or shapes are not the destination's."""
+        view = memoryview(data)
+        magic = None
+        if len(view) >= _FIXED_BYTES:
+            (magic, checksum, n, exact, zstd, channels,
+             kt, ke, kg, kgs, kw, kn, vt, ve, vg, vgs, vw, vn) = _HEAD.unpack_from(view)
+        if magic != MAGIC:
+            view = _verify(view)           # format 1, or damaged: the general path says which
+            header, offset = _parse_header(view)
+            k, v = header.k, header.v
+            n, exact, zstd = header.n_tokens, header.exact_rows, header.zstd
+            kt, ke, kg, kgs, kw, kn = k.ggml_type, k.encoding, k.grouping, k.group_size, \
+                k.width, k.nbytes
+            vt, ve, vg, vgs, vw, vn = v.ggml_type, v.encoding, v.grouping, v.group_size, \
+                v.width, v.nbytes
+        elif xxhash.xxh3_64_intdigest(view[_PREFIX.size:]) != checksum:
+            raise BlockCorrupt("checksum mismatch")
+        elif zstd & ~_FLAG_ZSTD:
+            raise BlockCorrupt(f"unknown flags {zstd:#x}")
+        else:
+            offset = _payload_offset(channels)
+        k_rb = kw if ke == RAW else 2 * kw
+        v_rb = vw if ve == RAW else 2 * vw
+        if kt != k_type or vt != v_type or n != n_rows or k_rb != k_row_bytes \
+                or v_rb != v_row_bytes:
+            raise ModelMismatch(f"a record of types {kt}/{vt}, {n} rows of {k_rb}/{v_rb} bytes, "
+                                f"for a destination of types {k_type}/{v_type}, {n_rows} rows "
+                                f"of {k_row_bytes}/{v_row_bytes} bytes")
+        if zstd:
+            payload = _decompress(view[offset:], kn + vn)
+            self._keep.append(payload)
+            base = _address(payload)
+        elif len(view) - offset != kn + vn:
+            raise BlockCorrupt(f"payload is {len(view) - offset} bytes, header says {kn + vn}")
+        else:
+            base = _address(view) + offset
+        self._tasks.append((base, kn, k_dst, n, kw, ke, kg, kgs, 0 if ke == RAW else exact))
+        self._tasks.append((base + kn, vn, v_dst, n, vw, ve, vg, vgs, 0 if ve == RAW else exact))
+
+    def add_into(self, data: bytes | memoryview, k_out: np.ndarray, v_out: np.ndarray,
+                 k_type: int, v_type: int) -> None:
+        """:meth:`add` with uint8 ``(n_rows, row_bytes)`` C-contiguous arrays as destinations."""
+        for out in (k_out, v_out):
+            if out.dtype != np.uint8 or out.ndim != 2 or not out.flags.c_contiguous \
+                    or not out.flags.writeable:
+                raise ValueError("destinations are writable C-contiguous uint8 (rows, bytes)")
+        if k_out.shape[0] != v_out.shape[0]:
+            raise ValueError(f"K has {k_out.shape[0]} rows, V {v_out.shape[0]}")
+        self.add(data, _address(k_out), _address(v_out), k_type, v_type, k_out.shape[1],
+                 v_out.shape[1], k_out.shape[0])
+
+    def run(self) -> None:
+        """Decode everything added (then the batch is empty); raises :class:`BlockCorrupt` when a
+        payload does not have the length its header's shape needs (nothing is read or written
+        beyond either then; other tensors are decoded)."""
+        tasks, self._tasks = self._tasks, []
         try:
-            payload = memoryview(_decompressor().decompress(
-                payload, max_output_size=header.payload_nbytes))
-        except zstandard.ZstdError as exc:
-            raise BlockCorrupt(f"zstd: {exc}") from None
-    if len(payload) != header.payload_nbytes:
-        raise BlockCorrupt(f"payload is {len(payload)} bytes, header says "
-                           f"{header.payload_nbytes}")
-    return header, payload
+            if not tasks:
+                return
+            status = batch.decode_tasks(np.array(tasks, np.int64))
+        finally:
+            self._keep.clear()
+        bad = np.flatnonzero(status)
+        if bad.size:
+            raise BlockCorrupt(f"{bad.size} of {len(tasks)} tensors have payloads that do not "
+                               f"fit their shape (first: task {bad[0]}, status {status[bad[0]]})")
 
 
 def decode_record(data: bytes | memoryview) -> tuple[RecordHeader, LayerKV]:
     """Verify and decode a record back to llama.cpp rows (f16 for quantized encodings)."""
-    header, payload = _payload(data)
-    tensors = []
-    for head, part in ((header.k, payload[:header.k.nbytes]),
-                       (header.v, payload[header.k.nbytes:])):
-        rows = np.empty((header.n_tokens, _row_bytes(head)), dtype=np.uint8)
-        _decode_tensor_into(head, part, header.exact_rows, rows)
-        tensors.append(TensorRows(head.ggml_type, rows))
-    return header, LayerKV(*tensors)
+    header = read_header(data)
+    k_out = np.empty((header.n_tokens, _row_bytes(header.k.encoding, header.k.width)), np.uint8)
+    v_out = np.empty((header.n_tokens, _row_bytes(header.v.encoding, header.v.width)), np.uint8)
+    batch = DecodeBatch()
+    batch.add_into(data, k_out, v_out, header.k.ggml_type, header.v.ggml_type)
+    batch.run()
+    return header, LayerKV(TensorRows(header.k.ggml_type, k_out),
+                           TensorRows(header.v.ggml_type, v_out))
 
 
 def decode_record_into(data: bytes | memoryview, k_out: np.ndarray, v_out: np.ndarray,
-                       k_type: int, v_type: int) -> RecordHeader:
+                       k_type: int, v_type: int) -> None:
     """Verify a record and decode its K and V rows straight into ``k_out`` / ``v_out`` (uint8,
-    (n_tokens, row_bytes), contiguous rows: e.g. a restore's state blob). Raises
+    (n_tokens, row_bytes), C-contiguous: e.g. a restore's state blob). Raises
     :class:`ModelMismatch` when the record's types or shapes are not the destination's."""
-    header, payload = _payload(data)
-    for head, out, ggml_type, name in ((header.k, k_out, k_type, "K"),
-                                       (header.v, v_out, v_type, "V")):
-        if head.ggml_type != ggml_type or out.shape != (header.n_tokens, _row_bytes(head)):
-            raise ModelMismatch(f"{name}: a record of type {head.ggml_type}, "
-                                f"{header.n_tokens} x {_row_bytes(head)} bytes, for a "
-                                f"destination of type {ggml_type}, {out.shape[0]} x "
-                                f"{out.shape[1]} bytes")
-    _decode_tensor_into(header.k, payload[:header.k.nbytes], header.exact_rows, k_out)
-    _decode_tensor_into(header.v, payload[header.k.nbytes:], header.exact_rows, v_out)
-    return header
+    batch = DecodeBatch()
+    batch.add_into(data, k_out, v_out, k_type, v_type)
+    batch.run()
 
 
 def transcode(data: bytes | memoryview, fmt: RecordFormat) -> bytes:
-    """Re-encode a record for another tier (e.g. warm Q8 → cool Q4 + zstd)."""
+    """Re-encode a record for another tier (e.g. warm Q8 → cool Q4 + zstd); KVB1 records come out
+    as KVB2."""
     header, layer = decode_record(data)
     return encode_record(layer, fmt, header.exact_rows)
 
@@ -259,6 +372,4 @@ def warm_up() -> None:
     rows = TensorRows(F16.id, bits.view(np.uint8))
     layer = LayerKV(rows, rows)
     for encoding in Encoding:
-        record = encode_record(layer, RecordFormat(encoding, 1), SINK_ROWS)
-        k_out = np.empty_like(layer.k.rows)
-        decode_record_into(record, k_out, np.empty_like(k_out), F16.id, F16.id)
+        decode_record(encode_record(layer, RecordFormat(encoding, 1), SINK_ROWS))

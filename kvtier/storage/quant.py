@@ -591,3 +591,4 @@ def decode(payload: bytes | bytearray | memoryview | np.ndarray, n_tokens: int, 
     out = np.empty((n_tokens, width), np.uint16)
     decode_into(payload, out, encoding, grouping, group_size)
     return out
+

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -26,6 +27,29 @@ T = TypeVar("T")
 RowDestination = Callable[[int, int], tuple[np.ndarray, np.ndarray, int, int]]
 """(block position, layer) -> (k_out, v_out, k_type, v_type): where a restore decodes rows."""
 Fetched = tuple[Tier, list[bytes | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RowTargets:
+    """Where a restore decodes every record, by address (no Python call per record): the rows of
+    layer ``l`` of ``blocks[j]`` go to ``k_addr[j, l]`` and ``v_addr[j, l]``, ``n_rows[j]``
+    contiguous rows of ``k_row_bytes[l]`` / ``v_row_bytes[l]`` bytes. The caller keeps the memory
+    alive and writable while the read runs."""
+
+    k_addr: np.ndarray
+    """int64 (blocks, layers)."""
+    v_addr: np.ndarray
+    k_types: tuple[int, ...]
+    v_types: tuple[int, ...]
+    k_row_bytes: tuple[int, ...]
+    v_row_bytes: tuple[int, ...]
+    n_rows: tuple[int, ...]
+
+    def add(self, batch: codec.DecodeBatch, j: int, layer: int, record: bytes | memoryview
+            ) -> None:
+        batch.add(record, int(self.k_addr[j, layer]), int(self.v_addr[j, layer]),
+                  self.k_types[layer], self.v_types[layer], self.k_row_bytes[layer],
+                  self.v_row_bytes[layer], self.n_rows[j])
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -67,16 +91,24 @@ class BlockReader:
             return [self._decode(b, f) for b, f in zip(blocks, fetched)]
         return list(_decode_pool().map(self._decode, blocks, fetched))
 
-    def get_blocks_into(self, blocks: Sequence[BlockId], destination: RowDestination
-                        ) -> list[KvtierError | None]:
-        """Decode several **pinned** blocks in parallel straight into caller-owned rows:
-        ``destination(j, layer)`` gives ``(k_out, v_out, k_type, v_type)`` for layer ``layer``
-        of ``blocks[j]`` (see :func:`codec.decode_record_into`). For each block, None or the
-        error that reading it met (a corrupt block is removed, as with :meth:`get_block`).
+    def get_blocks_into(self, blocks: Sequence[BlockId],
+                        destination: RowTargets | RowDestination) -> list[KvtierError | None]:
+        """Decode several **pinned** blocks in parallel straight into caller-owned rows, given as
+        :class:`RowTargets` or as a function ``destination(j, layer) -> (k_out, v_out, k_type,
+        v_type)`` of C-contiguous arrays. For each block, None or the error that reading it met
+        (a corrupt block is removed, as with :meth:`get_block`).
 
-        Each block is read in its decoding thread, zero-copy where the tier allows (LMDB), and
-        without the index's lock: the pin (a restore holds one) keeps it from moving."""
+        Each block is read in a decoding thread, zero-copy where the tier allows (LMDB), and
+        without the index's lock: the pin (a restore holds one) keeps it from moving. Its
+        records are verified one by one and decoded by one kernel call
+        (:class:`codec.DecodeBatch`), so a block costs its bytes, not a Python call per record."""
         located = [self._locate(block) for block in blocks]
+        if isinstance(destination, RowTargets):
+            add = destination.add
+        else:
+            def add(batch: codec.DecodeBatch, j: int, layer: int,
+                    record: bytes | memoryview) -> None:
+                batch.add_into(record, *destination(j, layer))
 
         def decode(j: int) -> KvtierError | None:
             where = located[j]
@@ -84,14 +116,20 @@ class BlockReader:
                 return where
             tier, keys = where
 
+            def run(records: list[bytes | memoryview]) -> None:
+                batch = codec.DecodeBatch()
+                for layer, record in enumerate(records):
+                    add(batch, j, layer, record)
+                batch.run()
+
             def into(values: list[bytes | memoryview | None]) -> None | BlockCorrupt:
-                return self._decode_values(blocks[j], tier, values, lambda vs: [
-                    codec.decode_record_into(v, *destination(j, layer))
-                    for layer, v in enumerate(vs)])
+                return self._decode_values(blocks[j], tier, values, run)
 
             result = self._account(blocks[j], tier, self._p.tiers[tier].read_many(keys, into))
             return result if isinstance(result, KvtierError) else None
 
+        if len(blocks) < 2:
+            return [decode(j) for j in range(len(blocks))]
         return list(_decode_pool().map(decode, range(len(blocks))))
 
     def _locate(self, block: BlockId) -> tuple[Tier, list[bytes]] | KvtierError:

@@ -60,6 +60,7 @@ def test_cache_stats_count_what_a_request_did(tmp_path):
     engine = make_engine(tmp_path)
     try:
         result = engine.generate(GenerationRequest(prompt="1, 2, 3, 4,", sampling=GREEDY))
+        engine.wait_stored()   # the reply comes first, the store after it
         stats = engine.cache_stats()
         assert [t.name for t in stats.tiers] == [t.label for t in Tier]
         assert stats.tiers[Tier.WARM].blocks == sum(t.blocks for t in stats.tiers) > 0
@@ -67,6 +68,9 @@ def test_cache_stats_count_what_a_request_did(tmp_path):
         assert stats.tokens.generated == result.usage.completion_tokens
         assert (stats.slots.total, stats.slots.busy, stats.slots.queued) == (2, 0, 0)
         assert len(stats.throughput.restore_tokens_per_s) == len(Tier)
+        assert (stats.store.jobs, stats.store.failures, stats.store.queued_jobs) == (1, 0, 0)
+        assert stats.store.blocks_written == stats.tiers[Tier.WARM].blocks
+        assert stats.store.read_s > 0 and not stats.store.pinned   # a CPU build
     finally:
         engine.close()
 

@@ -19,6 +19,7 @@ def test_shared_system_prompt_is_stored_once(tmp_path):
     try:
         engine.generate(chat("Summarise that.", "a", system=system))
         engine.generate(chat("What is it about?", "b", system=system))
+        engine.wait_stored()
         ns = engine.namespace
         seqs = [engine.manager.get_sequence(ns, engine.manager.get_session(s).sequence)
                 for s in "ab"]
@@ -105,6 +106,7 @@ def test_stateless_request_never_rewrites_a_resident_session(tmp_path):
     engine = make_engine(tmp_path, **{"model.n_slots": 1})
     try:
         first = engine.generate(chat(TURN_1, "s"))
+        engine.wait_stored()
         entry = engine.manager.get_session("s")
         before = engine.manager.get_sequence(engine.namespace, entry.sequence)
         follow_up = GenerationRequest(messages=(ChatMessage("user", TURN_1),
@@ -112,6 +114,7 @@ def test_stateless_request_never_rewrites_a_resident_session(tmp_path):
                                                 ChatMessage("user", TURN_2)), sampling=GREEDY)
         result = engine.generate(follow_up)
         assert result.usage.cached_tokens > 0
+        engine.wait_stored()
         after = engine.manager.get_sequence(engine.namespace, entry.sequence)
         assert after.tokens == before.tokens and after.blocks == before.blocks
     finally:
@@ -124,12 +127,14 @@ def test_stateless_follow_up_extends_the_resident_anonymous_conversation(tmp_pat
     engine = make_engine(tmp_path, **{"model.n_slots": 1})
     try:
         first = engine.generate(chat(TURN_1))
+        engine.wait_stored()
         sequences = {s.sequence for s in engine.manager.sequences()}
         follow_up = GenerationRequest(messages=(ChatMessage("user", TURN_1),
                                                 ChatMessage("assistant", first.text),
                                                 ChatMessage("user", TURN_2)), sampling=GREEDY)
         result = engine.generate(follow_up)
         assert result.usage.cached_tokens > 0
+        engine.wait_stored()
         assert {s.sequence for s in engine.manager.sequences()} == sequences
     finally:
         engine.close()

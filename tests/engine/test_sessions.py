@@ -98,6 +98,7 @@ def test_sessions_fork_list_delete(tmp_path):
         engine.delete_session("parent")
         with pytest.raises(SessionNotFound):
             engine.get_session("parent")
+        engine.wait_stored()
         assert all(engine.manager.block_entry(b) is not None
                    for b in engine.manager.get_sequence(
                        ns, engine.manager.get_session("child").sequence).block_ids())

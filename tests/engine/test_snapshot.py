@@ -7,10 +7,12 @@ sequence on the same cells: the slot is cleared and restored, and its cells are 
 
 from __future__ import annotations
 
+import llama_cpp
 import numpy as np
 import pytest
 
 from kvtier.config import load_config
+from kvtier.engine import state_codec
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.snapshot import Snapshotter, StoredSequence
@@ -52,6 +54,7 @@ def setup(tmp_path, model, request):
     ns = model.fingerprint("f16", "f16", 256).namespace
     snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel())
     yield hot, manager, snaps
+    snaps.close()
     manager.close()
     hot.close()
 
@@ -114,3 +117,80 @@ def test_snapshots_are_incremental(setup, document_tokens):
     assert len(seq2.full) == 2 and seq2.tail_tokens == 88
     assert manager.block_entry(seq.tail) is None   # the old tail was released
     assert sum(s.blocks for s in manager.stats()) == 3
+
+
+# --- one unified KV cache with a scratch sequence (the hot tier's layout from issue 9 on) ------
+
+
+@pytest.fixture
+def unified(tmp_path, model):
+    """Two slots and the scratch sequence (id 2) in the hot tier's unified KV cache, f16 warm
+    tier."""
+    config = load_config(None, {"data_dir": str(tmp_path), "model.n_slots": 2,
+                                "model.context_size": 1024, "tiers.warm_format": "f16"})
+    hot = HotContext.for_config(model, config)
+    manager = TierManager(config, background=False)
+    ns = model.fingerprint("f16", "f16", 256).namespace
+    # Chunks of one block (5.9 MB of KV each): the 700-token restores below go in three.
+    snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel(), restore_chunk_bytes=6 << 20)
+    assert snaps.scratch_seq == 2
+    yield hot, manager, snaps
+    snaps.close()
+    manager.close()
+    hot.close()
+
+
+def kv_of(hot: HotContext, seq_id: int) -> state_codec.SequenceState:
+    return state_codec.parse(state_codec.read_state(hot.ptr, seq_id))
+
+
+def test_chunked_restore_through_the_scratch_sequence_is_bit_exact(unified, document_tokens):
+    # In a unified cache the logits of a sequence depend on where its cells sit among the other
+    # sequences' (two slots prefilled with the same tokens differ by up to 0.87 here, with no
+    # restore at all), so bit-exactness is checked on the KV itself.
+    hot, manager, snaps = unified
+    prompt = document_tokens[:N_PROMPT]
+    prefill(hot, 0, prompt)
+    seq = snaps.save(hot.slots[0], StoredSequence(manager.new_sequence()))
+    plan = snaps.plan(prompt, manager.get_sequence(snaps.namespace, seq.seq_id))
+    assert snaps.restore(hot.slots[1], plan, prompt).n_tokens == N_PROMPT
+    live, restored = kv_of(hot, 0).caches[0], kv_of(hot, 1).caches[0]
+    order = np.argsort(restored.positions)
+    assert np.array_equal(restored.positions[order], live.positions)
+    for layer in range(len(live.k)):
+        assert np.array_equal(restored.k[layer][order], live.k[layer])
+        assert np.array_equal(restored.v[layer][order], live.v[layer])
+    assert hot.pos_range(hot.scratch) == (-1, -1)        # the scratch sequence is empty again
+
+
+def test_chunked_restore_stops_at_a_damaged_block(unified, document_tokens):
+    hot, manager, snaps = unified
+    prompt = document_tokens[:N_PROMPT]
+    prefill(hot, 0, prompt)
+    seq = snaps.save(hot.slots[0], StoredSequence(manager.new_sequence()))
+    key = seq.blocks[1].key(3).to_bytes()
+    value = bytearray(manager.tiers[Tier.WARM].get(key))
+    value[-7] ^= 0x20
+    manager.tiers[Tier.WARM].put_many([(key, bytes(value))])
+    plan = snaps.plan(prompt, manager.get_sequence(snaps.namespace, seq.seq_id))
+    restored = snaps.restore(hot.slots[1], plan, prompt)
+    assert restored.n_tokens == 256 and hot.pos_range(1) == (0, 255)
+    assert hot.pos_range(hot.scratch) == (-1, -1)
+
+
+def test_a_store_reads_only_the_cells_the_store_lacks(unified, document_tokens):
+    hot, manager, snaps = unified
+    prefill(hot, 0, document_tokens[:300])
+    seq = snaps.save(hot.slots[0], StoredSequence(manager.new_sequence()))
+    prefill(hot, 0, document_tokens[300:600])
+    saved, job = snaps.prepare(hot.slots[0], seq)
+    try:
+        positions = state_codec.parse(job.buffer.view(job.nbytes)).caches[0].positions
+        # Block 0 is stored: only the new full block and the tail were read (256..599).
+        assert positions.min() == 256 and positions.max() == 599 and positions.size == 344
+        assert [w.first_pos for w in job.blocks] == [256, 512]
+        assert saved.full[0] == seq.full[0] and len(saved.full) == 2
+    finally:
+        snaps._inline_buffers.release(job.buffer)
+    assert hot.pos_range(hot.scratch) == (-1, -1)
+    assert hot.pos_range(0) == (0, 599)

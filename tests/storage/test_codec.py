@@ -1,12 +1,18 @@
+import struct
+from pathlib import Path
+
+import msgpack
 import numpy as np
 import pytest
+import xxhash
 
-from kvtier.errors import BlockCorrupt
+from kvtier.errors import BlockCorrupt, ModelMismatch
+from kvtier.ggml import F16
 from kvtier.storage import codec
 from kvtier.storage.codec import RecordFormat
-from kvtier.storage.quant import Encoding
+from kvtier.storage.quant import Encoding, Grouping
 from kvtier.storage.records import LayerKV, TensorRows
-from tests.factories import f16, make_layers
+from tests.factories import WIDTH, f16, make_layers
 
 Q8 = RecordFormat(Encoding.Q8)
 Q4Z = RecordFormat(Encoding.Q4, zstd_level=3)
@@ -90,3 +96,101 @@ def test_exact_rows_survive_quantization_and_transcoding(fmt, n_tokens):
         assert np.array_equal(back.k.rows[:expected], layer.k.rows[:expected])
         assert np.array_equal(back.v.rows[:expected], layer.v.rows[:expected])
         assert back.k.rows.shape == layer.k.rows.shape
+
+
+# --- format 2 and format 1 ------------------------------------------------------------------
+
+KVB1 = Path(__file__).parent / "data" / "kvb1_records.msgpack"
+"""Records written by kvtier's format-1 codec (before KVB2), and the rows it decoded them to."""
+
+
+def test_format_2_header_is_fixed_and_the_payload_aligned():
+    layer = make_layers(11, n_layers=1, n_tokens=37)[0]
+    record = codec.encode_record(layer, Q8, exact_rows=4)
+    magic, _, n, exact, flags, channels = struct.unpack_from("<4sQIIHH", record)
+    assert (magic, n, exact, flags, channels) == (b"KVB2", 37, 4, 0, 64)
+    k = struct.unpack_from("<ibBHIQ", record, 24)
+    v = struct.unpack_from("<ibBHIQ", record, 44)
+    assert k[:5] == (1, Encoding.Q8, Grouping.PER_CHANNEL, 32, 64)
+    assert v[:5] == (1, Encoding.Q8, Grouping.PER_TOKEN, 32, 64)
+    offset = -(-(64 + 4 * 64) // 16) * 16
+    assert len(record) == offset + k[5] + v[5]
+    lo = np.frombuffer(record[64:64 + 128], np.float16)
+    assert np.array_equal(lo, f16(layer.k).min(axis=0).astype(np.float16))
+
+
+@pytest.mark.parametrize("name", ["f16", "q8", "q4_zstd", "q8_0_raw"])
+def test_format_1_records_still_read(name):
+    golden = msgpack.unpackb(KVB1.read_bytes())
+    record = golden["records"][name]
+    assert record[:4] == b"KVB1"
+    header, layer = codec.decode_record(record)
+    assert header.version == 1
+    assert layer.k.rows.tobytes() == golden["decoded"][name][0]
+    assert layer.v.rows.tobytes() == golden["decoded"][name][1]
+    k_out, v_out = np.empty_like(layer.k.rows), np.empty_like(layer.v.rows)
+    codec.decode_record_into(record, k_out, v_out, header.k.ggml_type, header.v.ggml_type)
+    assert np.array_equal(k_out, layer.k.rows) and np.array_equal(v_out, layer.v.rows)
+    upgraded = codec.transcode(record, Q8 if name != "f16" else RecordFormat(Encoding.F16))
+    assert upgraded[:4] == b"KVB2"
+    assert codec.read_header(upgraded).key_summary() is not None or name == "q8_0_raw"
+
+
+def test_format_1_flipped_bytes_are_detected():
+    record = msgpack.unpackb(KVB1.read_bytes())["records"]["q8"]
+    for pos in range(0, len(record), 97):
+        damaged = bytearray(record)
+        damaged[pos] ^= 0x04
+        with pytest.raises(BlockCorrupt):
+            codec.decode_record(bytes(damaged))
+
+
+def _rechecksummed(record: bytearray) -> bytes:
+    struct.pack_into("<Q", record, 4, xxhash.xxh3_64_intdigest(bytes(record[12:])))
+    return bytes(record)
+
+
+def test_a_header_that_lies_about_the_payload_is_corrupt_even_with_a_good_checksum():
+    layer = make_layers(12, n_layers=1, n_tokens=64)[0]
+    record = bytearray(codec.encode_record(layer, Q8))
+    struct.pack_into("<H", record, 24 + 6, 16)            # K's group size: 32 -> 16
+    with pytest.raises(BlockCorrupt):
+        codec.decode_record(_rechecksummed(record))
+    record = bytearray(codec.encode_record(layer, Q8))
+    struct.pack_into("<H", record, 20, 2)                 # an unknown flag
+    with pytest.raises(BlockCorrupt):
+        codec.decode_record(_rechecksummed(record))
+
+
+def test_decode_batch_fills_many_destinations_with_one_call():
+    layers = make_layers(13, n_layers=6, n_tokens=40)
+    records = [codec.encode_record(kv, fmt, exact_rows=4)
+               for kv, fmt in zip(layers, [Q8, Q4Z, RecordFormat(Encoding.F16)] * 2)]
+    blob = np.full(6 * 2 * 40 * WIDTH * 2 + 16, 0xEE, np.uint8)
+    base = blob.__array_interface__["data"][0]
+    batch = codec.DecodeBatch()
+    row_bytes = 2 * WIDTH
+    for i, record in enumerate(records):
+        k_off, v_off = (2 * i) * 40 * row_bytes, (2 * i + 1) * 40 * row_bytes
+        batch.add(record, base + k_off, base + v_off, F16.id, F16.id, row_bytes, row_bytes, 40)
+    assert len(batch) == 6
+    batch.run()
+    for i, record in enumerate(records):
+        _, expected = codec.decode_record(record)
+        k = blob[2 * i * 40 * row_bytes:(2 * i + 1) * 40 * row_bytes].reshape(40, row_bytes)
+        v = blob[(2 * i + 1) * 40 * row_bytes:(2 * i + 2) * 40 * row_bytes].reshape(40, row_bytes)
+        assert np.array_equal(k, expected.k.rows) and np.array_equal(v, expected.v.rows)
+    assert (blob[-16:] == 0xEE).all()                     # nothing written past the rows
+
+
+def test_decode_batch_refuses_a_destination_of_another_shape_or_type():
+    record = codec.encode_record(make_layers(14, n_layers=1, n_tokens=40)[0], Q8)
+    rows = np.empty((40, 2 * WIDTH), np.uint8)
+    for k_out, k_type in ((np.empty((39, 2 * WIDTH), np.uint8), F16.id),
+                          (np.empty((40, 2 * WIDTH + 2), np.uint8), F16.id),
+                          (rows, 8)):
+        with pytest.raises(ModelMismatch):
+            codec.decode_record_into(record, k_out, rows if k_out.shape[0] == 40 else k_out,
+                                     k_type, F16.id)
+    with pytest.raises(ValueError):
+        codec.decode_record_into(record, rows[:, :WIDTH], rows[:, :WIDTH], F16.id, F16.id)

@@ -466,3 +466,4 @@ def test_concurrent_calls_from_worker_threads(threads):
     for w in workers:
         w.join()
     assert not errors, errors
+

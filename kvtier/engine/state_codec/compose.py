@@ -3,7 +3,7 @@ block's rows go, :func:`compose` fills it (the block convention is in :mod:`.lay
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,11 @@ class ComposedState:
     """Per layer, the (n_embd, n_cells) element view of a transposed V, else None."""
     row_start: list[list[int]]
     """[block position][layer] -> the block's first row among its cache's cells."""
+    k_offsets: np.ndarray
+    """int64 [block position, layer] -> byte offset in ``blob`` of the block's first K row, -1
+    without rows: the destinations by address, for a decode that makes no Python call per row."""
+    v_offsets: np.ndarray
+    """The same for V; -1 too where the blob stores V transposed."""
 
     def rows(self, j: int, layer: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Where block ``blocks[j]``'s K and V rows of ``layer`` go (see the fields)."""
@@ -55,7 +60,8 @@ class ComposedState:
 
 
 def allocate(layout: StateLayout, seq_id: int, stream: int,
-             blocks: Sequence[tuple[int, Sequence[int]]], block_size: int) -> ComposedState:
+             blocks: Sequence[tuple[int, Sequence[int]]], block_size: int,
+             out: np.ndarray | Callable[[int], np.ndarray] | None = None) -> ComposedState:
     """Lay out a state blob for ``llama_state_seq_set_data`` holding the given blocks, each with
     its row count per cache (``(block, [rows in cache 0, ...])``), and return where every block's
     rows go. Row data is left unwritten: fill it through the result, or use :func:`compose`.
@@ -65,7 +71,9 @@ def allocate(layout: StateLayout, seq_id: int, stream: int,
     need not be contiguous; their rows land at the positions the module's block convention gives.
     A cache with no rows at all gets cell_count 0 everywhere, and llama.cpp then leaves that cache's
     cells of the sequence as they were: clear the sequence (``llama_memory_seq_rm``) first.
-    The memory is never zero-filled (that would cost as much as a third of the copy).
+    The memory is never zero-filled (that would cost as much as a third of the copy). With
+    ``out`` (a 1-D uint8 array, e.g. a reusable pinned host buffer, or a function of the blob's
+    size that returns one), the blob is its first bytes; ValueError if it is too small.
     """
     if any(c.cell_ext_bytes for c in layout.caches):
         raise UnsupportedLayout("block records carry no llama_kv_cell_ext; cannot compose cells "
@@ -97,12 +105,21 @@ def allocate(layout: StateLayout, seq_id: int, stream: int,
         + (n * (CELL_BYTES + c.row_bytes) + TRANS_LAYERS.size + 2 * c.n_layer * TENSOR_HEAD.size
            if n else 0)
         for c, n in zip(layout.caches, n_cells))
-    data = np.empty(total, dtype=np.uint8)
+    if callable(out):
+        out = out(total)
+    if out is None:
+        data = np.empty(total, dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.ndim != 1 or out.size < total:
+        raise ValueError(f"a blob of {total} bytes does not fit the given buffer")
+    else:
+        data = out[:total]
     out = memoryview(data)
     n_layers = layout.n_layers
     k_rows: list[list[np.ndarray | None]] = [[None] * n_layers for _ in ordered]
     v_rows: list[list[np.ndarray | None]] = [[None] * n_layers for _ in ordered]
     row_start = [[0] * n_layers for _ in ordered]
+    k_offsets = np.full((len(ordered), n_layers), -1, np.int64)
+    v_offsets = np.full((len(ordered), n_layers), -1, np.int64)
     v_transposed: list[np.ndarray | None] = [None] * n_layers
     HEADER.pack_into(out, 0, STATE_MAGIC, seq_id)
     off = HEADER.size
@@ -138,6 +155,7 @@ def allocate(layout: StateLayout, seq_id: int, stream: int,
                 for j, first, m in spans:
                     k_rows[j][base + il] = region[first:first + m]
                     row_start[j][base + il] = first
+                    k_offsets[j, base + il] = off + first * rb
                 off += n * rb
             for il in range(cache.n_layer):
                 t, rb = cache.v_types[il], cache.v_row_bytes[il]
@@ -153,10 +171,12 @@ def allocate(layout: StateLayout, seq_id: int, stream: int,
                     region = data[off:off + n * rb].reshape(n, rb)
                     for j, first, m in spans:
                         v_rows[j][base + il] = region[first:first + m]
+                        v_offsets[j, base + il] = off + first * rb
                 off += n * rb
         base += cache.n_layer
     assert off == total
-    return ComposedState(out, [b for b, _ in ordered], k_rows, v_rows, v_transposed, row_start)
+    return ComposedState(out, [b for b, _ in ordered], k_rows, v_rows, v_transposed, row_start,
+                         k_offsets, v_offsets)
 
 
 def compose(layout: StateLayout, seq_id: int, stream: int,
