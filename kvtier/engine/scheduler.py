@@ -27,7 +27,7 @@ from kvtier.engine.sampling import Sampler
 from kvtier.engine.sessions import SessionStore
 from kvtier.engine.slots import (SequenceOwner, SessionOwner, Slot, SlotOwner, choose_slot,
                                  common_prefix, may_extend)
-from kvtier.engine.snapshot import Snapshotter, StoredSequence
+from kvtier.engine.snapshot import RestorePlan, Snapshotter, StoredSequence
 from kvtier.engine.text import TextStream
 from kvtier.errors import KvtierError, Overloaded
 from kvtier.storage.catalog import SessionEntry
@@ -51,6 +51,8 @@ class Job:
     session_text: str
     """The rendered text that the prompt tokens stand for (sessions extend it exactly)."""
     max_new: int
+    plan: RestorePlan | None = None
+    """The longest prefix of the prompt that the store holds, found when the job is admitted."""
     slot: Slot | None = None
     seq: StoredSequence | None = None
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
@@ -166,11 +168,16 @@ class Scheduler:
                 if self._stopping and not self._active:
                     return
                 admitted = []
-                while self._queue and not self._stopping:
-                    slot = choose_slot(self.hot.slots, self._queue[0].prompt)
-                    if slot is None:
-                        break
-                    job = self._queue.popleft()
+                while self._queue and not self._stopping \
+                        and any(not s.busy for s in self.hot.slots):
+                    job = self._queue[0]
+                    # The store's prefix decides which slots' KV is worth keeping: a restore
+                    # replaces a slot's whole sequence.
+                    job.plan = self._plan(job)
+                    stored = job.plan.n_tokens if self.snapshots.worth_restoring(job.plan) else 0
+                    slot = choose_slot(self.hot.slots, job.prompt, stored)
+                    assert slot is not None
+                    self._queue.popleft()
                     job.slot = slot
                     slot.busy = True
                     admitted.append(job)
@@ -196,11 +203,8 @@ class Scheduler:
         hot = common_prefix(slot.tokens, prompt)
         resident = self._slot_seq.get(slot.index)
         resident_owner = slot.owner
-        session_seq = None
-        if job.session is not None:
-            session_seq = self.manager.get_sequence(Namespace(job.session.namespace),
-                                                    job.session.sequence)
-        plan = self.snapshots.plan(prompt, session_seq)
+        plan = job.plan
+        assert plan is not None
         restored = 0
         if plan.n_tokens > hot and self.snapshots.worth_restoring(plan):
             restored = self.snapshots.restore(slot, plan, prompt).n_tokens
@@ -222,6 +226,15 @@ class Scheduler:
         job.sampler.accept_prompt(prompt)
         job.stream = TextStream(job.request.sampling.stop)
         job.prefill_started = time.perf_counter()
+
+    def _plan(self, job: Job) -> RestorePlan:
+        """The longest prefix of the job's prompt that the store holds (with a session's own
+        tail, for a session)."""
+        session_seq = None
+        if job.session is not None:
+            session_seq = self.manager.get_sequence(Namespace(job.session.namespace),
+                                                    job.session.sequence)
+        return self.snapshots.plan(job.prompt, session_seq)
 
     def _sequence_for(self, job: Job, resident: StoredSequence | None,
                       resident_owner: SlotOwner | None, keep: int) -> StoredSequence:

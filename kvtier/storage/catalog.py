@@ -53,6 +53,13 @@ class BlockEntry:
     """Hit count decayed with ``eviction.hit_half_life_s`` as of ``last_access``."""
     attention: float = -1.0
     """Measured attention score; negative until the engine reports one."""
+    parent: bytes = b""
+    """For a sequence's partial tail block: the chain hash of the full block before it (empty
+    when the tail is the sequence's first block)."""
+    tail_chain: bytes = b""
+    """For a sequence's partial tail block: the chain hash of its tokens after ``parent``, by
+    which a prompt that continues them finds it (:meth:`TierManager.match_tail`). Empty for full
+    blocks, and for tails that no saved sequence has named yet."""
 
     def pack(self) -> bytes:
         return msgpack.packb([int(self.tier), *astuple(self)[1:]])
