@@ -29,6 +29,7 @@ from kvtier.engine.slots import (SequenceOwner, SessionOwner, Slot, SlotOwner, c
                                  common_prefix, may_extend)
 from kvtier.engine.snapshot import RestorePlan, Snapshotter, StoredSequence
 from kvtier.engine.text import TextStream
+from kvtier.engine.warmup import warm_up
 from kvtier.errors import KvtierError, Overloaded
 from kvtier.storage.catalog import SessionEntry
 from kvtier.storage.manager import TierManager
@@ -116,6 +117,7 @@ class Scheduler:
             self.hot = HotContext(self.model, self.config.model, self.n_ctx_per_slot)
             self.snapshots = Snapshotter(self.hot, self.manager, self.namespace,
                                          self.block_size, self.throughput)
+            log.info("engine warmed up in %.2f s", warm_up(self.hot, self.model))
         except BaseException as exc:
             self._start_error = exc
             if getattr(self, "hot", None) is not None:
