@@ -170,21 +170,12 @@ class Scheduler:
                 if self._stopping and not self._active:
                     return
                 admitted = []
-                while self._queue and not self._stopping \
-                        and any(not s.busy for s in self.hot.slots):
-                    job = self._queue[0]
-                    # The store's prefix decides which slots' KV is worth keeping: a restore
-                    # replaces a slot's whole sequence.
-                    job.plan = self._plan(job)
-                    stored = job.plan.n_tokens if self.snapshots.worth_restoring(job.plan) else 0
-                    slot = choose_slot(self.hot.slots, job.prompt, stored)
-                    assert slot is not None
-                    self._queue.popleft()
-                    job.slot = slot
-                    slot.busy = True
-                    admitted.append(job)
+                idle = sum(not s.busy for s in self.hot.slots)
+                while self._queue and not self._stopping and len(admitted) < idle:
+                    admitted.append(self._queue.popleft())
             for job in admitted:
                 try:
+                    self._admit(job)
                     self._start(job)
                     self._active.append(job)
                 except Exception as exc:  # a request that cannot start fails alone
@@ -228,6 +219,17 @@ class Scheduler:
         job.sampler.accept_prompt(prompt)
         job.stream = TextStream(job.request.sampling.stop)
         job.prefill_started = time.perf_counter()
+
+    def _admit(self, job: Job) -> None:
+        """Give the job a slot, knowing the longest prefix of its prompt the store holds: a
+        restore replaces a slot's whole sequence, so that decides which slots' KV is worth
+        keeping."""
+        job.plan = self._plan(job)
+        stored = job.plan.n_tokens if self.snapshots.worth_restoring(job.plan) else 0
+        slot = choose_slot(self.hot.slots, job.prompt, stored)
+        assert slot is not None  # _run admits no more jobs than there are idle slots
+        slot.busy = True
+        job.slot = slot
 
     def _plan(self, job: Job) -> RestorePlan:
         """The longest prefix of the job's prompt that the store holds (with a session's own
