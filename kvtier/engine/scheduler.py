@@ -35,6 +35,7 @@ from kvtier.engine.query_capture import RowRange
 from kvtier.engine.snapshot import RestorePlan, Snapshotter, StoredSequence
 from kvtier.engine.store_writer import StoreWriter
 from kvtier.engine.text import TextStream
+from kvtier.engine.warmup import warm_up
 from kvtier.engine.windows import WindowedSlots, WindowedTurn
 from kvtier.errors import KvtierError, Overloaded
 from kvtier.storage.catalog import SessionEntry
@@ -58,6 +59,8 @@ class Job:
     session_text: str
     """The rendered text that the prompt tokens stand for (sessions extend it exactly)."""
     max_new: int
+    plan: RestorePlan | None = None
+    """The longest prefix of the prompt that the store holds, found when the job is admitted."""
     slot: Slot | None = None
     seq: StoredSequence | None = None
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
@@ -137,6 +140,7 @@ class Scheduler:
             ws = self.config.working_set
             self.windows = WindowedSlots(self.hot, self.sizing, self.manager, self.namespace,
                                          ws.query_tokens, ws.reselect_tokens, ws.prefetch)
+            log.info("engine warmed up in %.2f s", warm_up(self.hot, self.model))
         except BaseException as exc:
             self._start_error = exc
             if getattr(self, "hot", None) is not None:
@@ -195,16 +199,12 @@ class Scheduler:
                 if self._stopping and not self._active:
                     return
                 admitted = []
-                while self._queue and not self._stopping:
-                    slot = choose_slot(self.hot.slots, self._queue[0].prompt)
-                    if slot is None:
-                        break
-                    job = self._queue.popleft()
-                    job.slot = slot
-                    slot.busy = True
-                    admitted.append(job)
+                idle = sum(not s.busy for s in self.hot.slots)
+                while self._queue and not self._stopping and len(admitted) < idle:
+                    admitted.append(self._queue.popleft())
             for job in admitted:
                 try:
+                    self._admit(job)
                     self._start(job)
                     self._active.append(job)
                 except Exception as exc:  # a request that cannot start fails alone
@@ -225,11 +225,8 @@ class Scheduler:
         hot = common_prefix(slot.tokens, prompt)
         resident = self._slot_seq.get(slot.index)
         resident_owner = slot.owner
-        session_seq = None
-        if job.session is not None:
-            session_seq = self.manager.get_sequence(Namespace(job.session.namespace),
-                                                    job.session.sequence)
-        plan = self.snapshots.plan(prompt, session_seq)
+        plan = job.plan
+        assert plan is not None
         if self.windows.continues(slot, prompt) or self.sizing.windowed(len(prompt)) \
                 or self.sizing.windowed(plan.n_tokens):
             keep, restored = self._start_windowed(job, plan, hot, resident, resident_owner)
@@ -249,6 +246,26 @@ class Scheduler:
         job.sampler.accept_prompt(prompt)
         job.stream = TextStream(job.request.sampling.stop)
         job.prefill_started = time.perf_counter()
+
+    def _admit(self, job: Job) -> None:
+        """Give the job a slot, knowing the longest prefix of its prompt the store holds: a
+        restore replaces a slot's whole sequence, so that decides which slots' KV is worth
+        keeping."""
+        job.plan = self._plan(job)
+        stored = job.plan.n_tokens if self.snapshots.worth_restoring(job.plan) else 0
+        slot = choose_slot(self.hot.slots, job.prompt, stored)
+        assert slot is not None  # _run admits no more jobs than there are idle slots
+        slot.busy = True
+        job.slot = slot
+
+    def _plan(self, job: Job) -> RestorePlan:
+        """The longest prefix of the job's prompt that the store holds (with a session's own
+        tail, for a session)."""
+        session_seq = None
+        if job.session is not None:
+            session_seq = self.manager.get_sequence(Namespace(job.session.namespace),
+                                                    job.session.sequence)
+        return self.snapshots.plan(job.prompt, session_seq)
 
     def _start_hot(self, job: Job, plan: RestorePlan, hot: int, resident: StoredSequence | None,
                    resident_owner: SlotOwner | None) -> tuple[int, int]:

@@ -60,11 +60,35 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
-def choose_slot(slots: Sequence[Slot], prompt: np.ndarray) -> Slot | None:
-    """The idle slot that holds the longest prefix of ``prompt``, the least recently used one
-    among equals (so with no prefix anywhere, the least recently used idle slot); None when every
-    slot is busy."""
+def reuse_gain(slot: Slot, prompt: np.ndarray, stored: int = 0) -> int:
+    """Tokens a request for ``prompt`` keeps by taking ``slot``, less the tokens it throws away.
+
+    The slot keeps its common prefix with the prompt, unless the store holds a longer one
+    (``stored``), which is restored over the slot's whole sequence; everything else it holds is
+    thrown away. Thrown-away KV is in the store, but its conversation pays a restore to come back.
+    """
+    prefix = common_prefix(slot.tokens, prompt)
+    kept = prefix if prefix >= stored else 0
+    return kept - (len(slot.tokens) - kept)
+
+
+def choose_slot(slots: Sequence[Slot], prompt: np.ndarray, stored: int = 0) -> Slot | None:
+    """The idle slot for a request whose ``prompt`` has a prefix of ``stored`` tokens in the
+    store; None when every slot is busy.
+
+    Like llama-server, a request continues the idle slot that shares the most of its prompt at
+    token granularity, but only where that keeps at least as much as it throws away
+    (:func:`reuse_gain` >= 0; an empty slot keeps and throws away nothing): a conversation that
+    merely shares a system prompt with a slot's conversation must not evict it while another
+    slot is free, or two interleaved clients would push each other out of one slot and restore
+    every turn. Among equals, and when every choice throws more away than it keeps, the least
+    recently used slot.
+    """
     idle = [s for s in slots if not s.busy]
     if not idle:
         return None
-    return max(idle, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+    gains = {s.index: reuse_gain(s, prompt, stored) for s in idle}
+    keeping = [s for s in idle if gains[s.index] >= 0]
+    if keeping:
+        return max(keeping, key=lambda s: (gains[s.index], -s.last_used))
+    return min(idle, key=lambda s: s.last_used)

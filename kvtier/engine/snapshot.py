@@ -238,19 +238,41 @@ class Snapshotter:
 
     # -- restore ---------------------------------------------------------------------------------
     def plan(self, tokens: np.ndarray, sequence: SequenceEntry | None = None) -> RestorePlan:
-        """The longest stored prefix of ``tokens``: shared full blocks, then the tail of
-        ``sequence`` (a session's own) when its tokens continue the prefix."""
+        """The longest stored prefix of ``tokens``: shared full blocks, then a partial tail
+        whose tokens continue them: ``sequence``'s own (a session's), else any stored one."""
         bs = self.block_size
         blocks = self.manager.match_prefix(self.namespace, tokens, bs)
         n = len(blocks) * bs
-        if sequence is not None and len(sequence.blocks) == len(blocks) + 1:
-            stored = np.frombuffer(sequence.tokens, dtype="<i4")
-            tail_len = len(stored) - n
-            if 0 < tail_len < bs and len(tokens) >= len(stored) \
-                    and np.array_equal(stored[n:], tokens[n:len(stored)]):
-                blocks = blocks + [BlockId.from_bytes(sequence.blocks[-1])]
-                n = len(stored)
+        tail = self._own_tail(tokens, n, sequence) if sequence is not None else None
+        if tail is None:
+            tail = self._stored_tail(tokens, blocks)
+        if tail is not None:
+            entry = self.manager.block_entry(tail)
+            if entry is not None and n + entry.n_tokens <= len(tokens):
+                return RestorePlan(blocks + [tail], n + entry.n_tokens)
         return RestorePlan(blocks, n)
+
+    def _own_tail(self, tokens: np.ndarray, n: int, sequence: SequenceEntry) -> BlockId | None:
+        """``sequence``'s tail, if it follows the ``n`` matched tokens and ``tokens`` continue
+        it (this also finds tails stored before tails were indexed)."""
+        stored = np.frombuffer(sequence.tokens, dtype="<i4")
+        if len(sequence.blocks) != n // self.block_size + 1 \
+                or not 0 < len(stored) - n < self.block_size or len(tokens) < len(stored):
+            return None
+        if not np.array_equal(stored[n:], tokens[n:len(stored)]):
+            return None
+        return BlockId.from_bytes(sequence.blocks[-1])
+
+    def _stored_tail(self, tokens: np.ndarray, full: list[BlockId]) -> BlockId | None:
+        """Any stored sequence's tail that continues the matched full blocks ``full``."""
+        parent = None
+        if full:
+            entry = self.manager.block_entry(full[-1])
+            if entry is None or not entry.chain:
+                return None
+            parent = ChainHash(entry.chain)
+        n = len(full) * self.block_size
+        return self.manager.match_tail(self.namespace, parent, tokens[n:n + self.block_size - 1])
 
     def worth_restoring(self, plan: RestorePlan) -> bool:
         per_tier: Counter[Tier] = Counter()

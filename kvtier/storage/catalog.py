@@ -58,6 +58,13 @@ class BlockEntry:
     position: int = -1
     """The position of the block's first token when its keys were computed (keys are cached
     after RoPE); -1: its own position in its sequence (block index x block size)."""
+    parent: bytes = b""
+    """For a sequence's partial tail block: the chain hash of the full block before it (empty
+    when the tail is the sequence's first block)."""
+    tail_chain: bytes = b""
+    """For a sequence's partial tail block: the chain hash of its tokens after ``parent``, by
+    which a prompt that continues them finds it (:meth:`TierManager.match_tail`). Empty for full
+    blocks, and for tails that no saved sequence has named yet."""
 
     def pack(self) -> bytes:
         return msgpack.packb([int(self.tier), *astuple(self)[1:]])

@@ -1,6 +1,6 @@
 """The in-memory block index: the catalog's block table mirrored in memory (~150 bytes a block),
-per-tier usage and counters, the content-hash index, pins, moves in flight, and the access
-statistics not yet written to the catalog.
+per-tier usage and counters, the content-hash index, the partial tails by the full block they
+follow, pins, moves in flight, and the access statistics not yet written to the catalog.
 
 No I/O: the tier manager changes the index when the catalog change it mirrors commits. Every
 method takes :attr:`BlockIndex.lock`; hold it across calls that must see one state.
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from kvtier.storage.catalog import BlockEntry
 from kvtier.storage.policy import Candidate, decayed_hits
-from kvtier.storage.records import BlockId
+from kvtier.storage.records import BlockId, ChainHash, Namespace, chain_hash
 from kvtier.storage.tiers import Tier
 
 
@@ -52,6 +54,16 @@ class Move:
     """The block was removed meanwhile: the copy must not commit."""
 
 
+@dataclass(frozen=True, slots=True)
+class TailKey:
+    """How a prompt finds a sequence's partial tail block: the chain hash of the full block
+    before it (empty at a sequence's start) and the chain hash of its tokens after that."""
+
+    block: BlockId
+    parent: bytes
+    chain: bytes
+
+
 def candidate(block: BlockId, entry: BlockEntry, pinned: bool = False) -> Candidate[BlockId]:
     """What the eviction policy needs to know of a block."""
     return Candidate(block, entry.stored_bytes, entry.tier, block.block, entry.refs, pinned,
@@ -67,6 +79,9 @@ class BlockIndex:
         self._settled = threading.Condition(self.lock)
         self._entries: dict[BlockId, BlockEntry] = {}
         self._hashes: dict[bytes, BlockId] = dict(hashes)
+        self._tails: dict[bytes, dict[BlockId, tuple[int, bytes]]] = {}
+        """namespace | parent chain hash → the partial tails after that full block, each with
+        its token count and its tail chain hash (derived from the entries, never stored)."""
         self._pins: Counter[BlockId] = Counter()
         self._moves: dict[BlockId, Move] = {}
         self._dirty: set[BlockId] = set()
@@ -91,8 +106,13 @@ class BlockIndex:
     def add(self, block: BlockId, entry: BlockEntry) -> None:
         """Put or replace a block's entry as the catalog now holds it (so it is not dirty)."""
         with self.lock:
-            self._unaccount(self._entries.get(block))
+            old = self._entries.get(block)
+            self._unaccount(old)
+            self._untail(block, old)
             self._entries[block] = entry
+            if entry.tail_chain:
+                self._tails.setdefault(block.namespace + entry.parent, {})[block] = \
+                    (entry.n_tokens, entry.tail_chain)
             u = self.usage[entry.tier]
             u.blocks += 1
             u.stored_bytes += entry.stored_bytes
@@ -104,6 +124,7 @@ class BlockIndex:
         with self.lock:
             entry = self._entries.pop(block, None)
             self._unaccount(entry)
+            self._untail(block, entry)
             self._dirty.discard(block)
             if entry is not None and entry.chain \
                     and self._hashes.get(block.namespace + entry.chain) == block:
@@ -119,6 +140,14 @@ class BlockIndex:
             u.blocks -= 1
             u.stored_bytes -= entry.stored_bytes
             u.raw_bytes -= entry.raw_bytes
+
+    def _untail(self, block: BlockId, entry: BlockEntry | None) -> None:
+        if entry is not None and entry.tail_chain:
+            key = block.namespace + entry.parent
+            after = self._tails.get(key, {})
+            after.pop(block, None)
+            if not after:
+                self._tails.pop(key, None)
 
     # -- access statistics (written to the catalog later, by flush_stats) --------------------
     def touch(self, block: BlockId, now: float, half_life_s: float) -> BlockEntry | None:
@@ -171,6 +200,41 @@ class BlockIndex:
     def drop_hash(self, key: bytes) -> None:
         with self.lock:
             self._hashes.pop(key, None)
+
+    # -- partial tails ---------------------------------------------------------------------------
+    def find_tail(self, namespace: Namespace, parent: ChainHash | None, tokens: np.ndarray
+                  ) -> BlockId | None:
+        """The partial tail after the full block with chain hash ``parent`` (None: at the start)
+        whose tokens are the longest prefix of ``tokens``; None if there is none."""
+        with self.lock:
+            after = list(self._tails.get(namespace + (parent or b""), {}).items())
+        by_length: dict[int, dict[bytes, BlockId]] = {}
+        for block, (n_tokens, chain) in after:
+            if n_tokens <= len(tokens):
+                by_length.setdefault(n_tokens, {})[chain] = block
+        for n_tokens in sorted(by_length, reverse=True):
+            block = by_length[n_tokens].get(chain_hash(parent, tokens[:n_tokens]))
+            if block is not None and block in self:
+                return block
+        return None
+
+    def tail_key(self, tokens: np.ndarray, blocks: Sequence[BlockId]) -> TailKey | None:
+        """The key of the partial tail of a sequence of ``tokens`` held by ``blocks`` (all in
+        the index): its last block, if that has no chain hash, holds the last tokens, and
+        follows full blocks that have one. None otherwise."""
+        with self.lock:
+            entries = [self._entries[b] for b in blocks]
+        if not entries:
+            return None
+        last = entries[-1]
+        start = len(tokens) - last.n_tokens
+        if last.chain or start < 0 or sum(e.n_tokens for e in entries[:-1]) != start:
+            return None
+        parent = entries[-2].chain if len(entries) > 1 else b""
+        if len(entries) > 1 and not parent:
+            return None
+        chain = chain_hash(ChainHash(parent) if parent else None, tokens[start:])
+        return TailKey(blocks[-1], parent, chain)
 
     # -- pins --------------------------------------------------------------------------------------
     def pin(self, blocks: Iterable[BlockId]) -> None:

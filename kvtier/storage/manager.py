@@ -37,7 +37,7 @@ from kvtier.storage.catalog import (BlockEntry, Catalog, CatalogTxn, KeySummary,
 from kvtier.storage.checker import CheckReport, check
 from kvtier.storage.codec import RecordFormat
 from kvtier.storage.dirlock import DataDirLock
-from kvtier.storage.index import BlockIndex
+from kvtier.storage.index import BlockIndex, TailKey
 from kvtier.storage.placement import Placement
 from kvtier.storage.quant import Encoding
 from kvtier.storage.reads import BlockReader, Fetched, RowDestination
@@ -266,6 +266,18 @@ class TierManager:
             found.append(block)
         return found
 
+    def match_tail(self, namespace: Namespace, parent: ChainHash | None, tokens: np.ndarray
+                   ) -> BlockId | None:
+        """The stored partial tail block that follows the full block whose chain hash is
+        ``parent`` (None: a tail that starts a sequence) and holds the longest prefix of
+        ``tokens``, the tokens after that block; None if no stored tail continues them.
+
+        Tails are a sequence's own blocks, never shared by content, but any sequence's tail
+        serves a prompt that continues it exactly: this is how a full-history request finds the
+        end of its previous turn after its slot was reused, or after a restart.
+        """
+        return self._index.find_tail(namespace, parent, tokens)
+
     # -- sequences ---------------------------------------------------------------------------------
     def new_sequence(self) -> int:
         with self.catalog.write() as txn:
@@ -275,18 +287,19 @@ class TierManager:
                       blocks: Sequence[BlockId]) -> SequenceEntry:
         """Record a sequence's tokens and block list, moving references from its old list."""
         t = time.time()
-        data = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
+        array = np.ascontiguousarray(tokens, dtype="<i4")
         with self._index.lock:
             missing = [b for b in blocks if b not in self._index]
             if missing:
                 raise BlockMissing(f"{len(missing)} blocks of sequence {sequence} are in no tier")
+            tail = self._index.tail_key(array, blocks)
             with self.catalog.write() as txn:
                 old = txn.get_sequence(namespace, sequence)
-                entry = SequenceEntry(namespace, sequence, data,
+                entry = SequenceEntry(namespace, sequence, array.tobytes(),
                                       tuple(b.to_bytes() for b in blocks),
                                       old.created if old else t, t)
                 txn.put_sequence(entry)
-                self._move_refs(txn, old.block_ids() if old else [], list(blocks))
+                self._move_refs(txn, old.block_ids() if old else [], list(blocks), tail)
         return entry
 
     def get_sequence(self, namespace: Namespace, sequence: int) -> SequenceEntry | None:
@@ -304,20 +317,28 @@ class TierManager:
         with self.catalog.read() as txn:
             return list(txn.iter_sequences())
 
-    def _move_refs(self, txn: CatalogTxn, old: list[BlockId], new: list[BlockId]) -> None:
+    def _move_refs(self, txn: CatalogTxn, old: list[BlockId], new: list[BlockId],
+                   tail: TailKey | None = None) -> None:
         """Adjust reference counts inside ``txn`` (the index's lock held); a block left without
-        references is removed when ``txn`` commits."""
+        references is removed when ``txn`` commits. The ``new`` list's ``tail`` key is written
+        into that block's entry in the same change."""
         delta: Counter[BlockId] = Counter(new)
         delta.subtract(old)
         for block, change in delta.items():
             entry = self._index.get(block)
-            if change == 0 or entry is None:
+            if entry is None:
+                continue
+            keyed = tail is not None and block == tail.block \
+                and (entry.parent, entry.tail_chain) != (tail.parent, tail.chain)
+            if change == 0 and not keyed:
                 continue
             refs = max(0, entry.refs + change)
             if refs == 0:
                 self._placement.unlink(txn, block)
             else:
                 entry = replace(entry, refs=refs)
+                if keyed:
+                    entry = replace(entry, parent=tail.parent, tail_chain=tail.chain)
                 txn.put_block(block, entry)
                 txn.after_commit(lambda block=block, entry=entry: self._index.add(block, entry))
 
