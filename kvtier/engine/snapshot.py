@@ -36,7 +36,7 @@ from kvtier.engine.store_writer import (BlockWrite, SequenceWrite, StoreJob, Sto
 from kvtier.errors import KvtierError, StateRejected
 from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.manager import TierManager
-from kvtier.storage.reads import RowTargets
+from kvtier.storage.reads import RowTargets, decode_threads
 from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
 from kvtier.storage.tiers import Tier
 
@@ -45,7 +45,10 @@ log = logging.getLogger(__name__)
 RESTORE_CHUNK_BYTES = 256 << 20
 """KV bytes (as llama.cpp holds them) per restore chunk where the context has a scratch sequence:
 decoding chunk k+1 overlaps writing chunk k (see :meth:`Snapshotter.restore`), and the two
-buffers in flight bound the restore's host memory."""
+buffers in flight bound the restore's host memory. A chunk holds at least ``BLOCKS_PER_THREAD``
+blocks per decoding thread, so that every core decodes (an 8B model's 32 MiB blocks make 8-block
+chunks of 256 MiB, which left half of a 16-core machine idle)."""
+BLOCKS_PER_THREAD = 2
 
 
 @dataclass(slots=True)
@@ -351,9 +354,11 @@ class Snapshotter:
         a single run without a scratch sequence to pass them through."""
         if self.scratch_seq is None:
             return [range(len(entries))]
+        limit = max(self.restore_chunk_bytes,
+                    BLOCKS_PER_THREAD * decode_threads() * max(e.raw_bytes for e in entries))
         chunks, start, size = [], 0, 0
         for j, entry in enumerate(entries):
-            if j > start and size + entry.raw_bytes > self.restore_chunk_bytes:
+            if j > start and size + entry.raw_bytes > limit:
                 chunks.append(range(start, j))
                 start, size = j, 0
             size += entry.raw_bytes

@@ -244,33 +244,43 @@ def _decompress(compressed: memoryview, nbytes: int) -> bytes:
     return payload
 
 
+_NO_RECORD_WORK = (0,) * batch.RECORD_FIELDS
+"""A row of a record table for a task whose record needs no work in the kernel."""
+
+
 class DecodeBatch:
     """Records decoded into caller-owned rows with one kernel call (:func:`batch.decode_tasks`).
 
     :meth:`add` verifies a record (checksum, header, that it fits its destination) and notes where
     its tensors' payloads are and where their rows go; :meth:`run` decodes them all without the
     GIL. Records and destinations are used in place: they must stay valid (an LMDB transaction
-    open, the blob alive) until :meth:`run` returns. Per record this costs one checksum (which
-    releases the GIL), one ``struct`` call and a few comparisons.
+    open, the blob alive) until :meth:`run` returns. Per record this costs one ``struct`` call
+    and a few comparisons in Python; its checksum is verified and its payload decompressed in
+    :meth:`run`'s kernel call, just before its tensors are decoded (see :mod:`.batch`).
     """
 
-    __slots__ = ("_tasks", "_keep")
+    __slots__ = ("_tasks", "_records", "_keep")
 
     def __init__(self) -> None:
         self._tasks: list[tuple[int, ...]] = []
-        self._keep: list[bytes] = []
+        self._records: list[tuple[int, ...]] = []
+        self._keep: list[bytes | np.ndarray] = []
 
     def __len__(self) -> int:
         return len(self._tasks) // 2
 
     def add(self, data: bytes | memoryview, k_dst: int, v_dst: int, k_type: int, v_type: int,
             k_row_bytes: int, v_row_bytes: int, n_rows: int) -> None:
-        """Verify a record and queue its K and V for decoding to the addresses ``k_dst`` and
-        ``v_dst``: ``n_rows`` contiguous rows of ``k_row_bytes`` (``v_row_bytes``) bytes each.
-        Raises :class:`BlockCorrupt` for a damaged record, :class:`ModelMismatch` for one whose
-        types or shapes are not the destination's."""
+        """Check a record's header and queue its K and V for decoding to the addresses ``k_dst``
+        and ``v_dst``: ``n_rows`` contiguous rows of ``k_row_bytes`` (``v_row_bytes``) bytes each.
+        Its checksum is verified (and its zstd payload decompressed) here, or by :meth:`run` just
+        before its tensors are decoded (format 2 records, where xxh3 and libzstd can be called by
+        address). Raises
+        :class:`BlockCorrupt` for a damaged record (perhaps only in :meth:`run`),
+        :class:`ModelMismatch` for one whose types or shapes are not the destination's."""
         view = memoryview(data)
         magic = None
+        deferred = False
         if len(view) >= _FIXED_BYTES:
             (magic, checksum, n, exact, zstd, channels,
              kt, ke, kg, kgs, kw, kn, vt, ve, vg, vgs, vw, vn) = _HEAD.unpack_from(view)
@@ -283,20 +293,35 @@ class DecodeBatch:
                 k.width, k.nbytes
             vt, ve, vg, vgs, vw, vn = v.ggml_type, v.encoding, v.grouping, v.group_size, \
                 v.width, v.nbytes
+        elif batch.XXH3_ADDRESS and (not zstd or batch.ZSTD_ADDRESS):
+            deferred = True
         elif xxhash.xxh3_64_intdigest(view[_PREFIX.size:]) != checksum:
             raise BlockCorrupt("checksum mismatch")
-        elif zstd & ~_FLAG_ZSTD:
+        if zstd & ~_FLAG_ZSTD:
             raise BlockCorrupt(f"unknown flags {zstd:#x}")
-        else:
+        if magic == MAGIC:
             offset = _payload_offset(channels)
         k_rb = kw if ke == RAW else 2 * kw
         v_rb = vw if ve == RAW else 2 * vw
         if kt != k_type or vt != v_type or n != n_rows or k_rb != k_row_bytes \
                 or v_rb != v_row_bytes:
+            if deferred:
+                _verify(view)              # a damaged header is corruption, not a mismatch
             raise ModelMismatch(f"a record of types {kt}/{vt}, {n} rows of {k_rb}/{v_rb} bytes, "
                                 f"for a destination of types {k_type}/{v_type}, {n_rows} rows "
                                 f"of {k_row_bytes}/{v_row_bytes} bytes")
-        if zstd:
+        frame = (0, 0, 0, 0)
+        if offset > len(view):
+            raise BlockCorrupt(f"record of {len(view)} bytes is shorter than its header")
+        if zstd and deferred:
+            if kn + vn > 2 * n * (k_rb + v_rb) + 65536:   # never more than f16 and its scales
+                _verify(view)
+                raise BlockCorrupt(f"payload of {kn + vn} bytes for {n} rows")
+            payload = np.empty(kn + vn, np.uint8)    # filled by the kernel, before decoding
+            self._keep.append(payload)
+            base = _address(payload)
+            frame = (_address(view) + offset, len(view) - offset, base, kn + vn)
+        elif zstd:
             payload = _decompress(view[offset:], kn + vn)
             self._keep.append(payload)
             base = _address(payload)
@@ -304,6 +329,13 @@ class DecodeBatch:
             raise BlockCorrupt(f"payload is {len(view) - offset} bytes, header says {kn + vn}")
         else:
             base = _address(view) + offset
+        if deferred:
+            signed = checksum - (1 << 64) if checksum >= 1 << 63 else checksum
+            self._records.append((_address(view) + _PREFIX.size, len(view) - _PREFIX.size,
+                                  signed, 2, *frame))
+        else:
+            self._records.append(_NO_RECORD_WORK)
+        self._records.append(_NO_RECORD_WORK)
         self._tasks.append((base, kn, k_dst, n, kw, ke, kg, kgs, 0 if ke == RAW else exact))
         self._tasks.append((base + kn, vn, v_dst, n, vw, ve, vg, vgs, 0 if ve == RAW else exact))
 
@@ -324,12 +356,17 @@ class DecodeBatch:
         payload does not have the length its header's shape needs (nothing is read or written
         beyond either then; other tensors are decoded)."""
         tasks, self._tasks = self._tasks, []
+        records, self._records = self._records, []
         try:
             if not tasks:
                 return
-            status = batch.decode_tasks(np.array(tasks, np.int64))
+            status = batch.decode_tasks(np.array(tasks, np.int64), np.array(records, np.int64))
         finally:
             self._keep.clear()
+        if (status == batch.TASK_BAD_CHECKSUM).any():
+            raise BlockCorrupt("checksum mismatch")
+        if (status == batch.TASK_BAD_FRAME).any():
+            raise BlockCorrupt("zstd frame does not decompress to its header's length")
         bad = np.flatnonzero(status)
         if bad.size:
             raise BlockCorrupt(f"{bad.size} of {len(tasks)} tensors have payloads that do not "

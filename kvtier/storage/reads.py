@@ -54,12 +54,16 @@ class RowTargets:
 _pool: ThreadPoolExecutor | None = None
 
 
+def decode_threads() -> int:
+    """How many threads decode blocks in parallel: one per core this process may use."""
+    return len(os.sched_getaffinity(0))
+
+
 def _decode_pool() -> ThreadPoolExecutor:
     """Threads that decode records in parallel, one per core, shared by every manager."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)),
-                                   thread_name_prefix="kvtier-decode")
+        _pool = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="kvtier-decode")
     return _pool
 
 

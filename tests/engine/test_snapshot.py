@@ -7,7 +7,6 @@ sequence on the same cells: the slot is cleared and restored, and its cells are 
 
 from __future__ import annotations
 
-import llama_cpp
 import numpy as np
 import pytest
 
@@ -15,6 +14,7 @@ from kvtier.config import load_config
 from kvtier.engine import state_codec
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.restore_policy import ThroughputModel
+from kvtier.engine import snapshot
 from kvtier.engine.snapshot import Snapshotter, StoredSequence
 from kvtier.storage.manager import TierManager
 from kvtier.storage.tiers import Tier
@@ -123,7 +123,7 @@ def test_snapshots_are_incremental(setup, document_tokens):
 
 
 @pytest.fixture
-def unified(tmp_path, model):
+def unified(tmp_path, model, monkeypatch):
     """Two slots and the scratch sequence (id 2) in the hot tier's unified KV cache, f16 warm
     tier."""
     config = load_config(None, {"data_dir": str(tmp_path), "model.n_slots": 2,
@@ -132,6 +132,7 @@ def unified(tmp_path, model):
     manager = TierManager(config, background=False)
     ns = model.fingerprint("f16", "f16", 256).namespace
     # Chunks of one block (5.9 MB of KV each): the 700-token restores below go in three.
+    monkeypatch.setattr(snapshot, "BLOCKS_PER_THREAD", 0)
     snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel(), restore_chunk_bytes=6 << 20)
     assert snaps.scratch_seq == 2
     yield hot, manager, snaps
@@ -194,3 +195,14 @@ def test_a_store_reads_only_the_cells_the_store_lacks(unified, document_tokens):
         snaps._inline_buffers.release(job.buffer)
     assert hot.pos_range(hot.scratch) == (-1, -1)
     assert hot.pos_range(0) == (0, 599)
+
+
+def test_a_restore_chunk_gives_every_decoding_thread_two_blocks(unified, document_tokens,
+                                                                  monkeypatch):
+    hot, manager, snaps = unified
+    monkeypatch.setattr(snapshot, "BLOCKS_PER_THREAD", 2)
+    monkeypatch.setattr(snapshot, "decode_threads", lambda: 3)
+    prefill(hot, 0, document_tokens[:256 * 9])
+    seq = snaps.save(hot.slots[0], StoredSequence(manager.new_sequence()))
+    entries = [manager.block_entry(b) for b in seq.blocks]
+    assert [len(c) for c in snaps._chunks(entries)] == [6, 3]

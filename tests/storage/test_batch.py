@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xxhash
+import zstandard
 
 from kvtier.storage import batch
 from kvtier.storage.quant import Encoding, Grouping, decode, encode
@@ -69,3 +71,47 @@ def test_decode_tasks_copies_raw_rows_and_reports_bad_tasks_without_touching_the
     assert (dst == 7).all()
     with pytest.raises(ValueError):
         batch.decode_tasks(tasks[:, :8].copy())
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def test_record_rows_verify_each_record_before_its_tasks_and_skip_the_ones_they_guard():
+    assert batch.XXH3_ADDRESS, "the xxhash package exports XXH3_64bits"
+    rng = np.random.default_rng(16)
+    good, bad = (rng.integers(0, 256, (4, 8), dtype=np.uint8) for _ in range(2))
+    dst = np.zeros((4, 4, 8), np.uint8)
+    digest = _signed(xxhash.xxh3_64_intdigest(good.tobytes()))
+    tasks = np.array([(_address(src), src.size, _address(dst[i]), 4, 8, batch.RAW, 0, 0, 0)
+                      for i, src in enumerate((good, good, bad, bad))], np.int64)
+    none = (0,) * batch.RECORD_FIELDS
+    records = np.array([(_address(good), good.size, digest, 2, 0, 0, 0, 0), none,
+                        (_address(bad), bad.size, digest, 2, 0, 0, 0, 0), none], np.int64)
+    status = batch.decode_tasks(tasks, records)
+    assert status.tolist() == [batch.TASK_OK, batch.TASK_OK, batch.TASK_BAD_CHECKSUM,
+                               batch.TASK_BAD_CHECKSUM]
+    np.testing.assert_array_equal(dst[0], good)
+    np.testing.assert_array_equal(dst[1], good)
+    assert not dst[2:].any()                       # a failed check writes nothing it guards
+    with pytest.raises(ValueError):
+        batch.decode_tasks(tasks, records[:3].copy())
+
+
+@pytest.mark.skipif(not batch.ZSTD_ADDRESS, reason="no system libzstd")
+def test_record_rows_decompress_a_frame_before_its_tasks_and_refuse_one_of_another_length():
+    rng = np.random.default_rng(17)
+    rows = rng.integers(0, 8, (6, 10), dtype=np.uint8)    # compressible
+    frame = np.frombuffer(zstandard.ZstdCompressor(level=3).compress(rows.tobytes()), np.uint8)
+    scratch = np.zeros((2, rows.size), np.uint8)
+    dst = np.zeros((2, 6, 10), np.uint8)
+    tasks = np.array([(_address(scratch[i]), rows.size, _address(dst[i]), 6, 10, batch.RAW, 0,
+                       0, 0) for i in range(2)], np.int64)
+    records = np.array([(0, 0, 0, 1, _address(frame), frame.size, _address(scratch[0]),
+                         rows.size),
+                        (0, 0, 0, 1, _address(frame), frame.size, _address(scratch[1]),
+                         rows.size - 1)], np.int64)
+    status = batch.decode_tasks(tasks, records)
+    assert status.tolist() == [batch.TASK_OK, batch.TASK_BAD_FRAME]
+    np.testing.assert_array_equal(dst[0], rows)
+    assert not dst[1].any()

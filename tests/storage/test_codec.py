@@ -85,6 +85,27 @@ def test_every_flipped_byte_is_detected(fmt):
 
 
 @pytest.mark.parametrize("fmt", [Q8, Q4Z])
+def test_a_batch_detects_every_flipped_byte_before_writing_the_record(fmt):
+    # Without zstd the checksum is verified inside the kernel call, just before the record's
+    # tensors are decoded: a damaged record fails the batch and writes nothing.
+    layer = make_layers(6, n_layers=1, n_tokens=32)[0]
+    data = codec.encode_record(layer, fmt)
+    header = codec.read_header(data)
+    rng = np.random.default_rng(2)
+    for pos in list(range(0, 40)) + list(rng.integers(0, len(data), 60)):
+        damaged = bytearray(data)
+        damaged[pos] ^= 1 << int(rng.integers(0, 8))
+        k_out = np.zeros_like(layer.k.rows.view(np.uint8).reshape(32, -1))
+        v_out = np.zeros_like(k_out)
+        batch = codec.DecodeBatch()
+        with pytest.raises((BlockCorrupt)):
+            batch.add_into(bytes(damaged), k_out, v_out, header.k.ggml_type,
+                           header.v.ggml_type)
+            batch.run()
+        assert not k_out.any() and not v_out.any()
+
+
+@pytest.mark.parametrize("fmt", [Q8, Q4Z])
 @pytest.mark.parametrize("n_tokens", [1, 4, 5, 256])
 def test_exact_rows_survive_quantization_and_transcoding(fmt, n_tokens):
     layer = make_layers(8, n_layers=1, n_tokens=n_tokens)[0]
