@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--sink", type=int, default=1, help="working_set.sink_blocks")
     parser.add_argument("--recent", type=int, default=2, help="working_set.recent_blocks")
+    parser.add_argument("--out", default="perplexity", help="results file name (no .json)")
     args = parser.parse_args()
     model = Model(default_model_path())
     text = document_tokens(model)
@@ -109,7 +110,7 @@ def main() -> None:
             rows.append([offset, method, f"{ppl:.3f}", f"{ppl / base:.4f}"])
             print(results[-1], flush=True)
     print_table(["offset", "method", "perplexity", f"vs {args.methods[0]}"], rows)
-    write_json("perplexity", {"results": results})
+    write_json(args.out, {"results": results})
 
 
 if __name__ == "__main__":

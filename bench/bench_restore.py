@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import kvtier  # noqa: F401  first, before llama_cpp: see kvtier/_preload.py
 import llama_cpp
 import numpy as np
 
