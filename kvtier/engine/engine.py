@@ -17,7 +17,8 @@ from kvtier.engine.handle import GenerationHandle
 from kvtier.engine.model import Model, default_model_path
 from kvtier.engine.prompt import build_prompt
 from kvtier.engine.restore_policy import ThroughputModel
-from kvtier.engine.scheduler import Job, Scheduler
+from kvtier.engine.job import Job
+from kvtier.engine.scheduler import Scheduler
 from kvtier.engine.sessions import SessionStore
 from kvtier.engine.sizing import hot_sizing
 from kvtier.engine.windows import session_prefetch

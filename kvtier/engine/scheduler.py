@@ -1,10 +1,11 @@
-"""The engine thread: admission into slots, restore-or-reuse-or-prefill, batched decoding, and
-storing what each request computed.
+"""The engine thread: batched decoding of every active request, and handing what each computed to
+the store.
 
-One thread owns the llama.cpp context. It admits queued jobs into slots, restores their longest
-stored prefix (or reuses what the slot still holds), prefills the rest, and decodes all active slots
-together in one ``llama_decode`` per step. When a job ends, the blocks it computed are snapshotted
-into the store and its session (if any) is updated.
+One thread owns the llama.cpp context. It admits queued jobs into slots and starts them
+(:mod:`.admission`: restore, reuse what the slot holds, or prefill), then decodes all active slots
+together in one ``llama_decode`` per step. When a job ends, the cells it computed are read out of
+llama.cpp and queued for the store writer (:mod:`.store_writer`) with its session's update; a
+conversation on a working set has stored its blocks as they filled (:mod:`.windows`).
 """
 
 from __future__ import annotations
@@ -14,79 +15,29 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvtier.config import Config
-from kvtier.engine.api import (Finished, GenerationRequest, SlotStats, TokenEvent, TokenStats,
-                               Usage, WorkingSetStats)
-from kvtier.engine.handle import GenerationHandle
+from kvtier.engine.admission import Admission
+from kvtier.engine.api import Finished, SlotStats, TokenEvent, Usage, WorkingSetStats
 from kvtier.engine.host_buffers import BufferPool, CudaRegistrar
 from kvtier.engine.hot import BatchItem, HotContext
+from kvtier.engine.job import Job, TokenCounts
 from kvtier.engine.model import Model
+from kvtier.engine.query_capture import RowRange
 from kvtier.engine.restore_policy import ThroughputModel
-from kvtier.engine.sampling import Sampler
 from kvtier.engine.sessions import SessionStore
 from kvtier.engine.sizing import HotSizing
-from kvtier.engine.slots import (SequenceOwner, SessionOwner, Slot, SlotOwner, choose_slot,
-                                 common_prefix, may_extend)
-from kvtier.engine.query_capture import RowRange
-from kvtier.engine.snapshot import RestorePlan, Snapshotter, StoredSequence
+from kvtier.engine.snapshot import Snapshotter
 from kvtier.engine.store_writer import StoreWriter
-from kvtier.engine.text import TextStream
 from kvtier.engine.warmup import warm_up
-from kvtier.engine.windows import WindowedSlots, WindowedTurn
+from kvtier.engine.windows import WindowedSlots
 from kvtier.errors import KvtierError, Overloaded
-from kvtier.storage.catalog import SessionEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import Namespace
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Job:
-    """One request on its way through the engine thread."""
-
-    request: GenerationRequest
-    handle: GenerationHandle
-    prompt: np.ndarray
-    owner: SessionOwner | None
-    """The session the KV belongs to; None for a stateless request."""
-    session: SessionEntry | None
-    """The stored session the request continues (None: stateless, or a new session)."""
-    session_text: str
-    """The rendered text that the prompt tokens stand for (sessions extend it exactly)."""
-    max_new: int
-    plan: RestorePlan | None = None
-    """The longest prefix of the prompt that the store holds, found when the job is admitted."""
-    slot: Slot | None = None
-    seq: StoredSequence | None = None
-    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    sampler: Sampler | None = None
-    stream: TextStream | None = None
-    generated: list[int] = field(default_factory=list)
-    next_token: int | None = None
-    cached: int = 0
-    restored: int = 0
-    prefill_started: float = 0.0
-    finish_reason: str | None = None
-    turn: WindowedTurn | None = None
-    """Set when the job's conversation runs on a working set (longer than a slot's share)."""
-
-
-@dataclass(slots=True)
-class TokenCounts:
-    """Tokens since start, by how the engine got their KV (written by the engine thread)."""
-
-    restored: int = 0
-    prefilled: int = 0
-    hot_reused: int = 0
-    generated: int = 0
-
-    def stats(self) -> TokenStats:
-        return TokenStats(self.restored, self.prefilled, self.hot_reused, self.generated)
 
 
 class Scheduler:
@@ -108,7 +59,6 @@ class Scheduler:
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
         self._active: list[Job] = []
-        self._slot_seq: dict[int, StoredSequence] = {}
         self._stopping = False
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -140,6 +90,9 @@ class Scheduler:
             ws = self.config.working_set
             self.windows = WindowedSlots(self.hot, self.sizing, self.manager, self.namespace,
                                          ws.query_tokens, ws.reselect_tokens, ws.prefetch)
+            self.admission = Admission(self.model, self.hot, self.sizing, self.manager,
+                                       self.snapshots, self.windows, self.tokens,
+                                       self.block_size)
             log.info("engine warmed up in %.2f s", warm_up(self.hot, self.model))
         except BaseException as exc:
             self._start_error = exc
@@ -204,8 +157,8 @@ class Scheduler:
                     admitted.append(self._queue.popleft())
             for job in admitted:
                 try:
-                    self._admit(job)
-                    self._start(job)
+                    self.admission.admit(job)
+                    self.admission.start(job)
                     self._active.append(job)
                 except Exception as exc:  # a request that cannot start fails alone
                     log.exception("request could not start")
@@ -216,108 +169,6 @@ class Scheduler:
                 log.exception("decode step failed")
                 for job in list(self._active):
                     self._fail(job, exc)
-
-    def _start(self, job: Job) -> None:
-        """Put the job's prompt prefix in its slot (restored, or still there) and plan the rest."""
-        slot = job.slot
-        assert slot is not None
-        prompt = job.prompt
-        hot = common_prefix(slot.tokens, prompt)
-        resident = self._slot_seq.get(slot.index)
-        resident_owner = slot.owner
-        plan = job.plan
-        assert plan is not None
-        if self.windows.continues(slot, prompt) or self.sizing.windowed(len(prompt)) \
-                or self.sizing.windowed(plan.n_tokens):
-            keep, restored = self._start_windowed(job, plan, hot, resident, resident_owner)
-        else:
-            if self.windows.get(slot) is not None:   # a long conversation was here: start afresh
-                self.windows.drop(slot)
-                self.hot.clear(slot)
-                hot, resident = 0, None
-            keep, restored = self._start_hot(job, plan, hot, resident, resident_owner)
-        slot.owner = job.owner or SequenceOwner(job.seq.seq_id)
-        job.cached = keep
-        job.restored = min(restored, keep)
-        self.tokens.restored += job.restored
-        self.tokens.hot_reused += keep - job.restored
-        job.pending = prompt[keep:]
-        job.sampler = Sampler(job.request.sampling, self.model.n_vocab)
-        job.sampler.accept_prompt(prompt)
-        job.stream = TextStream(job.request.sampling.stop)
-        job.prefill_started = time.perf_counter()
-
-    def _admit(self, job: Job) -> None:
-        """Give the job a slot, knowing the longest prefix of its prompt the store holds: a
-        restore replaces a slot's whole sequence, so that decides which slots' KV is worth
-        keeping."""
-        job.plan = self._plan(job)
-        stored = job.plan.n_tokens if self.snapshots.worth_restoring(job.plan) else 0
-        slot = choose_slot(self.hot.slots, job.prompt, stored)
-        assert slot is not None  # _run admits no more jobs than there are idle slots
-        slot.busy = True
-        job.slot = slot
-
-    def _plan(self, job: Job) -> RestorePlan:
-        """The longest prefix of the job's prompt that the store holds (with a session's own
-        tail, for a session)."""
-        session_seq = None
-        if job.session is not None:
-            session_seq = self.manager.get_sequence(Namespace(job.session.namespace),
-                                                    job.session.sequence)
-        return self.snapshots.plan(job.prompt, session_seq)
-
-    def _start_hot(self, job: Job, plan: RestorePlan, hot: int, resident: StoredSequence | None,
-                   resident_owner: SlotOwner | None) -> tuple[int, int]:
-        """A conversation that fits the slot: restore its stored prefix whole, or keep what the
-        slot holds. Returns the tokens kept and, of those, how many were restored."""
-        slot = job.slot
-        restored = 0
-        if plan.n_tokens > hot and self.snapshots.worth_restoring(plan):
-            restored = self.snapshots.restore(slot, plan, job.prompt).n_tokens
-            hot = restored
-            resident = None
-        if restored == 0 and hot == 0:
-            self.hot.clear(slot)
-            resident = None
-        keep = min(hot, len(job.prompt) - 1)  # the last prompt token is decoded again (logits)
-        self.hot.truncate(slot, keep)
-        job.seq = self._sequence_for(job, resident, resident_owner, keep)
-        return keep, restored
-
-    def _start_windowed(self, job: Job, plan: RestorePlan, hot: int,
-                        resident: StoredSequence | None, resident_owner: SlotOwner | None
-                        ) -> tuple[int, int]:
-        """A conversation longer than the slot's share: its working set (:mod:`.windows`)."""
-        slot, prompt = job.slot, job.prompt
-        if self.windows.continues(slot, prompt):
-            job.seq = self._sequence_for(job, resident, resident_owner, len(slot.tokens))
-        elif plan.n_tokens > hot:
-            job.seq = self._sequence_for(job, None, None, 0)
-        else:
-            self.windows.drop(slot)
-            hot = min(hot, self.sizing.slot_tokens)
-            job.seq = self._sequence_for(job, resident, resident_owner, hot)
-        job.turn, keep, restored = self.windows.start(slot, prompt, plan, job.seq, hot)
-        if keep == len(prompt):   # the last prompt token is decoded again for its logits
-            job.turn.window.retract(1)
-            keep -= 1
-        return keep, restored
-
-    def _sequence_for(self, job: Job, resident: StoredSequence | None,
-                      resident_owner: SlotOwner | None, keep: int) -> StoredSequence:
-        """The stored sequence that the job's KV goes to, given what the slot held before
-        (``resident``, None if it is gone) and whose it was: a session's own sequence; else the
-        resident anonymous one, if the job may extend it and kept all of it; else a new one."""
-        bs = self.block_size
-        if job.session is not None:
-            if resident is not None and resident.seq_id == job.session.sequence:
-                return resident.truncated(keep, bs)
-            return StoredSequence(job.session.sequence)
-        if resident is not None and may_extend(job.owner, resident_owner) \
-                and keep >= resident.n_tokens(bs):
-            return resident.truncated(keep, bs)
-        return StoredSequence(self.manager.new_sequence())
 
     def _step(self) -> None:
         """One llama_decode for every active slot: a token each for the generating ones, then
@@ -433,12 +284,12 @@ class Scheduler:
         if job.turn:
             # A long conversation's blocks were stored as they filled; the rest is stored here.
             job.seq = self.windows.finish(job.turn)
-            self._slot_seq[slot.index] = job.seq
+            self.admission.slot_seq[slot.index] = job.seq
             if job.owner is not None:
                 self._session_update(job, job.owner.session_id)()
         else:
             job.seq, store = self.snapshots.prepare(slot, job.seq)
-            self._slot_seq[slot.index] = job.seq
+            self.admission.slot_seq[slot.index] = job.seq
             if job.owner is not None:
                 store.session_id = job.owner.session_id
                 store.after = self._session_update(job, job.owner.session_id)
@@ -466,7 +317,7 @@ class Scheduler:
         if job.slot is not None:
             self.windows.drop(job.slot)
             self.hot.clear(job.slot)
-            self._slot_seq.pop(job.slot.index, None)
+            self.admission.slot_seq.pop(job.slot.index, None)
         self._release(job)
         job.handle.fail(_as_kvtier_error(exc, "generation failed"))
 
