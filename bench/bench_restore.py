@@ -105,7 +105,7 @@ def main() -> None:
     model = Model(args.model or default_model_path(), args.n_gpu_layers)
     tokens_all = document_tokens(model)
     tmp = Path(tempfile.mkdtemp(prefix="kvtier-bench-restore-"))
-    n_ctx = max(args.lengths) + args.block_size
+    n_ctx = -(-max(args.lengths) // args.block_size) * args.block_size
     per_token = model.kv_bytes_per_token(args.cache_type, args.cache_type)
     config = load_config(None, {
         "data_dir": str(tmp), "model.n_slots": 1, "model.context_size": n_ctx,

@@ -48,6 +48,9 @@ class Admission:
         assert slot is not None
         prompt = job.prompt
         hot = common_prefix(slot.tokens, prompt)
+        window = self.windows.get(slot)
+        if window is not None and not self.windows.continues(slot, prompt):
+            hot = min(hot, window.hot_prefix)   # the rest of its cells hold a working set
         resident = self.slot_seq.get(slot.index)
         resident_owner = slot.owner
         plan = job.plan

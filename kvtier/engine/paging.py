@@ -142,6 +142,16 @@ class Window:
     def held_tokens(self) -> int:
         return sum(self.lengths().values())
 
+    @property
+    def hot_prefix(self) -> int:
+        """Tokens of the conversation's start that the slot holds in order at their own
+        positions: all that a new prompt sharing that start can keep of this slot's cells (the
+        rest of what it holds is a working set, not the conversation's next tokens)."""
+        bs, b = self.block_size, 0
+        while self.held.get(b) == b * bs:
+            b += 1
+        return min(self.n_tokens, b * bs)
+
     # -- building ------------------------------------------------------------------------------
     def adopt_hot(self, chains: Sequence[ChainHash]) -> None:
         """Take over a slot whose conversation is hot from position 0 (a conversation that just

@@ -111,3 +111,22 @@ def test_blocks_the_model_attends_to_stay_in_the_faster_tier(tmp_path, key):
         assert all(entries[b].attention < entries[attended].attention for b in filler)
     finally:
         engine.close()
+
+
+def test_a_new_long_prompt_sharing_the_start_of_the_last_one_is_served(tmp_path):
+    # The slot's cells hold the last conversation's working set, not its first tokens: a new
+    # prompt that shares a long start with it (further than the store can match) keeps only what
+    # the slot holds in order from position 0. Taking the whole shared start as hot once overfilled
+    # the hot tier: llama_decode failed (as bench_passkey met it: 256-token blocks, 1,024 tokens).
+    engine = make_engine(tmp_path, **{"model.n_slots": 1, "model.context_size": 4096,
+                                      "tiers.gpu_vram_budget": 1024 * KV_BYTES_PER_TOKEN,
+                                      "working_set.recent_blocks": 3})
+    try:
+        keys = passkey.keys(2, seed=11)
+        for depth, key in zip((0.5, 0.7), keys):
+            text = passkey.prompt(2048, depth, key, count(engine))
+            done = engine.generate(GenerationRequest(prompt=text, sampling=ANSWER))
+            assert done.usage.working_set_tokens <= 1024
+        assert done.usage.cached_tokens < 1024
+    finally:
+        engine.close()
