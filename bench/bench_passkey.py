@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--sink", type=int, default=1, help="working_set.sink_blocks")
     parser.add_argument("--recent", type=int, default=2, help="working_set.recent_blocks")
     parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--out", default="passkey", help="results file name (no .json)")
     args = parser.parse_args()
 
     model = Model(default_model_path())
@@ -94,9 +95,9 @@ def main() -> None:
             line.append(f"{sum(r['found'] for r in rows)}/{len(rows)}" if rows else "-")
         table.append(line)
     print_table(["tokens", *args.methods], table)
-    write_json("passkey", {"hot_tokens": args.hot, "block_size": args.block_size,
-                           "sink_blocks": args.sink, "recent_blocks": args.recent,
-                           "results": results})
+    write_json(args.out, {"hot_tokens": args.hot, "block_size": args.block_size,
+                          "sink_blocks": args.sink, "recent_blocks": args.recent,
+                          "results": results})
     if args.plot:
         plot(results, args)
 
