@@ -33,6 +33,9 @@ class PromptTokensDetails(_Response):
     """Prompt tokens whose KV was reused or restored from the cache, not computed."""
     restored_tokens: int = 0
     """kvtier: of ``cached_tokens``, those restored from a storage tier."""
+    prefill_tokens: int = 0
+    """kvtier: prompt tokens computed for this request (recomputed, where the cache had
+    nothing)."""
     working_set_tokens: int = 0
     """kvtier: tokens of the conversation hot when the reply ended (the working set of a
     conversation longer than a slot's share; else all of it)."""
@@ -50,6 +53,7 @@ class Usage(_Response):
                    total_tokens=usage.prompt_tokens + usage.completion_tokens,
                    prompt_tokens_details=PromptTokensDetails(
                        cached_tokens=usage.cached_tokens, restored_tokens=usage.restored_tokens,
+                       prefill_tokens=usage.prefill_tokens,
                        working_set_tokens=usage.working_set_tokens))
 
 

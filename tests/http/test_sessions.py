@@ -43,7 +43,10 @@ def test_session_continues_with_only_the_new_message(server: Server) -> None:
     assert status == 200 and second["session_id"] == sid
     history = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
     assert second["usage"]["prompt_tokens"] > history
-    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= history - 1
+    details = second["usage"]["prompt_tokens_details"]
+    assert details["cached_tokens"] >= history - 1
+    assert details["prefill_tokens"] == second["usage"]["prompt_tokens"] - details["cached_tokens"]
+    assert details["working_set_tokens"] >= second["usage"]["prompt_tokens"]   # all of it hot
 
     status, info = server.json("GET", f"/v1/sessions/{sid}")
     assert status == 200
