@@ -139,7 +139,7 @@ async def ask(http: aiohttp.ClientSession, url: str, body: dict[str, Any]
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for choice in chunk.get("choices", []):
-                piece = choice["delta"].get("content")
+                piece = (choice.get("delta") or {}).get("content")  # may be absent
                 if piece:
                     if not ttft:
                         ttft = time.perf_counter() - started

@@ -46,7 +46,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.bench_http import documents, free_port
+from bench.bench_http import ask, documents, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "llama_server.json"
 QUESTIONS = ["Summarise the text above in one sentence.", "What is the main keyword?",
@@ -127,34 +127,6 @@ class LlamaServer(Process):
                           "-c", str(args.slots * args.ctx_per_slot), "-t", str(args.threads),
                           "-tb", str(args.threads), "--slot-save-path", str(slot_dir),
                           "--no-webui"], slot_dir.parent)
-
-
-async def ask(http: aiohttp.ClientSession, url: str, body: dict[str, Any]
-              ) -> tuple[str, float, float, dict[str, Any]]:
-    """Streams one chat completion: text, time to first token, total time, usage."""
-    started = time.perf_counter()
-    ttft = 0.0
-    text = []
-    usage: dict[str, Any] = {}
-    async with http.post(url + "/v1/chat/completions", json={
-            **body, "stream": True, "stream_options": {"include_usage": True}}) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"{resp.status}: {await resp.text()}")
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for choice in chunk.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    if not ttft:
-                        ttft = time.perf_counter() - started
-                    text.append(piece)
-    total = time.perf_counter() - started
-    return "".join(text), ttft or total, total, usage
 
 
 @dataclass
