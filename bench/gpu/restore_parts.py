@@ -188,8 +188,8 @@ def main() -> None:
     print(f"decode alone (all blocks, all cores): {results['decode_all_s']:.3f} s; set_data "
           f"alone: {results['set_data_all_s']:.3f} s for {len(blob) / 1e9:.2f} GB "
           f"(pinned: {results['pinned']})")
-    Path(args.out, f"restore_parts_{args.tier}_{args.warm_format}.json").write_text(json.dumps(results,
-                                                                                   indent=1))
+    out = Path(args.out, f"restore_parts_{args.tier}_{args.warm_format}.json")
+    out.write_text(json.dumps(results, indent=1))
     snaps.close()
     manager.close()
     hot.close()
