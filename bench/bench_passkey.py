@@ -34,9 +34,9 @@ def engine_for(method: str, length: int, model: Model, args: argparse.Namespace
     """An engine whose slot holds ``args.hot`` tokens (the whole prompt for full attention,
     which runs only inside the model's trained context); None where the method cannot run."""
     block = args.block_size
-    share = length + 2 * block if method == "full" else args.hot
-    if method == "full" and share > model.n_ctx_train:
+    if method == "full" and length > model.n_ctx_train:
         return None
+    share = min(length + 2 * block, model.n_ctx_train) if method == "full" else args.hot
     settings = {"data_dir": tempfile.mkdtemp(prefix="kvtier-bench-passkey-"),
                 "model.n_slots": 1, "model.context_size": length + 1024,
                 "model.n_threads": args.threads, "model.block_size": block,
