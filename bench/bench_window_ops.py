@@ -1,0 +1,82 @@
+"""What one working-set change costs: the time of each step a long conversation's working set
+takes, measured inside the engine while it serves a long prompt and then generates.
+
+    python -m bench.bench_window_ops [--tokens 16384] [--hot 1024] [--generate 256]
+
+Steps (``kvtier.engine.paging.Window``): ``score`` (the queries against every stored block's key
+summary), ``replan`` (which blocks, where), ``apply`` (drops, K-shift moves, and loads from the
+store through the scratch sequence; ``load`` is that last part alone), ``store_block`` (a filled
+block read out and stored). Each is timed around the call (engine thread, wall clock) and
+reported as a count, a median and a total. Writes bench/results/window_ops.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+
+from bench import passkey
+from bench.common import print_table, write_json
+from kvtier.config import load_config
+from kvtier.engine import paging
+from kvtier.engine.api import GenerationRequest, SamplingParams
+from kvtier.engine.engine import Engine
+from kvtier.engine.model import Model, default_model_path
+
+TIMES: dict[str, list[float]] = defaultdict(list)
+
+
+def timed(owner, name: str, label: str) -> None:
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            TIMES[label].append(time.perf_counter() - start)
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--hot", type=int, default=1024)
+    parser.add_argument("--generate", type=int, default=256)
+    parser.add_argument("--block-size", type=int, default=256)
+    args = parser.parse_args()
+    for name in ("score", "replan", "apply", "_load", "store_block"):
+        timed(paging.Window, name, name.strip("_"))
+    model = Model(default_model_path())
+    engine = Engine(load_config(None, {
+        "data_dir": tempfile.mkdtemp(prefix="kvtier-bench-window-"), "model.n_slots": 1,
+        "model.context_size": args.tokens + 4096, "model.block_size": args.block_size,
+        "tiers.gpu_vram_budget": args.hot * model.kv_bytes_per_token("f16", "f16")}))
+    model.close()
+    count = lambda text: len(engine.model.tokenize(text, add_special=False))  # noqa: E731
+    try:
+        # Filler text without a question: the model keeps writing it (no early end token).
+        text = passkey.document(args.tokens, 0.5, passkey.keys(1, seed=3)[0], count)
+        done = engine.generate(GenerationRequest(prompt=text, sampling=SamplingParams(
+            temperature=0.0, max_tokens=args.generate)))
+        print(f"prompt {done.usage.prompt_tokens} tokens, generated {done.usage.completion_tokens}")
+        stats = engine.cache_stats().working_set
+    finally:
+        engine.close()
+    rows, results = [], {}
+    for label, values in TIMES.items():
+        results[label] = {"count": len(values), "median_ms": 1e3 * statistics.median(values),
+                          "total_s": sum(values)}
+        rows.append([label, len(values), results[label]["median_ms"], sum(values)])
+    print_table(["step", "calls", "median ms", "total s"], rows)
+    print(stats)
+    write_json("window_ops", {"tokens": args.tokens, "hot_tokens": args.hot,
+                              "block_size": args.block_size, "steps": results,
+                              "working_set": {n: getattr(stats, n) for n in stats.__slots__}})
+
+
+if __name__ == "__main__":
+    main()
