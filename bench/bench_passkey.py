@@ -9,7 +9,8 @@ the end) with a slot's hot share of ``--hot`` tokens, except full attention, who
 whole prompt (it runs only where the model's trained context holds the prompt: 8,192 tokens for
 SmolLM2). Sinks + recent fills the same share with the first block and the latest ones
 (StreamingLLM's window); kvtier holds the first block, the best-scored blocks for the current
-queries and the two latest. Writes bench/results/passkey.json; --plot draws docs/passkey.png.
+queries and the two latest. Writes bench/results/passkey.json (``--out``); --plot draws
+docs/passkey.png from every passkey*.json (:mod:`bench.plot_passkey`).
 """
 
 from __future__ import annotations
@@ -99,30 +100,8 @@ def main() -> None:
                           "sink_blocks": args.sink, "recent_blocks": args.recent,
                           "results": results})
     if args.plot:
-        plot(results, args)
-
-
-def plot(results: list[dict], args: argparse.Namespace) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for method in args.methods:
-        xs, ys = [], []
-        for length in args.lengths:
-            rows = [r for r in results if r["method"] == method and r["length"] == length]
-            if rows:
-                xs.append(length)
-                ys.append(100 * sum(r["found"] for r in rows) / len(rows))
-        ax.plot(xs, ys, marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("passkeys found (%)")
-    ax.axvline(8192, color="grey", linestyle=":", linewidth=1)
-    ax.set_title(f"Passkey, SmolLM2-135M, hot share {args.hot} tokens")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig("docs/passkey.png", dpi=120)
+        from bench import plot_passkey
+        plot_passkey.main()
 
 
 if __name__ == "__main__":
