@@ -64,15 +64,20 @@ def _find_xxh3() -> int:
     return 0
 
 
+def _zstd_decompress(name: str):
+    try:
+        return ctypes.CDLL(name).ZSTD_decompress
+    except (OSError, AttributeError):
+        return None
+
+
 def _find_zstd() -> int:
     """The address of the system libzstd's ``ZSTD_decompress``, if there is one and it reads the
     ``zstandard`` package's frames; else 0 (frames are then decompressed in Python)."""
-    name = ctypes.util.find_library("zstd")
-    if name is None:
-        return 0
-    try:
-        fn = ctypes.CDLL(name).ZSTD_decompress
-    except (OSError, AttributeError):
+    fn = _zstd_decompress("libzstd.so.1")   # the usual soname: no ldconfig subprocess
+    if fn is None and (name := ctypes.util.find_library("zstd")) is not None:
+        fn = _zstd_decompress(name)
+    if fn is None:
         return 0
     fn.restype = ctypes.c_size_t
     fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
