@@ -7,8 +7,9 @@ runs and while nothing does, in the same run.
                                       [--stream-tokens 2048]
 
 Each token of the streaming request is timestamped as it arrives; a token counts as "during the
-store" when the store writer had a job queued or running when it arrived (``cache_stats().store``),
-and as "idle" in the stretch after the store finished. Writes bench/results/store_stall.json.
+store" when the store writer had a job queued or running when it arrived (``Engine.wait_stored``
+with no wait: no tier statistics are gathered per token), and as "idle" in the stretch after the
+store finished. Writes bench/results/store_stall.json.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
         for item in handle:
             if isinstance(item, Finished) or stop.is_set():
                 break
-            busy = engine.cache_stats().store.queued_jobs > 0
+            busy = not engine.wait_stored(0)    # the writer has a job queued or running
             arrivals.append((time.perf_counter(), busy))
 
     try:
