@@ -78,40 +78,57 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class ServeProcess:
-    """``kvtier serve`` in a subprocess; its output goes to a log file."""
+class Process:
+    """A server in a subprocess, its output in a log file, ready when ``/health`` says 200."""
 
-    def __init__(self, data_dir: Path, args: argparse.Namespace) -> None:
+    name = "server"
+
+    def __init__(self, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = data_dir.parent / f"serve-{self.port}.log"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{self.name}-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvtier.cli", "serve", "--data-dir", str(data_dir),
-             "--listen", f"127.0.0.1:{self.port}",
-             "--set", f"model.context_size={args.context_size}",
-             "--set", f"model.n_slots={args.slots}", "--set", f"model.n_threads={args.threads}"],
-            stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([a.replace("{port}", str(self.port)) for a in argv],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     async def ready(self, http: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"kvtier serve exited; see {self.log_path}")
+                raise RuntimeError(f"{self.name} exited; see {self.log_path}")
             try:
                 async with http.get(self.url + "/health") as resp:
                     if resp.status == 200:
-                        break
+                        return
             except aiohttp.ClientError:
                 pass
-            await asyncio.sleep(0.2)
-        # No warm-up request: the server pays its one-time costs before /health says ok, and
-        # a first turn (or the first turn after a restart) is measured as a client meets it.
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not become ready; see {self.log_path}")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(120)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._log.close()
+
+
+class ServeProcess(Process):
+    """``kvtier serve`` in a subprocess. Nothing warms it up once ``/health`` says ok: the server
+    pays its one-time costs before that, so a first turn (or the first turn after a restart) is
+    measured as a client meets it."""
+
+    name = "kvtier"
+
+    def __init__(self, data_dir: Path, args: argparse.Namespace) -> None:
+        super().__init__([sys.executable, "-m", "kvtier.cli", "serve", "--data-dir", str(data_dir),
+                          "--listen", "127.0.0.1:{port}",
+                          "--set", f"model.context_size={args.context_size}",
+                          "--set", f"model.n_slots={args.slots}",
+                          "--set", f"model.n_threads={args.threads}"], data_dir.parent)
 
 
 def documents(n: int, tokens: int) -> list[str]:

@@ -33,9 +33,7 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +44,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.bench_http import ask, documents, free_port
+from bench.bench_http import Process, ask, documents
 
 RESULTS = Path(__file__).resolve().parent / "results" / "llama_server.json"
 QUESTIONS = ["Summarise the text above in one sentence.", "What is the main keyword?",
@@ -64,44 +62,6 @@ class Turn:
     cached_tokens: int = 0
     restore_s: float = 0.0
     """llama-server's slot restore before this turn (part of ``ttft_s``)."""
-
-
-class Process:
-    """A server in a subprocess, its output in a log file, ready when ``/health`` says 200."""
-
-    name = "server"
-
-    def __init__(self, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{self.name}-{self.port}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([a.replace("{port}", str(self.port)) for a in argv],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    async def ready(self, http: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited; see {self.log_path}")
-            try:
-                async with http.get(self.url + "/health") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not become ready; see {self.log_path}")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
 
 class Kvtier(Process):
