@@ -44,12 +44,9 @@ from typing import Any
 
 import aiohttp
 
-from bench.bench_http import Process, ask, documents
+from bench.bench_http import QUESTIONS, Process, ask, documents
 
 RESULTS = Path(__file__).resolve().parent / "results" / "llama_server.json"
-QUESTIONS = ["Summarise the text above in one sentence.", "What is the main keyword?",
-             "Give one example.", "Is there any caveat?", "What would you read next?",
-             "Explain it to a child."]
 
 
 @dataclass
