@@ -18,8 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, \
-    ValidatorFunctionWrapHandler, WrapValidator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, \
+    TypeAdapter, ValidationError, ValidatorFunctionWrapHandler, WrapValidator, model_validator
+from pydantic_core import PydanticCustomError
 
 from kvtier.engine import api
 from kvtier.errors import InvalidRequest
@@ -52,13 +53,36 @@ def _a_boolean(value: Any) -> Any:
 Boolean = BeforeValidator(_a_boolean)
 
 
+_INVALID_UNICODE = "invalid_unicode"
+
+
+def _utf8(value: str) -> str:
+    # JSON may escape a lone surrogate ("\\ud800"): such a str has no UTF-8 form to tokenize.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            _INVALID_UNICODE, "contains a lone surrogate (U+{code}) at character {at}; text "
+            "must be valid Unicode", {"code": f"{ord(value[exc.start]):04X}",
+                                      "at": exc.start}) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+"""A string the model can read: valid Unicode, so it has a UTF-8 form (no lone surrogates)."""
+
+
 def Explained(message: str) -> WrapValidator:
     """Any error of the value becomes ``message``: one sentence instead of a union's branches."""
 
     def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         try:
             return handler(value)
-        except ValidationError:
+        except ValidationError as exc:
+            # Invalid text inside an accepted shape says so, not what shapes are accepted.
+            for error in exc.errors():
+                if error["type"] == _INVALID_UNICODE:
+                    raise PydanticCustomError(_INVALID_UNICODE, error["msg"]) from None
             raise ValueError(message) from None
 
     return WrapValidator(check)
@@ -101,13 +125,13 @@ _SESSION_ID = TypeAdapter(SessionId)
 class TextContentPart(_Request):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     """'developer' is treated as 'system'."""
-    content: Annotated[str | list[TextContentPart],
+    content: Annotated[Text | list[TextContentPart],
                        Explained("must be a string or an array of text parts")] = ""
     name: str | None = None
 
@@ -121,7 +145,7 @@ class ResponseFormat(_Request):
                     Explained("only the 'text' response format is supported")]
 
 
-_StopString = Annotated[str, Field(min_length=1)]
+_StopString = Annotated[Text, Field(min_length=1)]
 
 
 class _Generation(_Request):
@@ -168,7 +192,7 @@ class ChatCompletionRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: Annotated[str | Annotated[list[str], Field(min_length=1, max_length=1)],
+    prompt: Annotated[Text | Annotated[list[Text], Field(min_length=1, max_length=1)],
                       Explained("must be a string or an array of one string")]
     max_tokens: Annotated[int, Field(ge=1, le=_MAX_TOKENS_LIMIT), Integral] = 16
     echo: Annotated[Literal[False], Boolean, Explained("echo is not supported")] = False
