@@ -272,28 +272,30 @@ def _session_id(body: _Generation, header_session_id: str | None) -> str | None:
 
 
 def _generation(body: _Generation, header_session_id: str | None, request_id: str,
-                max_tokens: int | None, **prompt: Any) -> ParsedGeneration:
+                tenant: str, max_tokens: int | None, **prompt: Any) -> ParsedGeneration:
     return ParsedGeneration(
         api.GenerationRequest(sampling=_sampling(body, max_tokens),
                               session_id=_session_id(body, header_session_id),
-                              model=body.model, request_id=request_id, **prompt),
+                              model=body.model, request_id=request_id, tenant=tenant, **prompt),
         stream=body.stream, include_usage=body.stream_options.include_usage)
 
 
-def parse_chat(body: Any, header_session_id: str | None, request_id: str) -> ParsedGeneration:
-    """A chat completion body as the engine's request."""
+def parse_chat(body: Any, header_session_id: str | None, request_id: str,
+               tenant: str = api.DEFAULT_TENANT) -> ParsedGeneration:
+    """A chat completion body as ``tenant``'s request to the engine."""
     chat = parse(ChatCompletionRequest, body)
     messages = tuple(api.ChatMessage("system" if m.role == "developer" else m.role, _content(m))
                      for m in chat.messages)
     max_tokens = chat.max_completion_tokens if chat.max_completion_tokens is not None \
         else chat.max_tokens
-    return _generation(chat, header_session_id, request_id, max_tokens, messages=messages)
+    return _generation(chat, header_session_id, request_id, tenant, max_tokens,
+                       messages=messages)
 
 
-def parse_completion(body: Any, header_session_id: str | None, request_id: str
-                     ) -> ParsedGeneration:
-    """A text completion body as the engine's request."""
+def parse_completion(body: Any, header_session_id: str | None, request_id: str,
+                     tenant: str = api.DEFAULT_TENANT) -> ParsedGeneration:
+    """A text completion body as ``tenant``'s request to the engine."""
     completion = parse(CompletionRequest, body)
     prompt = completion.prompt if isinstance(completion.prompt, str) else completion.prompt[0]
-    return _generation(completion, header_session_id, request_id, completion.max_tokens,
-                       prompt=prompt)
+    return _generation(completion, header_session_id, request_id, tenant,
+                       completion.max_tokens, prompt=prompt)
