@@ -124,10 +124,13 @@ _GEN_ERRORS = {
     404: "Unknown model or session.",
     409: "The session is already generating a reply (code session_busy), or its KV belongs to "
          "another model (code model_mismatch).",
-    429: "The queue is full; retry after Retry-After seconds.",
+    408: "The body did not arrive within server.read_timeout_s of its headers.",
+    429: "The queue is full (or too many requests wait to be tokenized); retry after "
+         "Retry-After seconds.",
     503: "The server is shutting down.",
 }
-_SESSION_ERRORS = {400: "Invalid session id.", 404: "No session has this id."}
+_SESSION_ERRORS = {400: "Invalid session id.",
+                   404: "No session of the caller's tenant has this id."}
 _SESSION_HEADERS = {"X-Session-Id": s.SessionId}
 
 ROUTES: list[Route] = [

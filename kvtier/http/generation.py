@@ -26,7 +26,6 @@ from kvtier.http.common import (CLIENT_GONE, STATE, STATUS, TENANT, USAGE, Serve
 from kvtier.http.errors import Interrupted, ShuttingDown, error_body, error_payload
 
 if TYPE_CHECKING:
-    from kvtier.engine.engine import Engine
     from kvtier.engine.handle import GenerationHandle
 
 log = logging.getLogger("kvtier.http")
