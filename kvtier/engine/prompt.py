@@ -24,7 +24,7 @@ import numpy as np
 
 from kvtier.engine.api import ChatMessage, GenerationRequest
 from kvtier.engine.model import Model
-from kvtier.errors import ContextOverflow
+from kvtier.errors import ContextOverflow, InvalidRequest
 
 log = logging.getLogger("kvtier.engine")
 
@@ -73,7 +73,10 @@ def render_chat(model: Model, messages: list[dict[str, str]]) -> Rendered:
     """
     nonce = secrets.token_hex(8)
     marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
-    skeleton = model.render_chat([dict(m, content=mark) for m, mark in zip(messages, marks)])
+    try:
+        skeleton = model.render_chat([dict(m, content=mark) for m, mark in zip(messages, marks)])
+    except InvalidRequest:  # the template refused the placeholders: not the content's fault
+        skeleton = ""
     pieces: list[str] = []
     user: list[tuple[int, int]] = []
     at = length = 0

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from kvtier.config import ServerConfig
+from kvtier.engine.api import DEFAULT_TENANT
 from kvtier.errors import ModelNotFound
 from kvtier.http import responses as r
 from kvtier.http import schemas as s
@@ -30,7 +31,6 @@ from kvtier.http.auth import ApiKeys
 from kvtier.http.common import (CLIENT_GONE, STATE, STATUS, TENANT, USAGE, ServerState,
                                 json_response, read_json)
 from kvtier.http.cors import Cors
-from kvtier.engine.api import DEFAULT_TENANT
 from kvtier.http.errors import Unauthorized, error_response
 from kvtier.http.generation import chat_completions, completions
 from kvtier.http.metrics import CONTENT_TYPE, Metrics
