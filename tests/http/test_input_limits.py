@@ -3,12 +3,20 @@ never waits on a thread, and connections that never finish a request are closed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
+from kvtier.engine.api import GenerationRequest
+from kvtier.errors import Overloaded
+from kvtier.http.auth import ApiKeys
+from kvtier.http.common import ServerState
+from kvtier.http.generation import _submit
 from tests.http.conftest import Server, running_server, server_config
 
 SEVEN_MIB = 7 * 1024**2
@@ -73,3 +81,13 @@ def test_connections_that_never_finish_a_request_are_closed(tmp_path: Path) -> N
             assert head.startswith(b"HTTP/1.1 408"), head
             assert json.loads(body)["error"]["code"] == "request_timeout"
         assert srv.request("GET", "/health")[0] == 200
+
+
+def test_too_many_requests_waiting_to_be_tokenized_get_429() -> None:
+    """The prepare executor's queue is bounded: beyond it a request is refused before it is
+    queued (the engine is never reached)."""
+    state = ServerState(engine=None, metrics=None, keys=ApiKeys({}),  # type: ignore[arg-type]
+                        public_paths=frozenset(), preparing=10, max_preparing=10)
+    with pytest.raises(Overloaded, match="10 requests are waiting"):
+        asyncio.run(_submit(state, GenerationRequest(prompt="Hi")))
+    assert state.preparing == 10
