@@ -118,6 +118,11 @@ class Engine:
                    max_new if max_new is not None else room)
 
     # -- sessions --------------------------------------------------------------------------------
+    def wait_session_stored(self, session_id: str, tenant: str = DEFAULT_TENANT) -> None:
+        """Wait until the session's previous turn is in the store, as a request of it does
+        before it is prepared (a caller can wait here first, on a thread of its choosing)."""
+        self._scheduler.writer.wait_session(session_key(tenant, check_session_id(session_id)))
+
     def list_sessions(self, after: str = "", limit: int = 20, tenant: str = DEFAULT_TENANT
                       ) -> list[SessionInfo]:
         """``tenant``'s sessions in id order, from after ``after``."""

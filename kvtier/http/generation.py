@@ -39,6 +39,10 @@ async def _submit(state: ServerState, gen: GenerationRequest) -> GenerationHandl
     store and tokenizes. Too many waiting there already: 429."""
     if state.preparing >= state.max_preparing:
         raise Overloaded(f"{state.preparing} requests are waiting to be tokenized")
+    if gen.session_id is not None:
+        # Waiting for the session's previous turn to be stored is store work: not on one of
+        # the few prepare threads, which it could hold for seconds.
+        await asyncio.to_thread(state.engine.wait_session_stored, gen.session_id, gen.tenant)
     loop = asyncio.get_running_loop()
     state.preparing += 1
     future = loop.run_in_executor(state.prepare, state.engine.submit, gen, loop)
