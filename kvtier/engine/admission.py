@@ -41,11 +41,19 @@ class Admission:
         self.block_size = block_size
         self.slot_seq: dict[int, StoredSequence] = {}
         """The stored sequence each slot's KV belongs to, by slot index."""
+        self.shared_tails = True
+        """Whether a prompt may continue any stored sequence's partial tail block, not only
+        its session's own: False with tenants, as a tail is matched token by token."""
 
     def start(self, job: Job) -> None:
         """Put the job's prompt prefix in its slot (restored, or still there) and plan the rest."""
         slot = job.slot
         assert slot is not None
+        if slot.tenant != job.request.tenant:   # nothing of another tenant's KV is reused
+            self.windows.drop(slot)
+            self.hot.clear(slot)
+            self.slot_seq.pop(slot.index, None)
+            slot.tenant = job.request.tenant
         prompt = job.prompt
         hot = common_prefix(slot.tokens, prompt)
         window = self.windows.get(slot)
@@ -81,7 +89,7 @@ class Admission:
         keeping."""
         job.plan = self._plan(job)
         stored = job.plan.n_tokens if self.snapshots.worth_restoring(job.plan) else 0
-        slot = choose_slot(self.hot.slots, job.prompt, stored)
+        slot = choose_slot(self.hot.slots, job.prompt, stored, job.request.tenant)
         assert slot is not None  # the scheduler admits no more jobs than there are idle slots
         slot.busy = True
         job.slot = slot
@@ -93,7 +101,7 @@ class Admission:
         if job.session is not None:
             session_seq = self.manager.get_sequence(Namespace(job.session.namespace),
                                                     job.session.sequence)
-        return self.snapshots.plan(job.prompt, session_seq)
+        return self.snapshots.plan(job.prompt, session_seq, self.shared_tails)
 
     def _start_hot(self, job: Job, plan: RestorePlan, hot: int, resident: StoredSequence | None,
                    resident_owner: SlotOwner | None) -> tuple[int, int]:

@@ -20,6 +20,11 @@ SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 
+DEFAULT_TENANT = "default"
+"""The tenant of ``server.api_key`` and of a server without keys; sessions stored before tenants
+existed are its own."""
+
+
 def check_session_id(session_id: str) -> str:
     """The id itself, or :class:`InvalidRequest` naming ``session_id``."""
     if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
@@ -62,6 +67,9 @@ class GenerationRequest:
     """Continue (or create) this session: its stored messages come before ``messages``."""
     model: str | None = None
     request_id: str = ""
+    tenant: str = DEFAULT_TENANT
+    """Whose request: its sessions are the tenant's own, and KV that a hot slot or a partial
+    block holds is reused only within a tenant (full blocks are shared by content)."""
 
 
 @dataclass(frozen=True, slots=True)

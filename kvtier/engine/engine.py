@@ -11,15 +11,15 @@ import asyncio
 import threading
 
 from kvtier.config import Config
-from kvtier.engine.api import (CacheStats, Finished, GenerationRequest, SessionInfo,
-                               ThroughputStats, TierStats)
+from kvtier.engine.api import (DEFAULT_TENANT, CacheStats, Finished, GenerationRequest,
+                               SessionInfo, ThroughputStats, TierStats, check_session_id)
 from kvtier.engine.handle import GenerationHandle
 from kvtier.engine.model import Model, default_model_path
 from kvtier.engine.prompt import build_prompt
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.job import Job
 from kvtier.engine.scheduler import Scheduler
-from kvtier.engine.sessions import SessionStore
+from kvtier.engine.sessions import SessionStore, session_key
 from kvtier.engine.sizing import hot_sizing
 from kvtier.engine.windows import session_prefetch
 from kvtier.engine.slots import SessionOwner
@@ -96,11 +96,13 @@ class Engine:
         session = None
         owner = None
         if request.session_id is not None:
+            key = session_key(request.tenant, check_session_id(request.session_id))
             # The session's previous turn may still be on its way into the store.
-            self._scheduler.writer.wait_session(request.session_id)
-            session = self.sessions.load(request.session_id)
-            owner = SessionOwner(request.session_id)
-        prompt = build_prompt(self.model, request, self.sessions.history(session))
+            self._scheduler.writer.wait_session(key)
+            session = self.sessions.load(key)
+            owner = SessionOwner(key)
+        prompt = build_prompt(self.model, request, self.sessions.history(session),
+                              self.context_size)
         n_prompt = len(prompt.tokens)
         if n_prompt == 0:
             raise InvalidRequest("the prompt is empty", "prompt")
@@ -116,24 +118,31 @@ class Engine:
                    max_new if max_new is not None else room)
 
     # -- sessions --------------------------------------------------------------------------------
-    def list_sessions(self, after: str = "", limit: int = 20) -> list[SessionInfo]:
-        """Sessions in id order, from after ``after``."""
+    def wait_session_stored(self, session_id: str, tenant: str = DEFAULT_TENANT) -> None:
+        """Wait until the session's previous turn is in the store, as a request of it does
+        before it is prepared (a caller can wait here first, on a thread of its choosing)."""
+        self._scheduler.writer.wait_session(session_key(tenant, check_session_id(session_id)))
+
+    def list_sessions(self, after: str = "", limit: int = 20, tenant: str = DEFAULT_TENANT
+                      ) -> list[SessionInfo]:
+        """``tenant``'s sessions in id order, from after ``after``."""
         self._scheduler.writer.wait_session()
-        return self.sessions.list(after, limit)
+        return self.sessions.list(after, limit, tenant)
 
-    def get_session(self, session_id: str) -> SessionInfo:
-        self._scheduler.writer.wait_session(session_id)
-        return self.sessions.get(session_id)
+    def get_session(self, session_id: str, tenant: str = DEFAULT_TENANT) -> SessionInfo:
+        self._scheduler.writer.wait_session(session_key(tenant, check_session_id(session_id)))
+        return self.sessions.get(session_id, tenant)
 
-    def delete_session(self, session_id: str) -> None:
+    def delete_session(self, session_id: str, tenant: str = DEFAULT_TENANT) -> None:
         """Forget a session; :class:`SessionBusy` while it is generating a reply."""
-        self._scheduler.writer.wait_session(session_id)
-        self.sessions.delete(session_id)
+        self._scheduler.writer.wait_session(session_key(tenant, check_session_id(session_id)))
+        self.sessions.delete(session_id, tenant)
 
-    def fork_session(self, session_id: str, new_id: str | None = None) -> SessionInfo:
+    def fork_session(self, session_id: str, new_id: str | None = None,
+                     tenant: str = DEFAULT_TENANT) -> SessionInfo:
         """A new session with the same history; the two share every stored block."""
-        self._scheduler.writer.wait_session(session_id)
-        return self.sessions.fork(session_id, new_id)
+        self._scheduler.writer.wait_session(session_key(tenant, check_session_id(session_id)))
+        return self.sessions.fork(session_id, new_id, tenant)
 
     # -- state -----------------------------------------------------------------------------------
     def wait_stored(self, timeout: float | None = None) -> bool:

@@ -112,6 +112,10 @@ class Model:
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self._digest: str | None = None
+        self.max_piece_bytes = max(4, max(len(self.piece(t, special=True))
+                                          for t in range(self.n_vocab)))
+        """The most bytes of text one token stands for (at least one UTF-8 character): a text
+        of n bytes is at least n / max_piece_bytes tokens, known without tokenizing it."""
         template = self.meta("tokenizer.chat_template")
         self.chat_formatter = Jinja2ChatFormatter(
             template, eos_token=self.piece(self.eos).decode(errors="replace"),

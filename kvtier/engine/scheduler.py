@@ -93,6 +93,8 @@ class Scheduler:
             self.admission = Admission(self.model, self.hot, self.sizing, self.manager,
                                        self.snapshots, self.windows, self.tokens,
                                        self.block_size)
+            server = self.config.server
+            self.admission.shared_tails = not (server.api_keys or server.api_keys_file)
             log.info("engine warmed up in %.2f s", warm_up(self.hot, self.model))
         except BaseException as exc:
             self._start_error = exc

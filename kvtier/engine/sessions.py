@@ -3,6 +3,11 @@
 A session's catalog entry names its stored sequence (the KV) and keeps its messages and rendered
 text in ``data``; forks share every stored block. A session generates one reply at a time: the
 engine claims it while a request of it is queued or running.
+
+Sessions belong to a tenant, each with its own ids: the catalog key of tenant ``t``'s session
+``id`` is ``~t~id`` (the ``default`` tenant's is ``id`` itself, as before tenants existed). ``~``
+sorts after every character of an id, so a tenant's sessions are one contiguous range of keys and
+the default tenant's come before every other's.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from kvtier.engine.api import GenerationRequest, SessionInfo, check_session_id
+from kvtier.engine.api import DEFAULT_TENANT, GenerationRequest, SessionInfo, check_session_id
 from kvtier.engine.prompt import History, message_dicts
 from kvtier.errors import InvalidRequest, ModelMismatch, SessionBusy, SessionNotFound
 from kvtier.storage.catalog import SessionEntry
@@ -24,6 +29,22 @@ from kvtier.storage.tiers import Tier
 
 MISSING = "missing"
 """The ``blocks_per_tier`` key of a session's blocks that no tier holds any more."""
+_TENANT_MARK = "~"
+
+
+def session_key(tenant: str, session_id: str) -> str:
+    """The catalog key of ``tenant``'s session ``session_id`` (an id already checked)."""
+    return session_id if tenant == DEFAULT_TENANT else \
+        f"{_TENANT_MARK}{tenant}{_TENANT_MARK}{session_id}"
+
+
+def _prefix(tenant: str) -> str:
+    return "" if tenant == DEFAULT_TENANT else f"{_TENANT_MARK}{tenant}{_TENANT_MARK}"
+
+
+def session_id_of(key: str) -> str:
+    """The id a tenant knows its session by."""
+    return key.rpartition(_TENANT_MARK)[2]
 
 
 class SessionStore:
@@ -37,12 +58,13 @@ class SessionStore:
         self._busy: set[str] = set()
 
     # -- reading ---------------------------------------------------------------------------------
-    def load(self, session_id: str) -> SessionEntry | None:
-        """The stored session a request continues (None: a new one); refuses another model's."""
-        entry = self.manager.get_session(check_session_id(session_id))
+    def load(self, key: str) -> SessionEntry | None:
+        """The stored session a request continues (None: a new one), by its catalog key
+        (:func:`session_key`); refuses another model's."""
+        entry = self.manager.get_session(key)
         if entry is not None and entry.namespace != self.namespace:
-            raise ModelMismatch(f"session {session_id!r} was computed by another model or KV "
-                                "cache type")
+            raise ModelMismatch(f"session {session_id_of(key)!r} was computed by another model "
+                                "or KV cache type")
         return entry
 
     def history(self, entry: SessionEntry | None) -> History:
@@ -61,31 +83,41 @@ class SessionStore:
         for block in seq.block_ids() if seq is not None else []:
             e = self.manager.block_entry(block)
             per_tier[Tier(e.tier).label if e else MISSING] += 1
-        return SessionInfo(entry.session_id, entry.created, entry.last_used,
+        return SessionInfo(session_id_of(entry.session_id), entry.created, entry.last_used,
                            seq.n_tokens if seq is not None else 0,
                            list(entry.data.get("messages", [])), dict(per_tier),
                            entry.data.get("model", ""), entry.data.get("parent"))
 
-    def list(self, after: str = "", limit: int = 20) -> list[SessionInfo]:
-        return [self.info(e) for e in self.manager.list_sessions(after, limit)]
+    def list(self, after: str = "", limit: int = 20, tenant: str = DEFAULT_TENANT
+             ) -> list[SessionInfo]:
+        """``tenant``'s sessions in id order, from after ``after``."""
+        prefix = _prefix(tenant)
+        start = session_key(tenant, check_session_id(after)) if after else prefix
+        entries = self.manager.list_sessions(start, limit)
+        return [self.info(e) for e in entries if e.session_id.startswith(prefix)
+                and (prefix or not e.session_id.startswith(_TENANT_MARK))]
 
-    def get(self, session_id: str) -> SessionInfo:
-        return self.info(self._existing(session_id))
+    def get(self, session_id: str, tenant: str = DEFAULT_TENANT) -> SessionInfo:
+        return self.info(self._existing(session_key(tenant, check_session_id(session_id))))
 
     # -- changing --------------------------------------------------------------------------------
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str, tenant: str = DEFAULT_TENANT) -> None:
         """Forget the session; blocks that nothing else names are freed."""
+        key = session_key(tenant, check_session_id(session_id))
         with self._lock:
-            if session_id in self._busy:
+            if key in self._busy:
                 raise SessionBusy(f"session {session_id!r} is generating a reply")
-        if not self.manager.delete_session(check_session_id(session_id)):
+        if not self.manager.delete_session(key):
             raise SessionNotFound(f"no session {session_id!r}")
 
-    def fork(self, session_id: str, new_id: str | None = None) -> SessionInfo:
-        """A new session with the same history; the two share every stored block."""
-        entry = self._existing(session_id)
+    def fork(self, session_id: str, new_id: str | None = None,
+             tenant: str = DEFAULT_TENANT) -> SessionInfo:
+        """A new session of the same tenant with the same history; the two share every stored
+        block."""
+        entry = self._existing(session_key(tenant, check_session_id(session_id)))
         new_id = check_session_id(new_id) if new_id else uuid.uuid4().hex
-        if self.manager.get_session(new_id) is not None:
+        new_key = session_key(tenant, new_id)
+        if self.manager.get_session(new_key) is not None:
             raise InvalidRequest(f"session {new_id!r} already exists", "new_id")
         ns = Namespace(entry.namespace)
         seq = self.manager.get_sequence(ns, entry.sequence)
@@ -95,13 +127,14 @@ class SessionStore:
                                        seq.block_ids())
         now = time.time()
         data = dict(entry.data, parent=session_id)
-        self.manager.put_session(SessionEntry(new_id, entry.namespace, new_seq, now, now, data))
-        return self.get(new_id)
+        self.manager.put_session(SessionEntry(new_key, entry.namespace, new_seq, now, now, data))
+        return self.info(self._existing(new_key))
 
-    def save_turn(self, session_id: str, previous: SessionEntry | None,
+    def save_turn(self, key: str, previous: SessionEntry | None,
                   request: GenerationRequest, reply: str, text: str, seq_id: int) -> None:
         """Record one request and its reply: the messages, the conversation's rendered ``text``
-        (its special tokens included) and the stored sequence now holding its KV."""
+        (its special tokens included) and the stored sequence now holding its KV; ``key`` is
+        the session's catalog key."""
         now = time.time()
         messages = list(previous.data.get("messages", [])) if previous else []
         if request.messages is not None:
@@ -112,23 +145,26 @@ class SessionStore:
             messages.append({"role": "completion", "content": reply})
         data = dict(previous.data) if previous else {}
         data.update(messages=messages, text=text, model=self.model_name)
-        self.manager.put_session(SessionEntry(session_id, self.namespace, seq_id,
+        self.manager.put_session(SessionEntry(key, self.namespace, seq_id,
                                               previous.created if previous else now, now, data))
 
     # -- one reply at a time ---------------------------------------------------------------------
-    def claim(self, session_id: str) -> None:
-        """Mark the session as generating; :class:`SessionBusy` if it already is."""
+    def claim(self, key: str) -> None:
+        """Mark the session (by catalog key) as generating; :class:`SessionBusy` if it already
+        is."""
         with self._lock:
-            if session_id in self._busy:
-                raise SessionBusy(f"session {session_id!r} is already generating a reply")
-            self._busy.add(session_id)
+            if key in self._busy:
+                raise SessionBusy(f"session {session_id_of(key)!r} is already generating a "
+                                  "reply")
+            self._busy.add(key)
 
-    def release(self, session_id: str) -> None:
+    def release(self, key: str) -> None:
         with self._lock:
-            self._busy.discard(session_id)
+            self._busy.discard(key)
 
-    def _existing(self, session_id: str) -> SessionEntry:
-        entry = self.manager.get_session(check_session_id(session_id))
+    def _existing(self, key: str) -> SessionEntry:
+        """The session stored under ``key``; another tenant's is not found under it."""
+        entry = self.manager.get_session(key)
         if entry is None:
-            raise SessionNotFound(f"no session {session_id!r}")
+            raise SessionNotFound(f"no session {session_id_of(key)!r}")
         return entry

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvtier.engine.api import DEFAULT_TENANT
+
 
 @dataclass(frozen=True, slots=True)
 class SessionOwner:
@@ -49,6 +51,8 @@ class Slot:
     last_used: float = 0.0
     owner: SlotOwner | None = None
     """Whose conversation is resident here (None: nothing, or KV that nobody owns yet)."""
+    tenant: str = DEFAULT_TENANT
+    """The tenant whose KV the slot holds: another tenant's request reuses none of it."""
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -60,19 +64,22 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
-def reuse_gain(slot: Slot, prompt: np.ndarray, stored: int = 0) -> int:
-    """Tokens a request for ``prompt`` keeps by taking ``slot``, less the tokens it throws away.
+def reuse_gain(slot: Slot, prompt: np.ndarray, stored: int = 0,
+               tenant: str = DEFAULT_TENANT) -> int:
+    """Tokens a request of ``tenant`` for ``prompt`` keeps by taking ``slot``, less the tokens it
+    throws away (all of them, if the slot holds another tenant's KV).
 
     The slot keeps its common prefix with the prompt, unless the store holds a longer one
     (``stored``), which is restored over the slot's whole sequence; everything else it holds is
     thrown away. Thrown-away KV is in the store, but its conversation pays a restore to come back.
     """
-    prefix = common_prefix(slot.tokens, prompt)
+    prefix = common_prefix(slot.tokens, prompt) if slot.tenant == tenant else 0
     kept = prefix if prefix >= stored else 0
     return kept - (len(slot.tokens) - kept)
 
 
-def choose_slot(slots: Sequence[Slot], prompt: np.ndarray, stored: int = 0) -> Slot | None:
+def choose_slot(slots: Sequence[Slot], prompt: np.ndarray, stored: int = 0,
+                tenant: str = DEFAULT_TENANT) -> Slot | None:
     """The idle slot for a request whose ``prompt`` has a prefix of ``stored`` tokens in the
     store; None when every slot is busy.
 
@@ -87,7 +94,7 @@ def choose_slot(slots: Sequence[Slot], prompt: np.ndarray, stored: int = 0) -> S
     idle = [s for s in slots if not s.busy]
     if not idle:
         return None
-    gains = {s.index: reuse_gain(s, prompt, stored) for s in idle}
+    gains = {s.index: reuse_gain(s, prompt, stored, tenant) for s in idle}
     keeping = [s for s in idle if gains[s.index] >= 0]
     if keeping:
         return max(keeping, key=lambda s: (gains[s.index], -s.last_used))

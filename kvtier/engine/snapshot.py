@@ -240,14 +240,16 @@ class Snapshotter:
         return buffer, size, time.perf_counter() - start
 
     # -- restore ---------------------------------------------------------------------------------
-    def plan(self, tokens: np.ndarray, sequence: SequenceEntry | None = None) -> RestorePlan:
+    def plan(self, tokens: np.ndarray, sequence: SequenceEntry | None = None,
+             any_tail: bool = True) -> RestorePlan:
         """The longest stored prefix of ``tokens``: shared full blocks, then a partial tail
-        whose tokens continue them: ``sequence``'s own (a session's), else any stored one."""
+        whose tokens continue them: ``sequence``'s own (a session's), else (``any_tail``) any
+        stored one."""
         bs = self.block_size
         blocks = self.manager.match_prefix(self.namespace, tokens, bs)
         n = len(blocks) * bs
         tail = self._own_tail(tokens, n, sequence) if sequence is not None else None
-        if tail is None:
+        if tail is None and any_tail:
             tail = self._stored_tail(tokens, blocks)
         if tail is not None:
             entry = self.manager.block_entry(tail)

@@ -3,27 +3,34 @@
 Handlers parse requests with the models of :mod:`kvtier.http.schemas`, answer with those of
 :mod:`kvtier.http.responses`, talk to the engine only through its boundary types, and let typed
 errors fly: one middleware turns every exception into OpenAI error JSON.
-Generation runs on the engine's thread; store work (sessions, stats, metrics) runs in the default
-executor, so the event loop never waits on llama.cpp or disk.
+Generation runs on the engine's thread; preparing a request (reading its session, tokenizing its
+prompt) runs in the prepare executor, store work (sessions, stats, metrics) in the default
+executor, so the event loop never waits on llama.cpp or disk, and /health, which answers from
+statistics refreshed in the background, never waits on either.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from kvtier.config import ServerConfig
+from kvtier.engine.api import DEFAULT_TENANT
 from kvtier.errors import ModelNotFound
 from kvtier.http import responses as r
 from kvtier.http import schemas as s
-from kvtier.http.common import (CLIENT_GONE, STATE, STATUS, USAGE, ServerState, json_response,
-                                read_json)
+from kvtier.http.auth import ApiKeys
+from kvtier.http.common import (CLIENT_GONE, STATE, STATUS, TENANT, USAGE, ServerState,
+                                json_response, read_json)
+from kvtier.http.cors import Cors
 from kvtier.http.errors import Unauthorized, error_response
 from kvtier.http.generation import chat_completions, completions
 from kvtier.http.metrics import CONTENT_TYPE, Metrics
@@ -62,19 +69,21 @@ async def get_model(request: web.Request) -> web.Response:
 async def list_sessions(request: web.Request) -> web.Response:
     query = s.session_list_query(request.query)
     infos = await asyncio.to_thread(request.app[STATE].engine.list_sessions,
-                                    query.after or "", query.limit + 1)
+                                    query.after or "", query.limit + 1, request[TENANT])
     return json_response(r.SessionList.page(infos, query.limit))
 
 
 async def get_session(request: web.Request) -> web.Response:
     session_id = _session_param(request)
-    info = await asyncio.to_thread(request.app[STATE].engine.get_session, session_id)
+    info = await asyncio.to_thread(request.app[STATE].engine.get_session, session_id,
+                                   request[TENANT])
     return json_response(r.Session.of(info))
 
 
 async def delete_session(request: web.Request) -> web.Response:
     session_id = _session_param(request)
-    await asyncio.to_thread(request.app[STATE].engine.delete_session, session_id)
+    await asyncio.to_thread(request.app[STATE].engine.delete_session, session_id,
+                            request[TENANT])
     return json_response(r.SessionDeleted(id=session_id))
 
 
@@ -82,7 +91,7 @@ async def fork_session(request: web.Request) -> web.Response:
     session_id = _session_param(request)
     body = s.parse(s.ForkSessionRequest, await read_json(request, required=False))
     info = await asyncio.to_thread(request.app[STATE].engine.fork_session, session_id,
-                                   body.new_id)
+                                   body.new_id, request[TENANT])
     return json_response(r.Session.of(info))
 
 
@@ -93,9 +102,9 @@ async def cache_stats(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    stats = await asyncio.to_thread(state.engine.cache_stats)
-    return json_response(r.Health.of(stats, state.engine.model_name, state.closing),
-                 status=503 if state.closing else 200)
+    assert state.stats is not None  # read once before the server listens
+    return json_response(r.Health.of(state.stats, state.engine.model_name, state.closing),
+                         status=503 if state.closing else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -115,10 +124,13 @@ _GEN_ERRORS = {
     404: "Unknown model or session.",
     409: "The session is already generating a reply (code session_busy), or its KV belongs to "
          "another model (code model_mismatch).",
-    429: "The queue is full; retry after Retry-After seconds.",
+    408: "The body did not arrive within server.read_timeout_s of its headers.",
+    429: "The queue is full (or too many requests wait to be tokenized); retry after "
+         "Retry-After seconds.",
     503: "The server is shutting down.",
 }
-_SESSION_ERRORS = {400: "Invalid session id.", 404: "No session has this id."}
+_SESSION_ERRORS = {400: "Invalid session id.",
+                   404: "No session of the caller's tenant has this id."}
 _SESSION_HEADERS = {"X-Session-Id": s.SessionId}
 
 ROUTES: list[Route] = [
@@ -211,12 +223,15 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Names the request's tenant from its key (when keys are configured)."""
     state = request.app[STATE]
-    if state.api_key and request.path not in state.public_paths:
+    tenant: str | None = DEFAULT_TENANT
+    if state.keys.required and request.path not in state.public_paths:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), state.api_key.encode()):
+        tenant = state.keys.tenant_of(token.strip()) if scheme.lower() == "bearer" else None
+        if tenant is None:
             raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
+    request[TENANT] = tenant
     return await handler(request)
 
 
@@ -230,18 +245,55 @@ def openapi_document(auth: bool) -> dict[str, Any]:
     return build_openapi(ROUTES, version, auth)
 
 
-def create_app(engine: Engine, api_key: str = "", max_body_bytes: int = 8 * 1024**2
-               ) -> web.Application:
+def create_app(engine: Engine, keys: ApiKeys | None = None,
+               server: ServerConfig | None = None) -> web.Application:
     """The application for ``engine``; the caller owns the engine and closes it."""
-    app = web.Application(middlewares=[observe, errors, authenticate],
-                          client_max_size=max_body_bytes)
-    state = ServerState(engine=engine, metrics=Metrics(engine.cache_stats), api_key=api_key,
-                        public_paths=frozenset(route.path for route in ROUTES if route.public))
-    state.openapi = json.dumps(openapi_document(bool(api_key))).encode()
+    server = server or ServerConfig()
+    keys = keys or ApiKeys({})
+    cors = Cors(tuple(server.cors_origins))
+    app = web.Application(middlewares=[observe, errors, cors.preflight, authenticate],
+                          client_max_size=server.max_body_bytes)
+    state = ServerState(engine=engine, metrics=Metrics(engine.cache_stats), keys=keys,
+                        public_paths=frozenset(route.path for route in ROUTES if route.public),
+                        read_timeout_s=server.read_timeout_s,
+                        max_preparing=server.prepare_threads + server.max_queue)
+    state.openapi = json.dumps(openapi_document(keys.required)).encode()
     app[STATE] = state
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    app.on_response_prepare.append(cors.headers)
+    app.cleanup_ctx.append(_background(server.prepare_threads))
     return app
+
+
+STATS_REFRESH_S = 1.0
+"""How often /health's statistics are read again."""
+
+
+def _background(prepare_threads: int) -> Any:
+    """The prepare executor and the task that keeps /health's statistics fresh."""
+
+    async def context(app: web.Application) -> Any:
+        state = app[STATE]
+        state.prepare = ThreadPoolExecutor(prepare_threads, thread_name_prefix="kvtier-prepare")
+        state.stats = await asyncio.to_thread(state.engine.cache_stats)
+        task = asyncio.create_task(_refresh_stats(state))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        state.prepare.shutdown(wait=False, cancel_futures=True)
+
+    return context
+
+
+async def _refresh_stats(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(STATS_REFRESH_S)
+        try:
+            state.stats = await asyncio.to_thread(state.engine.cache_stats)
+        except Exception:  # /health keeps the last statistics; the next round tries again
+            log.exception("reading the cache statistics failed")
 
 
 async def drain(app: web.Application, grace_s: float) -> None:

@@ -64,7 +64,8 @@ ERROR_KINDS: dict[type[BaseException], ErrorKind] = {
 _INTERNAL = ErrorKind(500, "server_error", "internal_error")
 
 # aiohttp's own HTTP exceptions (unknown route, wrong method, body too large, ...).
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+               413: "request_too_large"}
 
 
 def kind_of(exc: BaseException) -> ErrorKind:

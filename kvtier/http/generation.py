@@ -20,11 +20,12 @@ from aiohttp import web
 from kvtier.engine.api import Finished, GenerationRequest, TokenEvent
 from kvtier.http import responses as r
 from kvtier.http import schemas as s
-from kvtier.http.common import CLIENT_GONE, STATE, STATUS, USAGE, json_response, read_json
+from kvtier.errors import Overloaded
+from kvtier.http.common import (CLIENT_GONE, STATE, STATUS, TENANT, USAGE, ServerState,
+                                json_response, read_json)
 from kvtier.http.errors import Interrupted, ShuttingDown, error_body, error_payload
 
 if TYPE_CHECKING:
-    from kvtier.engine.engine import Engine
     from kvtier.engine.handle import GenerationHandle
 
 log = logging.getLogger("kvtier.http")
@@ -33,15 +34,28 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
                 "X-Accel-Buffering": "no"}
 
 
-async def _submit(engine: Engine, gen: GenerationRequest) -> GenerationHandle:
-    """``engine.submit`` off the loop: it reads the session from the store and tokenizes."""
+async def _submit(state: ServerState, gen: GenerationRequest) -> GenerationHandle:
+    """``engine.submit`` off the loop, in the prepare executor: it reads the session from the
+    store and tokenizes. Too many waiting there already: 429."""
+    if state.preparing >= state.max_preparing:
+        raise Overloaded(f"{state.preparing} requests are waiting to be tokenized")
+    if gen.session_id is not None:
+        # Waiting for the session's previous turn to be stored is store work: not on one of
+        # the few prepare threads, which it could hold for seconds.
+        await asyncio.to_thread(state.engine.wait_session_stored, gen.session_id, gen.tenant)
     loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(None, engine.submit, gen, loop)
+    state.preparing += 1
+    future = loop.run_in_executor(state.prepare, state.engine.submit, gen, loop)
+    future.add_done_callback(lambda _: _prepared(state))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         future.add_done_callback(_cancel_orphan)  # the client left while we were submitting
         raise
+
+
+def _prepared(state: ServerState) -> None:
+    state.preparing -= 1
 
 
 def _cancel_orphan(future: asyncio.Future[GenerationHandle]) -> None:
@@ -59,7 +73,7 @@ async def _generate(request: web.Request, parsed: s.ParsedGeneration, chat: bool
     started = time.monotonic()
     log.debug("%s %s session=%s sampling=%s", gen.request_id, request.path, gen.session_id,
               gen.sampling)
-    handle = await _submit(engine, gen)
+    handle = await _submit(state, gen)
     state.handles.add(handle)
     finished: Finished | None = None
     try:
@@ -148,12 +162,12 @@ async def _stream(request: web.Request, reply: r.Reply, first: TokenEvent | Fini
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     parsed = s.parse_chat(body, request.headers.get("X-Session-Id"),
-                          f"chatcmpl-{uuid.uuid4().hex}")
+                          f"chatcmpl-{uuid.uuid4().hex}", request[TENANT])
     return await _generate(request, parsed, chat=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     parsed = s.parse_completion(body, request.headers.get("X-Session-Id"),
-                                f"cmpl-{uuid.uuid4().hex}")
+                                f"cmpl-{uuid.uuid4().hex}", request[TENANT])
     return await _generate(request, parsed, chat=False)

@@ -18,8 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, \
-    ValidatorFunctionWrapHandler, WrapValidator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, \
+    TypeAdapter, ValidationError, ValidatorFunctionWrapHandler, WrapValidator, model_validator
+from pydantic_core import PydanticCustomError
 
 from kvtier.engine import api
 from kvtier.errors import InvalidRequest
@@ -52,13 +53,36 @@ def _a_boolean(value: Any) -> Any:
 Boolean = BeforeValidator(_a_boolean)
 
 
+_INVALID_UNICODE = "invalid_unicode"
+
+
+def _utf8(value: str) -> str:
+    # JSON may escape a lone surrogate ("\\ud800"): such a str has no UTF-8 form to tokenize.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            _INVALID_UNICODE, "contains a lone surrogate (U+{code}) at character {at}; text "
+            "must be valid Unicode", {"code": f"{ord(value[exc.start]):04X}",
+                                      "at": exc.start}) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+"""A string the model can read: valid Unicode, so it has a UTF-8 form (no lone surrogates)."""
+
+
 def Explained(message: str) -> WrapValidator:
     """Any error of the value becomes ``message``: one sentence instead of a union's branches."""
 
     def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         try:
             return handler(value)
-        except ValidationError:
+        except ValidationError as exc:
+            # Invalid text inside an accepted shape says so, not what shapes are accepted.
+            for error in exc.errors():
+                if error["type"] == _INVALID_UNICODE:
+                    raise PydanticCustomError(_INVALID_UNICODE, error["msg"]) from None
             raise ValueError(message) from None
 
     return WrapValidator(check)
@@ -101,13 +125,13 @@ _SESSION_ID = TypeAdapter(SessionId)
 class TextContentPart(_Request):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     """'developer' is treated as 'system'."""
-    content: Annotated[str | list[TextContentPart],
+    content: Annotated[Text | list[TextContentPart],
                        Explained("must be a string or an array of text parts")] = ""
     name: str | None = None
 
@@ -121,7 +145,7 @@ class ResponseFormat(_Request):
                     Explained("only the 'text' response format is supported")]
 
 
-_StopString = Annotated[str, Field(min_length=1)]
+_StopString = Annotated[Text, Field(min_length=1)]
 
 
 class _Generation(_Request):
@@ -168,7 +192,7 @@ class ChatCompletionRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: Annotated[str | Annotated[list[str], Field(min_length=1, max_length=1)],
+    prompt: Annotated[Text | Annotated[list[Text], Field(min_length=1, max_length=1)],
                       Explained("must be a string or an array of one string")]
     max_tokens: Annotated[int, Field(ge=1, le=_MAX_TOKENS_LIMIT), Integral] = 16
     echo: Annotated[Literal[False], Boolean, Explained("echo is not supported")] = False
@@ -248,28 +272,30 @@ def _session_id(body: _Generation, header_session_id: str | None) -> str | None:
 
 
 def _generation(body: _Generation, header_session_id: str | None, request_id: str,
-                max_tokens: int | None, **prompt: Any) -> ParsedGeneration:
+                tenant: str, max_tokens: int | None, **prompt: Any) -> ParsedGeneration:
     return ParsedGeneration(
         api.GenerationRequest(sampling=_sampling(body, max_tokens),
                               session_id=_session_id(body, header_session_id),
-                              model=body.model, request_id=request_id, **prompt),
+                              model=body.model, request_id=request_id, tenant=tenant, **prompt),
         stream=body.stream, include_usage=body.stream_options.include_usage)
 
 
-def parse_chat(body: Any, header_session_id: str | None, request_id: str) -> ParsedGeneration:
-    """A chat completion body as the engine's request."""
+def parse_chat(body: Any, header_session_id: str | None, request_id: str,
+               tenant: str = api.DEFAULT_TENANT) -> ParsedGeneration:
+    """A chat completion body as ``tenant``'s request to the engine."""
     chat = parse(ChatCompletionRequest, body)
     messages = tuple(api.ChatMessage("system" if m.role == "developer" else m.role, _content(m))
                      for m in chat.messages)
     max_tokens = chat.max_completion_tokens if chat.max_completion_tokens is not None \
         else chat.max_tokens
-    return _generation(chat, header_session_id, request_id, max_tokens, messages=messages)
+    return _generation(chat, header_session_id, request_id, tenant, max_tokens,
+                       messages=messages)
 
 
-def parse_completion(body: Any, header_session_id: str | None, request_id: str
-                     ) -> ParsedGeneration:
-    """A text completion body as the engine's request."""
+def parse_completion(body: Any, header_session_id: str | None, request_id: str,
+                     tenant: str = api.DEFAULT_TENANT) -> ParsedGeneration:
+    """A text completion body as ``tenant``'s request to the engine."""
     completion = parse(CompletionRequest, body)
     prompt = completion.prompt if isinstance(completion.prompt, str) else completion.prompt[0]
-    return _generation(completion, header_session_id, request_id, completion.max_tokens,
-                       prompt=prompt)
+    return _generation(completion, header_session_id, request_id, tenant,
+                       completion.max_tokens, prompt=prompt)

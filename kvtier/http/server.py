@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -14,19 +13,12 @@ from aiohttp import web
 from kvtier.config import Config
 from kvtier.errors import ConfigError
 from kvtier.http.app import create_app, drain
+from kvtier.http.auth import api_keys_of
 
 if TYPE_CHECKING:
     from kvtier.engine.engine import Engine
 
 log = logging.getLogger("kvtier.http")
-
-API_KEY_ENV = "KVTIER_API_KEY"
-
-
-def api_key_of(config: Config) -> str:
-    """``server.api_key`` (also set by ``--api-key``), else the KVTIER_API_KEY variable."""
-    return config.server.api_key or os.environ.get(API_KEY_ENV, "")
-
 
 async def run(config: Config, stop: asyncio.Event, engine: Engine | None = None,
               on_ready: Callable[[str], None] | None = None) -> None:
@@ -35,17 +27,21 @@ async def run(config: Config, stop: asyncio.Event, engine: Engine | None = None,
     ``on_ready`` gets the base URL once the socket listens.
     """
     own_engine = engine is None
+    keys = api_keys_of(config)  # a bad keys file stops the server before the model loads
     if engine is None:
         from kvtier.engine.engine import Engine
         engine = await asyncio.to_thread(Engine, config)
     try:
         if stop.is_set():
             return
-        app = create_app(engine, api_key_of(config), config.server.max_body_bytes)
+        app = create_app(engine, keys, config.server)
         # handler_cancellation: a client that disconnects cancels its handler, which cancels
-        # the generation. The access log is written by the app's own middleware.
+        # the generation. The access log is written by the app's own middleware. aiohttp
+        # closes a connection still waiting for a whole request's headers after
+        # keepalive_timeout, from when it opened or its last response: the header read timeout.
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=config.server.shutdown_grace_s)
+                               shutdown_timeout=config.server.shutdown_grace_s,
+                               keepalive_timeout=config.server.read_timeout_s)
         await runner.setup()
         try:
             host, _, port = config.server.listen.rpartition(":")

@@ -96,3 +96,14 @@ def test_busy_slots_are_never_chosen():
     slots = [Slot(0, tokens(1, 2, 3), busy=True), Slot(1, tokens(4))]
     assert choose_slot(slots, tokens(1, 2, 3)).index == 1
     assert choose_slot([Slot(0, busy=True)], tokens(1)) is None
+
+
+def test_another_tenants_slot_keeps_nothing():
+    """Issue 12: a prefix another tenant's slot holds is never reused (it would be a
+    token-granular oracle of that tenant's prompt); the request takes the empty slot."""
+    turn = np.arange(300, dtype=np.int32)
+    prompt = np.concatenate([turn, tokens(7, 8)])
+    slots = [Slot(0, turn, last_used=2.0, tenant="alice"), Slot(1, last_used=1.0)]
+    assert reuse_gain(slots[0], prompt, tenant="bob") == -300
+    assert choose_slot(slots, prompt, tenant="bob").index == 1
+    assert choose_slot(slots, prompt, tenant="alice").index == 0

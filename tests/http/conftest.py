@@ -49,6 +49,8 @@ class Server:
     """Base URL, e.g. http://127.0.0.1:PORT"""
     api_key: str
     config: Config
+    loop: asyncio.AbstractEventLoop | None = None
+    """The server's event loop (it runs in a thread of this process)."""
 
     @property
     def v1(self) -> str:
@@ -109,7 +111,7 @@ def running_server(config: Config, api_key: str = "") -> Iterator[Server]:
     if "error" in box or "url" not in box:
         raise RuntimeError(f"the server did not start: {box.get('error')!r}")
     try:
-        yield Server(box["url"], api_key, config)
+        yield Server(box["url"], api_key, config, box["loop"])
     finally:
         box["loop"].call_soon_threadsafe(box["stop"].set)
         thread.join(60)

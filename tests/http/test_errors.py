@@ -109,6 +109,23 @@ CASES: list[tuple[str, str, str, Any, dict[str, str], int, str, str | None, str 
     ("list-after-bad", "GET", "/v1/sessions?after=%00", None, {}, 400, INVALID, None, "after"),
     ("model-missing", "GET", "/v1/models/gpt-4o", None, {}, 404, INVALID, "model_not_found",
      None),
+    # A lone surrogate is valid JSON but has no UTF-8 form (issue 12: it was a 500).
+    ("surrogate-content", "POST", CHAT, (b'{"messages": [{"role": "user", "content": '
+                                         b'"a\\ud800"}]}'), {}, 400, INVALID, None,
+     "messages[0].content"),
+    ("surrogate-content-part", "POST", CHAT, (b'{"messages": [{"role": "user", "content": '
+                                              b'[{"type": "text", "text": "\\udfff"}]}]}'),
+     {}, 400, INVALID, None, "messages[0].content"),
+    ("surrogate-second-message", "POST", CHAT, (b'{"messages": [{"role": "system", "content": '
+                                                b'"ok"}, {"role": "user", "content": '
+                                                b'"\\ud83d"}]}'), {}, 400, INVALID, None,
+     "messages[1].content"),
+    ("surrogate-prompt", "POST", COMPLETIONS, b'{"prompt": "\\ud800x"}', {}, 400, INVALID,
+     None, "prompt"),
+    ("surrogate-prompt-array", "POST", COMPLETIONS, b'{"prompt": ["\\ud800"]}', {}, 400,
+     INVALID, None, "prompt"),
+    ("surrogate-stop", "POST", COMPLETIONS, b'{"prompt": "a", "stop": "\\ud800"}', {}, 400,
+     INVALID, None, "stop"),
 ]
 
 
