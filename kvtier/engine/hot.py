@@ -24,7 +24,7 @@ from kvtier.engine.model import Model
 from kvtier.engine.query_capture import QueryCapture
 from kvtier.engine.sizing import HotSizing, hot_sizing
 from kvtier.engine.slots import Slot
-from kvtier.errors import KvtierError, StateRejected
+from kvtier.errors import ConfigError, KvtierError, StateRejected
 from kvtier.ggml import CACHE_TYPES
 
 FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -53,6 +53,13 @@ class HotContext:
                  layer_stride: int = 1) -> None:
         self.model = model
         self.sizing = sizing
+        if model.n_swa and sizing.context_size > sizing.slot_tokens:
+            raise ConfigError("model.context_size",
+                              f"is {sizing.context_size} tokens, more than a slot's hot share of "
+                              f"{sizing.slot_tokens}: a working set moves blocks between "
+                              f"positions, which a sliding-window model ({model.name}, window "
+                              f"{model.n_swa}) cannot do; lower model.context_size or raise "
+                              f"tiers.gpu_vram_budget")
         self.n_slots = cfg.n_slots
         self.n_batch = cfg.n_batch
         self.scratch = sizing.scratch_seq
@@ -101,6 +108,17 @@ class HotContext:
         if not llama_cpp.llama_memory_seq_rm(self.memory, slot.index, keep, -1):
             raise KvtierError(f"llama.cpp could not trim slot {slot.index} to {keep} tokens")
         slot.tokens = slot.tokens[:keep]
+
+    def reusable(self, slot: Slot, keep: int) -> int:
+        """How many of the first ``keep`` tokens a slot holds can be kept for a next token at
+        position ``keep``: all of them, or none on a sliding-window model whose window cache no
+        longer holds the positions that token sees (llama.cpp reuses the window's masked cells,
+        so a branch from an older point of the conversation finds them gone)."""
+        n_swa = self.model.n_swa
+        if not n_swa or keep == 0:
+            return keep
+        oldest = llama_cpp.llama_memory_seq_pos_min(self.memory, slot.index)
+        return keep if 0 <= oldest <= max(0, keep - n_swa + 1) else 0
 
     def clear(self, slot: Slot) -> None:
         """Free all of a slot's cells; it then holds nothing and belongs to nobody."""

@@ -33,11 +33,12 @@ from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.slots import Slot
 from kvtier.engine.store_writer import (BlockWrite, SequenceWrite, StoreJob, StoreWriter,
                                         write_blocks)
-from kvtier.errors import KvtierError, StateRejected
+from kvtier.errors import KvtierError, StateRejected, UnsupportedLayout
 from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.reads import RowTargets, decode_threads
-from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
+from kvtier.storage.records import (BlockId, ChainHash, LayerKV, Namespace, TensorRows,
+                                    chain_hash)
 from kvtier.storage.tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,18 @@ class Snapshotter:
         self.writer = writer
         """Where :meth:`prepare`'s jobs go; its pending ids and chains are taken into account."""
         self.restore_chunk_bytes = restore_chunk_bytes
+        refusal = hot.model.store_refusal()
+        if refusal is not None:
+            raise UnsupportedLayout(
+                f"{hot.model.name} ({hot.model.architecture}) cannot be served by kvtier: "
+                f"{refusal}. kvtier stores and restores attention KV blocks only; serve this "
+                f"model without a KV store, e.g. with llama.cpp's llama-server or "
+                f"`python -m llama_cpp.server --model {hot.model.path}`")
         self.layout = state_codec.layout_of(hot.ptr)
+        self._window: tuple[int, int] | None = None
+        """(first layer, n_swa) of the sliding-window cache, for models that have one."""
+        if hot.model.n_swa > 0 and len(self.layout.caches) == 2:
+            self._window = (self.layout.caches[0].n_layer, hot.model.n_swa)
         registrar = CudaRegistrar.find()
         self.restore_buffers = BufferPool(sys.maxsize, registrar, "restore buffers")
         """Blobs of restores: two at most (one written while the next decodes), kept for reuse."""
@@ -435,6 +447,8 @@ class Snapshotter:
                 log.warning("restore stops at block %d of %d: %s", j, len(blocks), result)
                 break
             loaded.append((j, result))
+        if self._window is not None:
+            loaded = self._fit_window(loaded)
         if not loaded:
             return 0
         blob = state_codec.compose(self.layout, slot.index,
@@ -442,3 +456,25 @@ class Snapshotter:
                                    self.block_size)
         state_codec.write_state(self.hot.ptr, slot.index, blob)
         return len(loaded)
+
+    def _fit_window(self, loaded: list[tuple[int, list[LayerKV]]]
+                    ) -> list[tuple[int, list[LayerKV]]]:
+        """The leading blocks that restore exactly on a sliding-window model, with only the
+        window rows their restore needs (see :mod:`.state_codec.window`)."""
+        base, n_swa = self._window
+        bs = self.block_size
+        spans = [state_codec.BlockSpan(j * bs, j * bs + layers[0].n_tokens, layers[base].n_tokens)
+                 for j, layers in loaded]
+        k = state_codec.exact_blocks(spans, n_swa)
+        if k < len(loaded):
+            log.info("sliding window: %d of %d stored blocks restore exactly (the store lacks "
+                     "window rows the rest need); the rest is recomputed", k, len(loaded))
+        fitted = []
+        for (j, layers), drop in zip(loaded[:k], state_codec.rows_to_drop(spans[:k], n_swa)):
+            if drop:
+                layers = layers[:base] + [
+                    LayerKV(TensorRows(kv.k.ggml_type, kv.k.rows[drop:]),
+                            TensorRows(kv.v.ggml_type, kv.v.rows[drop:]))
+                    for kv in layers[base:]]
+            fitted.append((j, layers))
+        return fitted

@@ -10,7 +10,9 @@ from kvtier.engine.state_codec.context import layout_of, read_state, write_state
 from kvtier.engine.state_codec.layout import (STATE_MAGIC, VERIFIED_LLAMA_CPP_PYTHON, CacheCells,
                                               CacheLayout, SequenceState, StateLayout, stream_of)
 from kvtier.engine.state_codec.parse import parse, split_blocks
+from kvtier.engine.state_codec.window import BlockSpan, exact_blocks, rows_to_drop
 
-__all__ = ["STATE_MAGIC", "VERIFIED_LLAMA_CPP_PYTHON", "CacheCells", "CacheLayout",
-           "ComposedState", "SequenceState", "StateLayout", "allocate", "compose", "layout_of",
-           "parse", "read_state", "split_blocks", "stream_of", "write_state"]
+__all__ = ["STATE_MAGIC", "VERIFIED_LLAMA_CPP_PYTHON", "BlockSpan", "CacheCells", "CacheLayout",
+           "ComposedState", "SequenceState", "StateLayout", "allocate", "compose", "exact_blocks",
+           "layout_of", "parse", "read_state", "rows_to_drop", "split_blocks", "stream_of",
+           "write_state"]
