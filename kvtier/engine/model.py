@@ -15,7 +15,7 @@ import numpy as np
 import xxhash
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from kvtier.errors import InvalidRequest, KvtierError
+from kvtier.errors import InvalidRequest, KvtierError, UnsupportedLayout
 from kvtier.ggml import CACHE_TYPES
 from kvtier.storage.records import Namespace, namespace_of
 
@@ -163,6 +163,14 @@ class Model:
         self.chat_template = "the GGUF's own" if template else \
             BUILTIN_TEMPLATES.get(self.architecture, "chatml")
         """Which chat template renders chats: the GGUF's own, else a llama.cpp built-in name."""
+        refusal = self.store_refusal()
+        if refusal is not None:
+            self.close()
+            raise UnsupportedLayout(
+                f"{self.name} ({self.architecture}) cannot be served by kvtier: {refusal}. "
+                f"kvtier stores and restores attention KV blocks only; serve this model without "
+                f"a KV store, e.g. with llama.cpp's llama-server or "
+                f"`python -m llama_cpp.server --model {self.path}`")
         if not template:
             log.info("%s has no chat template; chats use llama.cpp's built-in %r template",
                      self.name, self.chat_template)

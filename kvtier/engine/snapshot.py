@@ -33,7 +33,7 @@ from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.slots import Slot
 from kvtier.engine.store_writer import (BlockWrite, SequenceWrite, StoreJob, StoreWriter,
                                         write_blocks)
-from kvtier.errors import KvtierError, StateRejected, UnsupportedLayout
+from kvtier.errors import KvtierError, StateRejected
 from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.reads import RowTargets, decode_threads
@@ -111,13 +111,6 @@ class Snapshotter:
         self.writer = writer
         """Where :meth:`prepare`'s jobs go; its pending ids and chains are taken into account."""
         self.restore_chunk_bytes = restore_chunk_bytes
-        refusal = hot.model.store_refusal()
-        if refusal is not None:
-            raise UnsupportedLayout(
-                f"{hot.model.name} ({hot.model.architecture}) cannot be served by kvtier: "
-                f"{refusal}. kvtier stores and restores attention KV blocks only; serve this "
-                f"model without a KV store, e.g. with llama.cpp's llama-server or "
-                f"`python -m llama_cpp.server --model {hot.model.path}`")
         self.layout = state_codec.layout_of(hot.ptr)
         self._window: tuple[int, int] | None = None
         """(first layer, n_swa) of the sliding-window cache, for models that have one."""
