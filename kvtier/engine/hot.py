@@ -24,7 +24,7 @@ from kvtier.engine.model import Model
 from kvtier.engine.query_capture import QueryCapture
 from kvtier.engine.sizing import HotSizing, hot_sizing
 from kvtier.engine.slots import Slot
-from kvtier.errors import ConfigError, KvtierError, StateRejected
+from kvtier.errors import KvtierError, StateRejected
 from kvtier.ggml import CACHE_TYPES
 
 FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -54,12 +54,8 @@ class HotContext:
         self.model = model
         self.sizing = sizing
         if model.n_swa and sizing.context_size > sizing.slot_tokens:
-            raise ConfigError("model.context_size",
-                              f"is {sizing.context_size} tokens, more than a slot's hot share of "
-                              f"{sizing.slot_tokens}: a working set moves blocks between "
-                              f"positions, which a sliding-window model ({model.name}, window "
-                              f"{model.n_swa}) cannot do; lower model.context_size or raise "
-                              f"tiers.gpu_vram_budget")
+            raise ValueError("a sliding-window model's sizing has no working set "
+                             "(hot_sizing's sliding_window)")
         self.n_slots = cfg.n_slots
         self.n_batch = cfg.n_batch
         self.scratch = sizing.scratch_seq
@@ -72,6 +68,11 @@ class HotContext:
         params.n_ubatch = self.n_ubatch
         params.n_seq_max = cfg.n_slots + 1
         params.kv_unified = True
+        # A sliding-window model's window cache as big as the context (llama.cpp's default too):
+        # cells the window has passed stay until the room is needed, so a store reads every
+        # block's window rows and a restore lays them out as a sequence computed in place
+        # (state_codec.window says why that matters). Its memory cost: docs/models.md.
+        params.swa_full = True
         params.cb_eval = self.capture.callback
         params.cb_eval_user_data = self.capture.user_data
         threads = cfg.n_threads or _cpu_count()
@@ -97,7 +98,7 @@ class HotContext:
     def for_config(cls, model: Model, config: Config) -> HotContext:
         """The hot tier that ``config`` describes, for ``model``."""
         sizing = hot_sizing(config, model.kv_bytes_per_token(*config.model.cache_types),
-                            model.n_ctx_train)
+                            model.n_ctx_train, model.n_swa)
         return cls(model, config.model, sizing, config.working_set.query_layer_stride)
 
     # -- KV of a slot ----------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """A sliding-window model (Gemma 3 270M: a 512-position window in 15 of its 18 layers) on the real
-engine: its blocks store with empty and partly filled window layers, a session resumes after a
-restart exactly as an uninterrupted run, and a prefix whose window rows are gone is recomputed
-(and said so in ``usage``) rather than restored wrong."""
+engine: a session resumes after a restart exactly as an uninterrupted run, and a conversation
+that shares only its first blocks with a stored one restores them exactly."""
 
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ def run(data_dir: Path, model: Path, *texts: str, session: str | None = "s") -> 
 def test_a_session_resumes_after_a_restart_as_an_uninterrupted_run(tmp_path, gemma3):
     first, second = run(tmp_path / "a", gemma3, FIRST, SECOND)
     assert second.usage.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
-    assert first.usage.prompt_tokens > 768   # the 512-position window has left block 0
+    assert first.usage.prompt_tokens > 768   # the 512-position window had left block 0
 
     assert run(tmp_path / "b", gemma3, FIRST)[0].text == first.text
     resumed, = run(tmp_path / "b", gemma3, SECOND)
@@ -49,9 +48,9 @@ def test_a_session_resumes_after_a_restart_as_an_uninterrupted_run(tmp_path, gem
         == second.usage.cached_tokens
     assert resumed.usage.prefill_tokens == second.usage.prefill_tokens
 
-    # The store holds BRANCH's first two blocks, but not the window rows a restore of them needs
-    # (the window had moved on when they were stored): they are recomputed, not restored wrong.
+    # A conversation that branches off FIRST within its first blocks: they restore exactly,
+    # because the store read each block's window rows while llama.cpp still held them.
     fresh, = run(tmp_path / "c", gemma3, BRANCH, session=None)
     assert branch.text == fresh.text
-    assert branch.usage.cached_tokens == branch.usage.restored_tokens == 0
-    assert branch.usage.prefill_tokens == branch.usage.prompt_tokens
+    assert branch.usage.cached_tokens == branch.usage.restored_tokens == 512
+    assert branch.usage.prefill_tokens == branch.usage.prompt_tokens - 512

@@ -40,14 +40,25 @@ def window_start(n_tokens: int, n_swa: int) -> int:
     return max(0, n_tokens - n_swa)
 
 
+def run_start(spans: Sequence[BlockSpan]) -> int:
+    """The first position of the run of window rows that ends with the blocks' last position:
+    every position from it on has its window row stored."""
+    if not spans:
+        return 0
+    start = spans[-1].end
+    for s in reversed(spans):
+        if s.end != start or not s.window_rows:
+            break
+        start = s.end - s.window_rows
+        if start > s.start:
+            break
+    return start
+
+
 def covered(spans: Sequence[BlockSpan], n_swa: int) -> bool:
     """Whether the blocks (consecutive, from position 0) hold every window row that a restore of
     all of them needs."""
-    if not spans:
-        return True
-    first = window_start(spans[-1].end, n_swa)
-    return all(s.end - s.window_rows <= max(first, s.start)
-               for s in spans if s.end > first)
+    return not spans or run_start(spans) <= window_start(spans[-1].end, n_swa)
 
 
 def exact_blocks(spans: Sequence[BlockSpan], n_swa: int) -> int:
@@ -58,11 +69,13 @@ def exact_blocks(spans: Sequence[BlockSpan], n_swa: int) -> int:
     return 0
 
 
-def rows_to_drop(spans: Sequence[BlockSpan], n_swa: int) -> list[int]:
+def rows_to_drop(spans: Sequence[BlockSpan]) -> list[int]:
     """Per block, how many of its leading window rows a restore of all the blocks leaves out:
-    rows older than the window are masked anyway and would only take cells of llama.cpp's
-    window cache, which is sized for ``n_swa`` positions per sequence."""
-    if not spans:
-        return []
-    first = window_start(spans[-1].end, n_swa)
+    those before the run that ends with the last block (:func:`run_start`). The run's rows older
+    than the window are kept: the next token does not see them, but a sequence computed in place
+    holds them too (llama.cpp's full-size window cache keeps them until it needs the room), and
+    its flash-attention kernel sums over the cells in an order that depends on which cells are
+    there, so the same cells give the same logits (with only the window's, Gemma 3's differed by
+    up to 0.8)."""
+    first = run_start(spans)
     return [min(s.window_rows, max(0, first - (s.end - s.window_rows))) for s in spans]
