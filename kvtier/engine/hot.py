@@ -68,11 +68,12 @@ class HotContext:
         params.n_ubatch = self.n_ubatch
         params.n_seq_max = cfg.n_slots + 1
         params.kv_unified = True
-        # A sliding-window model's window cache as big as the context (llama.cpp's default too):
+        # A sliding-window model's window cache as big as the context (llama.cpp's default):
         # cells the window has passed stay until the room is needed, so a store reads every
         # block's window rows and a restore lays them out as a sequence computed in place
         # (state_codec.window says why that matters). Its memory cost: docs/models.md.
-        params.swa_full = True
+        params.swa_full = cfg.swa_full
+        self.swa_full = cfg.swa_full
         params.cb_eval = self.capture.callback
         params.cb_eval_user_data = self.capture.user_data
         threads = cfg.n_threads or _cpu_count()

@@ -508,7 +508,8 @@ class Snapshotter:
             log.info("sliding window: %d of %d stored blocks restore exactly (the store lacks "
                      "window rows the rest need); the rest is recomputed", k, len(loaded))
         fitted = []
-        for (j, layers), drop in zip(loaded[:k], state_codec.rows_to_drop(spans[:k])):
+        drops = state_codec.rows_to_drop(spans[:k], None if self.hot.swa_full else n_swa)
+        for (j, layers), drop in zip(loaded[:k], drops):
             if drop:
                 layers = layers[:base] + [
                     LayerKV(TensorRows(kv.k.ggml_type, kv.k.rows[drop:]),

@@ -529,3 +529,9 @@ def test_the_longest_exact_prefix_is_kept() -> None:
     # rows, which a restore of 4 blocks needs): 3 blocks restore exactly.
     spans = _spans((8, 8), (8, 8), (8, 8), (8, 0), (8, 8))
     assert sc.exact_blocks(spans, 12) == 3
+
+
+def test_a_window_sized_cache_gets_only_the_window() -> None:
+    spans = _spans((8, 8), (8, 8), (8, 8), (4, 4))
+    assert sc.rows_to_drop(spans, 12) == [8, 8, 0, 0]
+    assert sc.rows_to_drop(spans, 13) == [8, 7, 0, 0]

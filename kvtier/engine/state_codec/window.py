@@ -69,13 +69,17 @@ def exact_blocks(spans: Sequence[BlockSpan], n_swa: int) -> int:
     return 0
 
 
-def rows_to_drop(spans: Sequence[BlockSpan]) -> list[int]:
+def rows_to_drop(spans: Sequence[BlockSpan], n_swa: int | None = None) -> list[int]:
     """Per block, how many of its leading window rows a restore of all the blocks leaves out:
-    those before the run that ends with the last block (:func:`run_start`). The run's rows older
-    than the window are kept: the next token does not see them, but a sequence computed in place
-    holds them too (llama.cpp's full-size window cache keeps them until it needs the room), and
-    its flash-attention kernel sums over the cells in an order that depends on which cells are
-    there, so the same cells give the same logits (with only the window's, Gemma 3's differed by
-    up to 0.8)."""
+    those before the run that ends with the last block (:func:`run_start`), and with ``n_swa``
+    (a window cache sized for one window per sequence) those older than the window too.
+
+    Without ``n_swa`` the run's rows older than the window are kept: the next token does not see
+    them, but a sequence computed in place holds them too (llama.cpp's full-size window cache
+    keeps them until it needs the room), and its flash-attention kernel sums over the cells in an
+    order that depends on which cells are there, so the same cells give the same logits (with
+    only the window's, Gemma 3's differed by up to 0.8)."""
     first = run_start(spans)
+    if n_swa is not None and spans:
+        first = max(first, window_start(spans[-1].end, n_swa))
     return [min(s.window_rows, max(0, first - (s.end - s.window_rows))) for s in spans]
