@@ -73,3 +73,25 @@ def test_a_prefix_whose_window_rows_were_not_stored_is_recomputed(gemma):
     assert plan.n_tokens == 512   # two full blocks by chain hash, which need rows from 0
     assert snaps.restore(slot, plan, tokens[:600]).n_tokens == 0
     assert hot.pos_range(0) == (-1, -1)
+
+
+def test_a_slot_whose_window_cells_were_reused_keeps_no_prefix(tmp_path, gemma3):
+    """With the window-sized cache (``model.swa_full`` off) llama.cpp reuses the cells its window
+    passed: a branch from an early point of the slot's conversation cannot keep that prefix."""
+    model = Model(gemma3)
+    config = load_config(None, {"data_dir": str(tmp_path), "model.n_slots": 1,
+                                "model.context_size": 2048, "model.swa_full": False,
+                                "model.model_path": str(gemma3)})
+    hot = HotContext.for_config(model, config)
+    try:
+        tokens = model.tokenize(document_text()[10_000:30_000])[:2000]
+        prefill(hot, 0, tokens)
+        oldest, _ = hot.pos_range(0)
+        assert oldest > 600 - model.n_swa   # a 1,536-cell window cache has wrapped
+        slot = hot.slots[0]
+        assert hot.reusable(slot, 1990) == 1990
+        assert hot.reusable(slot, 600) == 0
+        assert hot.reusable(slot, oldest + model.n_swa - 1) == oldest + model.n_swa - 1
+    finally:
+        hot.close()
+        model.close()
