@@ -59,7 +59,7 @@ class HotContext:
         self.n_slots = cfg.n_slots
         self.n_batch = cfg.n_batch
         self.scratch = sizing.scratch_seq
-        self.capture = QueryCapture(model.n_layer, model.n_head, model.n_embd // model.n_head,
+        self.capture = QueryCapture(model.n_layer, model.n_head, model.head_dim_k,
                                     layer_stride)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = sizing.n_ctx

@@ -154,6 +154,10 @@ class Model:
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self._digest: str | None = None
+        self.head_dim_k = self._meta_int("attention.key_length") or self.n_embd // self.n_head \
+            if self.n_head else 0
+        """Values per head of K (Gemma's 256 is not n_embd / n_head = 160)."""
+        self.head_dim_v = self._meta_int("attention.value_length") or self.head_dim_k
         self.n_swa = llama_cpp.llama_model_n_swa(self.ptr)
         """The sliding window of the model's SWA layers (0: none)."""
         template = self.meta("tokenizer.chat_template")
@@ -182,6 +186,11 @@ class Model:
         buf = ctypes.create_string_buffer(size + 1)
         llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, size + 1)
         return buf.value.decode("utf-8", errors="replace")
+
+    def _meta_int(self, key: str) -> int | None:
+        """An integer of the architecture's metadata (``<architecture>.<key>``), if present."""
+        value = self.meta(f"{self.architecture}.{key}")
+        return int(value) if value and value.isdigit() else None
 
     def fingerprint(self, cache_type_k: str, cache_type_v: str, block_size: int) -> Fingerprint:
         if self._digest is None:
@@ -253,10 +262,9 @@ class Model:
 
     def kv_bytes_per_token(self, cache_type_k: str, cache_type_v: str) -> int:
         """Bytes of K+V per token over all layers (f16: 2 bytes a value)."""
-        head_dim = self.n_embd // self.n_head
-        width = self.n_head_kv * head_dim * self.n_layer
-        return int(width * (CACHE_TYPES[cache_type_k].bytes_per_value
-                            + CACHE_TYPES[cache_type_v].bytes_per_value))
+        per_layer = self.n_head_kv * (self.head_dim_k * CACHE_TYPES[cache_type_k].bytes_per_value
+                                      + self.head_dim_v * CACHE_TYPES[cache_type_v].bytes_per_value)
+        return int(per_layer * self.n_layer)
 
     def close(self) -> None:
         if self.ptr:

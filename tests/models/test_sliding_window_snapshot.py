@@ -47,6 +47,8 @@ def test_a_restore_continues_as_the_live_sequence(gemma, keep):
     assert seq.n_tokens(256) == N_PROMPT
     window_rows = [manager.get_block(b)[-1].n_tokens for b in seq.blocks]
     assert window_rows == [256, 256, 256, 32]   # every block's window rows, read in parts
+    # Sizing's KV per token is llama.cpp's (Gemma's heads are 256 wide, not n_embd / n_head).
+    assert model.kv_bytes_per_token("f16", "f16") == sum(c.row_bytes for c in snaps.layout.caches)
 
     hot.truncate(slot, keep)
     following = tokens[keep:keep + N_CONTINUE]
