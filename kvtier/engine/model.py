@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,18 +69,20 @@ class _LlamaLog:
     def __init__(self) -> None:
         self.level = logging.DEBUG
         self.pending = ""
+        self.lock = threading.Lock()   # llama.cpp logs from whichever thread calls it
         self.callback = llama_cpp.llama_log_callback(self._on_log)
 
     def _on_log(self, level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-        if level != 5:
-            self.level = _LOG_LEVELS.get(level, logging.DEBUG)
-        self.pending += text.decode("utf-8", errors="replace")
-        if not self.pending.endswith("\n"):
-            return
-        lines, self.pending = self.pending.rstrip("\n"), ""
-        if _LLAMA_LOG.isEnabledFor(self.level):
+        with self.lock:
+            if level != 5:
+                self.level = _LOG_LEVELS.get(level, logging.DEBUG)
+            self.pending += text.decode("utf-8", errors="replace")
+            if not self.pending.endswith("\n"):
+                return
+            lines, self.pending, log_level = self.pending.rstrip("\n"), "", self.level
+        if _LLAMA_LOG.isEnabledFor(log_level):
             for line in lines.split("\n"):
-                _LLAMA_LOG.log(self.level, "%s", line)
+                _LLAMA_LOG.log(log_level, "%s", line)
 
 
 _llama_log = _LlamaLog()
