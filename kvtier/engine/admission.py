@@ -117,6 +117,7 @@ class Admission:
             self.hot.clear(slot)
             resident = None
         keep = min(hot, len(job.prompt) - 1)  # the last prompt token is decoded again (logits)
+        keep = self.hot.reusable(slot, keep)
         self.hot.truncate(slot, keep)
         job.seq = self._sequence_for(job, resident, resident_owner, keep)
         return keep, restored

@@ -40,7 +40,7 @@ class Engine:
         self.n_slots = mc.n_slots
         self.block_size = mc.block_size
         self.sizing = hot_sizing(config, self.model.kv_bytes_per_token(*mc.cache_types),
-                                 self.model.n_ctx_train)
+                                 self.model.n_ctx_train, self.model.n_swa)
         self.context_size = self.sizing.context_size
         """The longest conversation a slot holds (hot, or through the working set)."""
         self.fingerprint = self.model.fingerprint(mc.cache_type_k, mc.cache_type_v, mc.block_size)

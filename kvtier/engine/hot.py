@@ -53,10 +53,13 @@ class HotContext:
                  layer_stride: int = 1) -> None:
         self.model = model
         self.sizing = sizing
+        if model.n_swa and sizing.context_size > sizing.slot_tokens:
+            raise ValueError("a sliding-window model's sizing has no working set "
+                             "(hot_sizing's sliding_window)")
         self.n_slots = cfg.n_slots
         self.n_batch = cfg.n_batch
         self.scratch = sizing.scratch_seq
-        self.capture = QueryCapture(model.n_layer, model.n_head, model.n_embd // model.n_head,
+        self.capture = QueryCapture(model.n_layer, model.n_head, model.head_dim_k,
                                     layer_stride)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = sizing.n_ctx
@@ -65,6 +68,12 @@ class HotContext:
         params.n_ubatch = self.n_ubatch
         params.n_seq_max = cfg.n_slots + 1
         params.kv_unified = True
+        # A sliding-window model's window cache as big as the context (llama.cpp's default):
+        # cells the window has passed stay until the room is needed, so a store reads every
+        # block's window rows and a restore lays them out as a sequence computed in place
+        # (state_codec.window says why that matters). Its memory cost: docs/models.md.
+        params.swa_full = cfg.swa_full
+        self.swa_full = cfg.swa_full
         params.cb_eval = self.capture.callback
         params.cb_eval_user_data = self.capture.user_data
         threads = cfg.n_threads or _cpu_count()
@@ -90,7 +99,7 @@ class HotContext:
     def for_config(cls, model: Model, config: Config) -> HotContext:
         """The hot tier that ``config`` describes, for ``model``."""
         sizing = hot_sizing(config, model.kv_bytes_per_token(*config.model.cache_types),
-                            model.n_ctx_train)
+                            model.n_ctx_train, model.n_swa)
         return cls(model, config.model, sizing, config.working_set.query_layer_stride)
 
     # -- KV of a slot ----------------------------------------------------------------------------
@@ -101,6 +110,17 @@ class HotContext:
         if not llama_cpp.llama_memory_seq_rm(self.memory, slot.index, keep, -1):
             raise KvtierError(f"llama.cpp could not trim slot {slot.index} to {keep} tokens")
         slot.tokens = slot.tokens[:keep]
+
+    def reusable(self, slot: Slot, keep: int) -> int:
+        """How many of the first ``keep`` tokens a slot holds can be kept for a next token at
+        position ``keep``: all of them, or none on a sliding-window model whose window cache no
+        longer holds the positions that token sees (llama.cpp reuses the window's masked cells,
+        so a branch from an older point of the conversation finds them gone)."""
+        n_swa = self.model.n_swa
+        if not n_swa or keep == 0:
+            return keep
+        oldest = llama_cpp.llama_memory_seq_pos_min(self.memory, slot.index)
+        return keep if 0 <= oldest <= max(0, keep - n_swa + 1) else 0
 
     def clear(self, slot: Slot) -> None:
         """Free all of a slot's cells; it then holds nothing and belongs to nobody."""

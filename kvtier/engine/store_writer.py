@@ -57,6 +57,8 @@ class BlockWrite:
     first_pos: int
     """The position of its first row in the state read."""
     n_tokens: int
+    part: int = 0
+    """Which of the job's state blobs holds it (see :attr:`StoreJob.parts`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,23 @@ class StoreJob:
     """The session this job updates: readers of it wait until the job is done."""
     read_s: float = 0.0
     """What reading the state out of llama.cpp cost the engine thread."""
+    parts: tuple[int, ...] = ()
+    """The byte lengths of several state blobs laid one after the other in ``buffer`` (empty:
+    one blob of ``nbytes``). A sliding-window model's blocks are read in parts, each ending
+    within a window of its blocks, so that each block keeps the window rows llama.cpp still
+    holds for it."""
+
+    def states(self) -> list[SequenceState]:
+        """The job's state blobs, parsed."""
+        assert self.buffer is not None
+        view = self.buffer.view(self.nbytes)
+        if not self.parts:
+            return [parse(view)]
+        states, offset = [], 0
+        for n in self.parts:
+            states.append(parse(view[offset:offset + n]))
+            offset += n
+        return states
 
 
 def rows_at(state: SequenceState, first: int, n: int) -> list[LayerKV]:
@@ -118,13 +137,16 @@ def rows_at(state: SequenceState, first: int, n: int) -> list[LayerKV]:
     return layers
 
 
-def write_blocks(manager: TierManager, state: SequenceState, blocks: Sequence[BlockWrite],
-                 pool: ThreadPoolExecutor | None = None) -> list[BlockId]:
-    """Store blocks from a parsed state read, several at once in ``pool`` if given (encoding
-    holds no GIL; the manager serializes what must be); returns the id each is stored under
-    (another one than asked where its chain hash was stored by then, and it is shared)."""
+def write_blocks(manager: TierManager, states: Sequence[SequenceState],
+                 blocks: Sequence[BlockWrite], pool: ThreadPoolExecutor | None = None
+                 ) -> list[BlockId]:
+    """Store blocks from parsed state reads (each from ``states[w.part]``), several at once in
+    ``pool`` if given (encoding holds no GIL; the manager serializes what must be); returns the
+    id each is stored under (another one than asked where its chain hash was stored by then, and
+    it is shared)."""
     def put(w: BlockWrite) -> BlockId:
-        return manager.put_block(w.block, rows_at(state, w.first_pos, w.n_tokens), w.chain)
+        return manager.put_block(w.block, rows_at(states[w.part], w.first_pos, w.n_tokens),
+                                 w.chain)
     if pool is None or len(blocks) < 2:
         return [put(w) for w in blocks]
     return list(pool.map(put, blocks))
@@ -264,8 +286,7 @@ class StoreWriter:
         if job.blocks:
             if job.buffer is None:
                 raise ValueError("a job with blocks to store needs a state read")
-            state = parse(job.buffer.view(job.nbytes))
-            stored_as = write_blocks(self.manager, state, job.blocks, self._encoders)
+            stored_as = write_blocks(self.manager, job.states(), job.blocks, self._encoders)
             for w, stored in zip(job.blocks, stored_as):
                 with self._cv:
                     self._blocks_written += 1

@@ -61,7 +61,7 @@ class WindowedSlots:
         self.totals = WindowStats()
         model = hot.model
         self._n_kv = model.n_head_kv
-        self._head_dim = model.n_embd // model.n_head
+        self._head_dim = model.head_dim_k
 
     # -- which slots ---------------------------------------------------------------------------
     def get(self, slot: Slot) -> Window | None:

@@ -140,6 +140,10 @@ def _encode_tensor(t: TensorRows, encoding: Encoding, grouping: Grouping, exact_
         return (TensorHeader(t.ggml_type, RAW, 0, 0, t.row_bytes, t.rows.nbytes),
                 np.ascontiguousarray(t.rows).reshape(-1))
     bits = np.ascontiguousarray(t.rows).view(np.uint16)
+    if not len(bits):
+        # A sliding-window layer holds no rows of a block that left its window.
+        return TensorHeader(F16.id, int(encoding), int(grouping), GROUP_SIZE[encoding],
+                            bits.shape[1], 0), np.empty(0, np.uint8)
     group = GROUP_SIZE[encoding]
     payload = quant.encode(bits[exact_rows:], encoding, grouping, group)
     if exact_rows:
@@ -163,17 +167,19 @@ def encode_record(layer: LayerKV, fmt: RecordFormat, exact_rows: int = 0) -> byt
     """Serialize one layer of one block for a tier, the first ``exact_rows`` rows exactly."""
     if layer.k.n_tokens != layer.v.n_tokens:
         raise ValueError("K and V hold different numbers of tokens")
-    exact_rows = 0 if fmt.encoding == Encoding.F16 else min(exact_rows, layer.n_tokens - 1)
+    exact_rows = 0 if fmt.encoding == Encoding.F16 \
+        else max(0, min(exact_rows, layer.n_tokens - 1))
     k_head, k_payload = _encode_tensor(layer.k, fmt.encoding, quant.KEY_GROUPING, exact_rows)
     v_head, v_payload = _encode_tensor(layer.v, fmt.encoding, quant.VALUE_GROUPING, exact_rows)
     payload: bytes | bytearray = b"".join((k_payload.data, v_payload.data))
-    if fmt.zstd_level:
+    zstd = bool(fmt.zstd_level) and len(payload) > 0
+    if zstd:
         payload = _compressor(fmt.zstd_level).compress(payload)
     key_min, key_max = key_summary(layer.k)
     channels = len(key_min) // 2
     if channels > 0xFFFF:
         raise ValueError(f"a key summary of {channels} channels does not fit a record header")
-    body = _BODY.pack(layer.n_tokens, exact_rows, _FLAG_ZSTD if fmt.zstd_level else 0, channels,
+    body = _BODY.pack(layer.n_tokens, exact_rows, _FLAG_ZSTD if zstd else 0, channels,
                       *k_head.pack(), *v_head.pack())
     pad = bytes(_payload_offset(channels) - _FIXED_BYTES - 2 * len(key_min))
     checked = b"".join((body, key_min, key_max, pad, payload))
@@ -313,6 +319,14 @@ class DecodeBatch:
         frame = (0, 0, 0, 0)
         if offset > len(view):
             raise BlockCorrupt(f"record of {len(view)} bytes is shorter than its header")
+        if n == 0:
+            # A sliding-window layer's empty record: nothing to decode, so verify it here.
+            if deferred:
+                _verify(view)
+            if kn or vn or zstd or len(view) != offset:
+                raise BlockCorrupt(f"a record of 0 rows has a payload of {len(view) - offset} "
+                                   f"bytes (header: {kn} + {vn})")
+            return
         if zstd and deferred:
             if kn + vn > 2 * n * (k_rb + v_rb) + 65536:   # never more than f16 and its scales
                 _verify(view)

@@ -492,3 +492,46 @@ def test_fuzzed_blobs_parse_or_raise_unsupported_layout(edits: list[tuple[int, i
             sc.split_blocks(state, 4)
         except UnsupportedLayout:
             pass
+
+
+# -- sliding windows in a restore (state_codec.window) ---------------------------------------------
+def _spans(*blocks: tuple[int, int]) -> list[sc.BlockSpan]:
+    """Blocks of 8 from position 0, each (tokens, window rows)."""
+    return [sc.BlockSpan(8 * j, 8 * j + n, w) for j, (n, w) in enumerate(blocks)]
+
+
+def test_a_prefix_restores_exactly_where_its_window_rows_are_stored() -> None:
+    # Stored at 28 tokens with a window of 12: rows of 16..27 (block 1 none, block 2 all).
+    spans = _spans((8, 0), (8, 0), (8, 8), (4, 4))
+    assert sc.run_start(spans) == 16
+    assert sc.exact_blocks(spans, 12) == 4
+    assert sc.rows_to_drop(spans) == [0, 0, 0, 0]
+    # Ending at block 2 needs rows from 12 on: block 1's are gone, and so for any shorter prefix.
+    assert sc.exact_blocks(spans[:3], 12) == 0
+    # Within the first window every row counts from position 0.
+    assert sc.exact_blocks(_spans((8, 8), (3, 3)), 12) == 2
+    assert sc.exact_blocks(_spans((8, 7), (3, 3)), 12) == 0
+
+
+def test_the_run_of_rows_that_ends_the_restore_is_kept_whole() -> None:
+    # Rows older than the window are kept where they run on to the end (a sequence computed in
+    # place holds them too); rows cut off from the end by a gap are left out.
+    spans = _spans((8, 8), (8, 8), (8, 8), (4, 4))
+    assert sc.exact_blocks(spans, 12) == 4
+    assert sc.rows_to_drop(spans) == [0, 0, 0, 0]
+    gap = _spans((8, 8), (8, 3), (8, 8), (4, 4))
+    assert sc.run_start(gap) == 13
+    assert sc.rows_to_drop(gap) == [8, 0, 0, 0]
+
+
+def test_the_longest_exact_prefix_is_kept() -> None:
+    # The blocks after 2 came from a conversation whose window had moved on (none of block 3's
+    # rows, which a restore of 4 blocks needs): 3 blocks restore exactly.
+    spans = _spans((8, 8), (8, 8), (8, 8), (8, 0), (8, 8))
+    assert sc.exact_blocks(spans, 12) == 3
+
+
+def test_a_window_sized_cache_gets_only_the_window() -> None:
+    spans = _spans((8, 8), (8, 8), (8, 8), (4, 4))
+    assert sc.rows_to_drop(spans, 12) == [8, 8, 0, 0]
+    assert sc.rows_to_drop(spans, 13) == [8, 7, 0, 0]

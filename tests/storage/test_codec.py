@@ -215,3 +215,32 @@ def test_decode_batch_refuses_a_destination_of_another_shape_or_type():
                                      k_type, F16.id)
     with pytest.raises(ValueError):
         codec.decode_record_into(record, rows[:, :WIDTH], rows[:, :WIDTH], F16.id, F16.id)
+
+
+@pytest.mark.parametrize("fmt", [RecordFormat(Encoding.F16), Q8, Q4Z])
+def test_a_layer_without_rows_round_trips(fmt):
+    """A sliding-window layer of a block its window has left holds no rows (issue 11: storing one
+    raised 'empty block (0 x 256)' and the request failed)."""
+    empty = TensorRows(F16.id, np.zeros((0, 2 * WIDTH), np.uint8))
+    record = codec.encode_record(LayerKV(empty, empty), fmt, codec.SINK_ROWS)
+    header, back = codec.decode_record(record)
+    assert header.n_tokens == 0 and not header.zstd
+    assert back.k.rows.shape == back.v.rows.shape == (0, 2 * WIDTH)
+    assert codec.decode_record(codec.transcode(record, Q4Z))[0].n_tokens == 0
+    full = make_layers(9, n_layers=1, n_tokens=8)[0]
+    k_out, v_out = np.empty((8, 2 * WIDTH), np.uint8), np.empty((8, 2 * WIDTH), np.uint8)
+    batch = codec.DecodeBatch()   # an empty record beside a full one, in one kernel call
+    batch.add_into(record, k_out[:0], v_out[:0], F16.id, F16.id)
+    batch.add_into(codec.encode_record(full, RecordFormat(Encoding.F16)), k_out, v_out, F16.id,
+                   F16.id)
+    batch.run()
+    assert np.array_equal(k_out, full.k.rows) and np.array_equal(v_out, full.v.rows)
+
+
+def test_an_empty_record_with_a_payload_is_corrupt():
+    empty = TensorRows(F16.id, np.zeros((0, 2 * WIDTH), np.uint8))
+    record = bytearray(codec.encode_record(LayerKV(empty, empty), Q8))
+    record += b"\0" * 8
+    record[4:12] = xxhash.xxh3_64_intdigest(bytes(record[12:])).to_bytes(8, "little")
+    with pytest.raises(BlockCorrupt):
+        codec.DecodeBatch().add(bytes(record), 0, 0, F16.id, F16.id, 2 * WIDTH, 2 * WIDTH, 0)
