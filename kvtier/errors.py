@@ -23,6 +23,16 @@ class BlockMissing(KvtierError):
     """A block the catalog lists is in no tier."""
 
 
+class TierDamaged(KvtierError):
+    """A tier's files cannot be read as a whole (a damaged SST, a missing blob or MANIFEST, a
+    truncated or overwritten LMDB file): its blocks are misses until it is rebuilt."""
+
+
+class WriteFailed(KvtierError):
+    """A tier or the catalog refused a write (a full disk, an I/O error): nothing was stored,
+    and what was computed is still served."""
+
+
 class ModelMismatch(KvtierError):
     """KV computed by one model (or cache type) was about to be used with another."""
 

@@ -124,7 +124,8 @@ def write_blocks(manager: TierManager, state: SequenceState, blocks: Sequence[Bl
     holds no GIL; the manager serializes what must be); returns the id each is stored under
     (another one than asked where its chain hash was stored by then, and it is shared)."""
     def put(w: BlockWrite) -> BlockId:
-        return manager.put_block(w.block, rows_at(state, w.first_pos, w.n_tokens), w.chain)
+        return manager.put_block(w.block, rows_at(state, w.first_pos, w.n_tokens), w.chain,
+                                 hold=True)
     if pool is None or len(blocks) < 2:
         return [put(w) for w in blocks]
     return list(pool.map(put, blocks))
@@ -290,6 +291,9 @@ class StoreWriter:
                 self._failures += 1
                 if job.sequence is not None:
                     self._broken.add(job.sequence.seq_id)
+                    self.manager.release_fresh(list(job.sequence.blocks)
+                                               + [self._aliases.get(b, b)
+                                                  for b in job.sequence.blocks])
             for w in job.blocks:
                 self._pending_blocks[w.block] -= 1
                 if self._pending_blocks[w.block] <= 0:

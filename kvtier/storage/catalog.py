@@ -15,6 +15,8 @@ before the catalog entry that points at it, and deleted only after the entry's r
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,11 +28,13 @@ import lmdb
 import msgpack
 import numpy as np
 
+from kvtier.errors import TierDamaged, WriteFailed
 from kvtier.storage.records import BlockId, ChainHash, Namespace
-from kvtier.storage.tiers import Tier
+from kvtier.storage.tiers import Tier, move_aside, open_lmdb
 
 CATALOG_VERSION = 1
 _U64 = struct.Struct(">Q")
+DATABASES = (b"meta", b"blocks", b"hashes", b"sequences", b"sessions", b"summaries")
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,22 +283,39 @@ class Catalog:
     """The catalog's LMDB environment. Use :meth:`read` and :meth:`write` as context managers."""
 
     def __init__(self, path: Path, map_size: int = 4 * 1024**3) -> None:
+        """Open (or create) the catalog; :class:`TierDamaged` if its file cannot be read."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, readahead=False)
-        self.meta_db = self.env.open_db(b"meta")
-        self.blocks_db = self.env.open_db(b"blocks")
-        self.hashes_db = self.env.open_db(b"hashes")
-        self.sequences_db = self.env.open_db(b"sequences")
-        self.sessions_db = self.env.open_db(b"sessions")
-        self.summaries_db = self.env.open_db(b"summaries")
-        with self.write() as txn:
-            version = txn.get_meta(b"version")
-            if version is None:
-                txn.put_meta(b"version", _U64.pack(CATALOG_VERSION))
-            elif _U64.unpack(version)[0] != CATALOG_VERSION:
-                raise RuntimeError(f"catalog format {_U64.unpack(version)[0]}, this kvtier "
-                                   f"reads {CATALOG_VERSION}")
+        self.env = open_lmdb(self.path, map_size=map_size, max_dbs=8, readahead=False)
+        try:
+            self.meta_db, self.blocks_db, self.hashes_db, self.sequences_db, \
+                self.sessions_db, self.summaries_db = (self.env.open_db(name)
+                                                       for name in DATABASES)
+            with self.write() as txn:
+                version = txn.get_meta(b"version")
+                if version is None:
+                    txn.put_meta(b"version", _U64.pack(CATALOG_VERSION))
+                elif _U64.unpack(version)[0] != CATALOG_VERSION:
+                    raise RuntimeError(f"catalog format {_U64.unpack(version)[0]}, this kvtier "
+                                       f"reads {CATALOG_VERSION}")
+        except (lmdb.Error, WriteFailed) as exc:
+            self.env.close()
+            raise TierDamaged(f"{self.path}: {exc}") from exc
+
+    def walk(self) -> None:
+        """Read every entry of every database; :class:`TierDamaged` at the first that cannot
+        be read or unpacked (a damaged page, random bytes in a value)."""
+        walks = ((self.meta_db, None), (self.blocks_db, BlockEntry.unpack),
+                 (self.hashes_db, None), (self.sequences_db, SequenceEntry.unpack),
+                 (self.sessions_db, SessionEntry.unpack), (self.summaries_db, None))
+        try:
+            with self.env.begin() as txn:
+                for db, unpack in walks:
+                    for _, value in txn.cursor(db=db):
+                        if unpack is not None:
+                            unpack(value)
+        except Exception as exc:  # lmdb's errors, or msgpack's / a dataclass's on bad bytes
+            raise TierDamaged(f"{self.path}: {exc!r}") from exc
 
     @contextmanager
     def read(self) -> Iterator[CatalogTxn]:
@@ -306,8 +327,11 @@ class Catalog:
         """A write transaction; it commits when the block ends, then runs its after-commit
         hooks in order. An exception aborts it, and no hook runs."""
         hooks: list[Callable[[], None]] = []
-        with self.env.begin(write=True) as txn:
-            yield CatalogTxn(self, txn, hooks)
+        try:
+            with self.env.begin(write=True) as txn:
+                yield CatalogTxn(self, txn, hooks)
+        except lmdb.Error as exc:       # a full disk, an I/O error: nothing was written
+            raise WriteFailed(f"catalog: {exc}") from exc
         for fn in hooks:
             fn()
 
@@ -322,3 +346,79 @@ class Catalog:
     def close(self) -> None:
         self.env.close()
 
+
+
+def salvage(path: Path, map_size: int = 4 * 1024**3) -> tuple[Path, Catalog, dict[str, int]]:
+    """Move a damaged catalog aside and build a new one at ``path`` from every entry of it that
+    can still be read (its clean flag cleared, so the checker repairs the store around what was
+    lost). Returns where the old one went, the new catalog and the entries kept per database.
+
+    A truncated file is read from a copy padded with zeros to the size its meta page says, so
+    that nothing is ever read past its end through the map."""
+    moved = move_aside(Path(path))
+    fresh = Catalog(path, map_size)
+    kept: dict[str, int] = {}
+    try:
+        source = _readable_copy(moved)
+    except (OSError, TierDamaged):
+        source = None
+    if source is not None:
+        try:
+            env = lmdb.open(str(source), map_size=map_size, max_dbs=8, readonly=True,
+                            lock=False)
+        except lmdb.Error:
+            env = None
+        if env is not None:
+            try:
+                kept = _copy_readable(env, fresh)
+            finally:
+                env.close()
+        if source != moved:
+            shutil.rmtree(source, ignore_errors=True)
+    fresh.set_clean(False)
+    return moved, fresh, kept
+
+
+def _readable_copy(moved: Path) -> Path:
+    """``moved`` itself, or a zero-padded copy of a truncated data file next to it."""
+    from kvtier.storage.tiers import lmdb_file_problem
+    problem = lmdb_file_problem(moved)
+    if problem is None:
+        return moved
+    if "truncated" not in problem:
+        raise TierDamaged(problem)
+    copy = moved.with_name(moved.name + ".salvage")
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
+    shutil.copyfile(moved / "data.mdb", copy / "data.mdb")
+    need = int(problem.rsplit(" uses ", 1)[1])
+    os.truncate(copy / "data.mdb", need)
+    return copy
+
+
+def _copy_readable(env: lmdb.Environment, fresh: Catalog) -> dict[str, int]:
+    kept: dict[str, int] = {}
+    unpack = {b"blocks": BlockEntry.unpack, b"sequences": SequenceEntry.unpack,
+              b"sessions": SessionEntry.unpack}
+    for name in DATABASES:
+        items: list[tuple[bytes, bytes]] = []
+        try:
+            db = env.open_db(name, create=False)
+            with env.begin() as txn:
+                for key, value in txn.cursor(db=db):
+                    try:
+                        if name in unpack:
+                            unpack[name](value)
+                    except Exception:  # one bad value: skip it, keep walking
+                        continue
+                    items.append((bytes(key), bytes(value)))
+        except Exception:  # a damaged page ends this database's walk; keep what came before
+            pass
+        target = fresh.env.open_db(name)
+        with fresh.env.begin(write=True) as txn:
+            for key, value in items:
+                if name == b"meta" and key in (b"version", b"clean"):
+                    continue
+                txn.put(key, value, db=target)
+        kept[name.decode()] = len(items)
+    return kept
