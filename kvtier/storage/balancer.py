@@ -221,6 +221,11 @@ class Balancer:
                       "until they work again", tier.label, exc)
             self.cap_budgets()
 
+    def failing(self) -> dict[Tier, str]:
+        """Tiers whose last write failed, with the error."""
+        with self.index.lock:
+            return dict(self._failing)
+
     def _write_ok(self, tier: Tier) -> None:
         if tier in self._failing:
             with self.index.lock:

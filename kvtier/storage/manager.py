@@ -26,6 +26,7 @@ sequence names it or the writer gives it up (:meth:`TierManager.release_fresh`).
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import threading
 import time
@@ -38,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from kvtier.config import Config
-from kvtier.errors import BlockCorrupt, BlockMissing, KvtierError, TierDamaged, TierFull
+from kvtier.errors import (BlockCorrupt, BlockMissing, KvtierError, TierDamaged, TierFull,
+                           WriteFailed)
 from kvtier.storage import codec, policy, summary
 from kvtier.storage.balancer import Balancer, Op
 from kvtier.storage.catalog import (BlockEntry, Catalog, CatalogTxn, KeySummary, SequenceEntry,
@@ -388,8 +390,15 @@ class TierManager:
 
     # -- sequences ---------------------------------------------------------------------------------
     def new_sequence(self) -> int:
-        with self.catalog.write() as txn:
-            return txn.next_sequence()
+        """A sequence id never given before. Where the catalog refuses the write that records
+        it (a full disk), an id drawn at random from the upper half of the id space instead:
+        a request must not fail for want of an id, and a random 63-bit id is never reused."""
+        try:
+            with self.catalog.write() as txn:
+                return txn.next_sequence()
+        except WriteFailed as exc:
+            log.warning("sequence ids come from the random range: %s", exc)
+            return (1 << 63) | secrets.randbits(63)
 
     def save_sequence(self, namespace: Namespace, sequence: int, tokens: np.ndarray,
                       blocks: Sequence[BlockId]) -> SequenceEntry:
@@ -600,6 +609,14 @@ class TierManager:
         return TierStats(tier.label, u.blocks, u.stored_bytes, u.raw_bytes,
                          self._balancer.budgets[tier], disk_bytes, c.hits, c.misses,
                          c.promotions, c.demotions, c.drops, c.corrupt, c.write_errors)
+
+    def degradation(self) -> dict[str, str]:
+        """What is damaged (moved aside when the store opened) or refuses writes now, by part
+        (``catalog``, ``warm``, ``cool``, ``cold``), with why; empty when all is well."""
+        out = dict(self.degraded)
+        for tier, reason in self._balancer.failing().items():
+            out[tier.label] = f"writes fail: {reason}"
+        return out
 
     def close(self) -> None:
         """Finish queued work, write statistics, mark the store cleanly closed, release it."""
