@@ -50,9 +50,13 @@ LOW_WATERMARK = 0.85
 MOVE_WAIT_S = 0.5
 """How long a write that needs room waits for demotions in flight before it looks again."""
 LAST = max(Tier)
-FREE_SPACE_SHARE = 0.9
-"""Of the space a tier's file system has for it (free plus what the tier holds), the part its
-effective budget may use: room for RocksDB's compactions and LMDB's free pages."""
+FREE_SHARE = 0.8
+"""Of the room a tier has on its disk, the part its budget may count: its files hold more than
+the bytes counted (RocksDB's log, indexes and garbage before compaction, LMDB's free pages)."""
+HEADROOM = 0.05
+HEADROOM_MAX = 64 << 20
+"""Free space kept on a tier's file system (this share of its size, at most HEADROOM_MAX): room
+for RocksDB's compactions and for whatever else uses the disk."""
 FILES_SLACK = 1.25
 """A RocksDB tier whose files exceed its budget by this factor is compacted (blob garbage
 collected) before more is demoted."""
@@ -60,6 +64,8 @@ FILES_OVERHEAD = 1 << 20
 """Bytes a RocksDB tier's files may hold beyond :data:`FILES_SLACK` times its budget before it is
 demoted further: SST indexes and blob file headers, which do not shrink with the data."""
 BUDGET_RECHECK_S = 10.0
+RETRY_S = 2.0
+"""How often a tier whose writes fail is given another chance (and free space looked at)."""
 
 
 class Op(Enum):
@@ -87,6 +93,7 @@ class Balancer:
         self.budgets = dict(budgets)
         self.formats = dict(formats)
         self._failing: dict[Tier, str] = {}
+        self._failed_at: dict[Tier, float] = {}
         self._last_recheck = 0.0
         self.weights = weights
         self._queue: queue.Queue[tuple[Op, BlockId | None]] = queue.Queue()
@@ -167,14 +174,15 @@ class Balancer:
             store = self.tiers[tier]
             path = store.path if hasattr(store, "path") else store.store.path
             try:
-                where[tier] = (path.stat().st_dev, shutil.disk_usage(path).free,
-                               store.disk_bytes())
+                usage = shutil.disk_usage(path)
+                headroom = min(HEADROOM_MAX, int(usage.total * HEADROOM))
+                where[tier] = (path.stat().st_dev, usage.free - headroom, store.disk_bytes())
             except OSError:
                 continue
         capped = {}
         for tier, (device, free, held) in where.items():
             sharing = sum(self.configured[t] for t, w in where.items() if w[0] == device)
-            room = int((held + free * self.configured[tier] / sharing) * FREE_SPACE_SHARE)
+            room = max(0, int((held + free * self.configured[tier] / sharing) * FREE_SHARE))
             budget = min(self.configured[tier], room)
             if budget < self.configured[tier]:
                 capped[tier] = budget
@@ -193,11 +201,12 @@ class Balancer:
             if not isinstance(store, RocksTier):
                 continue
             try:
-                files = store.file_stats().files_bytes
+                files = store.file_stats().files_bytes + store.log_bytes()
                 limit = self.budgets[tier] * FILES_SLACK + FILES_OVERHEAD
                 if files > limit:
+                    store.flush()
                     store.compact()
-                    files = store.file_stats().files_bytes
+                    files = store.file_stats().files_bytes + store.log_bytes()
             except Exception as exc:  # a damaged or full tier: reads say so where it matters
                 log.warning("compacting the %s tier failed: %s", tier.label, exc)
                 continue
@@ -216,6 +225,7 @@ class Balancer:
             self.index.counters[tier].write_errors += 1
             first = tier not in self._failing
             self._failing[tier] = str(exc)
+            self._failed_at[tier] = time.monotonic()
         if first:
             log.error("writes to the %s tier fail (%s): requests are served and not stored "
                       "until they work again", tier.label, exc)
@@ -232,6 +242,20 @@ class Balancer:
                 self._failing.pop(tier, None)
             log.warning("writes to the %s tier work again", tier.label)
 
+    def _retry_failing(self, tier: Tier) -> None:
+        """Before writing to a tier whose last write failed (at most every RETRY_S): let it
+        recover (RocksDB must be reopened) and look at the free space again."""
+        with self.index.lock:
+            failed_at = self._failed_at.get(tier)
+            if failed_at is None or time.monotonic() - failed_at < RETRY_S:
+                return
+            self._failed_at[tier] = time.monotonic()
+            try:
+                self.tiers[tier].recover()
+            except Exception as exc:  # still failing: the write that follows says so
+                log.warning("the %s tier did not recover: %s", tier.label, exc)
+            self.cap_budgets()
+
     def discard_records(self, tier: Tier, keys: Sequence[bytes]) -> None:
         """Delete records written for a block whose entry never committed (best effort: the
         checker collects what stays)."""
@@ -245,13 +269,15 @@ class Balancer:
         return {tier: int(budget * LOW_WATERMARK) for tier, budget in self.budgets.items()}
 
     def enforce(self, limits: Mapping[Tier, int]) -> None:
-        """Demote (from the last tier: drop) until every tier holds at most its limit."""
+        """Demote (from the last tier: drop) until every tier holds at most its limit, and keep
+        RocksDB's files within their budgets (:meth:`bound_files`)."""
         for tier in Tier:
             with self.index.lock:
                 excess = (self.index.usage[tier].stored_bytes - self.index.leaving(tier)
                           - limits[tier])
             if excess > 0:
                 self.demote(tier, excess)
+        self.bound_files()
 
     @contextmanager
     def room(self, tier: Tier, nbytes: int) -> Iterator[None]:
@@ -282,6 +308,12 @@ class Balancer:
                 continue
             with self.index.lock:
                 if self.index.leaving(tier) == 0 and self._over(tier, nbytes) > 0:
+                    if time.monotonic() - self._last_recheck > RETRY_S:
+                        self.cap_budgets()      # space may have come back
+                        continue
+                    if nbytes > self.budgets[tier]:
+                        raise TierFull(f"{nbytes} bytes do not fit the {tier.label} budget of "
+                                       f"{self.budgets[tier]} (capped by free space)")
                     raise TierFull(f"{tier.label} is full of pinned blocks")
                 self.index.wait_for_moves(MOVE_WAIT_S)
 
@@ -316,6 +348,7 @@ class Balancer:
         self._p.forget(blocks)
 
     def write_records(self, tier: Tier, records: Sequence[tuple[bytes, bytes]]) -> None:
+        self._retry_failing(tier)
         for _ in range(8):
             try:
                 self.tiers[tier].put_many(records)

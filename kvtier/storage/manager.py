@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 WARM_MAP_RESERVE = 0.06
 """Part of the LMDB map kept for its B-tree pages and free lists, outside the warm byte budget."""
+DISK_FULL_BYTES = 1 << 20
+"""Free bytes below which a tier that fails to open is taken to be on a full disk, not damaged."""
 FRESH_PIN_S = 600.0
 """How long a block stored for a sequence that is never saved stays pinned at most."""
 
@@ -83,6 +85,14 @@ class TierStats:
     @property
     def compression_ratio(self) -> float:
         return self.raw_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system of ``path`` has (almost) no room left."""
+    try:
+        return shutil.disk_usage(path).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 class TierManager:
@@ -132,14 +142,18 @@ class TierManager:
         """Blocks stored for a sequence not saved yet, held (never dropped), with when they were stored."""
         self.repaired: dict[str, int] = {}
         """What opening repaired, if the store was not closed cleanly (non-zero counts)."""
-        if not self.catalog.was_clean() or self.degraded:
-            self.repaired = self.check(fix=True).fixed
-        self.catalog.set_clean(False)
-        if balance_on_open:
-            self._balancer.enforce(self._balancer.budgets)
-            self._balancer.bound_files()
-            if self._placement.needs_repair:    # blocks sequences named were dropped
-                self.check(fix=True)
+        try:
+            if not self.catalog.was_clean() or self.degraded:
+                self.repaired = self.check(fix=True).fixed
+            self.catalog.set_clean(False)
+            if balance_on_open:
+                self._balancer.enforce(self._balancer.budgets)
+                if self._placement.needs_repair:    # blocks sequences named were dropped
+                    self.check(fix=True)
+        except WriteFailed as exc:
+            # A full disk: serve what can be read; the repair runs when the store next opens
+            # with room (it is not marked clean).
+            log.error("the store opened on a disk that refuses writes, unrepaired: %s", exc)
         if background:
             self._balancer.start()
             threading.Thread(target=codec.warm_up, name="kvtier-warm-up", daemon=True).start()
@@ -151,6 +165,13 @@ class TierManager:
             try:
                 self._stores[resolved] = RocksStore(resolved, families)
             except TierDamaged as exc:
+                if _disk_full(resolved):
+                    # Not damage: RocksDB writes when it opens. Serve reads; writes fail (and
+                    # are retried, reopening it) until there is room.
+                    log.error("the disk of %s is full: its tiers are read-only (%s)", resolved,
+                              exc)
+                    self._stores[resolved] = RocksStore(resolved, families, read_only=True)
+                    return self._stores[resolved]
                 self._moved_aside(self._labels_at(resolved), resolved, exc)
                 self._stores[resolved] = RocksStore(resolved, families)
         return self._stores[resolved]
@@ -567,7 +588,10 @@ class TierManager:
                 self.tiers[t].close()
             if new_store is not None:
                 new_store.close()
-                self.tiers[group[0]].store.close()
+                try:
+                    self.tiers[group[0]].store.close()
+                except WriteFailed:
+                    pass    # it is moved aside as it is
             moved = move_aside(path)
             scratch.replace(path)
             log.error("rebuilt the %s tier at %s from what could be read (%d blocks lost); the "
@@ -637,7 +661,10 @@ class TierManager:
         for tier in self.tiers:
             tier.close()
         for store in self._stores.values():
-            store.close()
+            try:
+                store.close()
+            except WriteFailed as exc:
+                log.warning("closing a tier that failed writes: %s", exc)
         self.catalog.close()
         self._lock_file.release()
 

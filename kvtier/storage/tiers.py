@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import lmdb
-from rocksdict import (BottommostLevelCompaction, CompactOptions, DBCompressionType, Options,
-                       Rdict, WriteBatch)
+from rocksdict import (AccessType, BottommostLevelCompaction, CompactOptions, DBCompressionType,
+                       Options, Rdict, WriteBatch)
 
 from kvtier.errors import BlockCorrupt, KvtierError, TierDamaged, TierFull, WriteFailed
 
 LMDB_PAGE = 4096
+WRITE_BUFFER_BYTES = 16 << 20
+"""RocksDB's memtable size per column family (its default is 64 MiB)."""
 T = TypeVar("T")
 
 
@@ -97,6 +99,9 @@ class TierStore(ABC):
 
     def compact(self) -> None:
         """Give free space back to the file system, where the tier can."""
+
+    def recover(self) -> None:
+        """Make the tier take writes again after a failed one, where it needs to be told."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -354,20 +359,45 @@ class LmdbTier(TierStore):
 class RocksStore:
     """One RocksDB database, holding one column family per tier that lives at its path."""
 
-    def __init__(self, path: Path, column_families: Sequence[str]) -> None:
+    def __init__(self, path: Path, column_families: Sequence[str], read_only: bool = False
+                 ) -> None:
+        """``read_only``: for a disk too full to open it for writing (RocksDB replays its log
+        into new files when it opens); its writes then fail until it is reopened."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.column_families = list(column_families)
+        self.read_only = read_only
+        self.tiers: list[RocksTier] = []
+        """The tiers using this store (reattached when it is reopened)."""
+        self._open()
+        self.lock = threading.Lock()
+
+    def _open(self) -> None:
         options = self._options()
         try:
             existing = Rdict.list_cf(str(self.path), options) \
                 if (self.path / "CURRENT").exists() else ["default"]
-            wanted = set(existing) | set(column_families)
-            self.db = Rdict(str(self.path), options=options,
+            wanted = set(existing) | set(self.column_families)
+            access = AccessType.read_only() if self.read_only else AccessType.read_write()
+            self.db = Rdict(str(self.path), options=options, access_type=access,
                             column_families={cf: self._options() for cf in wanted
                                              if cf != "default"})
         except Exception as exc:  # rocksdict raises bare Exceptions: Corruption, IO error, ...
             raise TierDamaged(f"{self.path}: {exc}") from exc
-        self.lock = threading.Lock()
+
+    def reopen(self) -> None:
+        """Close and open the database again: after a failed write (a full disk) RocksDB
+        refuses every write until it is reopened, even once there is room again."""
+        for tier in self.tiers:
+            tier.cf = tier.cf_handle = None
+        try:
+            self.db.close()
+        except Exception:  # it reports the write error again; the files are released anyway
+            pass
+        self.read_only = False
+        self._open()
+        for tier in self.tiers:
+            tier.attach()
 
     @staticmethod
     def _options() -> Options:
@@ -382,11 +412,19 @@ class RocksStore:
         opt.set_compression_type(DBCompressionType.none())
         opt.set_blob_compression_type(DBCompressionType.none())
         opt.set_keep_log_file_num(2)
+        # Payloads sit in the write-ahead log until their memtable is flushed: bound both, so
+        # that the files of a small budget are not mostly log (the balancer flushes sooner).
+        opt.set_write_buffer_size(WRITE_BUFFER_BYTES)
+        opt.set_max_total_wal_size(2 * WRITE_BUFFER_BYTES)
         return opt
 
     def close(self) -> None:
-        self.db.close()
-        self.db = None
+        try:
+            self.db.close()
+        except Exception as exc:  # a write error it still holds: the WAL replays at next open
+            raise WriteFailed(f"{self.path}: {exc}") from exc
+        finally:
+            self.db = None
 
 
 class RocksTier(TierStore):
@@ -395,8 +433,15 @@ class RocksTier(TierStore):
     def __init__(self, store: RocksStore, column_family: str) -> None:
         self.name = column_family
         self.store = store
-        self.cf = store.db.get_column_family(column_family)
-        self.cf_handle = store.db.get_column_family_handle(column_family)
+        store.tiers.append(self)
+        self.attach()
+
+    def attach(self) -> None:
+        self.cf = self.store.db.get_column_family(self.name)
+        self.cf_handle = self.store.db.get_column_family_handle(self.name)
+
+    def recover(self) -> None:
+        self.store.reopen()
 
     # rocksdict raises bare Exceptions ("Corruption: Blob CRC mismatch", "IO error: ..."), so
     # each call into it is wrapped alone.
@@ -474,6 +519,24 @@ class RocksTier(TierStore):
         finally:
             self.cf.set_options({"blob_garbage_collection_age_cutoff": "0.25"})
 
+    def log_bytes(self) -> int:
+        """Bytes of the store's write-ahead logs (shared by its column families)."""
+        total = 0
+        for entry in os.scandir(self.store.path):
+            if entry.name.endswith(".log"):
+                try:
+                    total += entry.stat().st_size
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def flush(self) -> None:
+        """Write the memtable out (into blob and SST files), so its log can go."""
+        try:
+            self.cf.flush()
+        except Exception as exc:
+            raise WriteFailed(f"{self.name}: {exc}") from exc
+
     def file_stats(self) -> RocksFileStats:
         """The column family's files, the garbage in them, and deletes not yet compacted."""
         def prop(name: str) -> int:
@@ -491,3 +554,5 @@ class RocksTier(TierStore):
         lives, so this must run before the store's close."""
         self.cf = None
         self.cf_handle = None
+        if self in self.store.tiers:
+            self.store.tiers.remove(self)
