@@ -23,6 +23,10 @@ class BlockMissing(KvtierError):
     """A block the catalog lists is in no tier."""
 
 
+class TierFull(KvtierError):
+    """A tier cannot take a record even after demoting everything it may demote."""
+
+
 class TierDamaged(KvtierError):
     """A tier's files cannot be read as a whole (a damaged SST, a missing blob or MANIFEST, a
     truncated or overwritten LMDB file): its blocks are misses until it is rebuilt."""
@@ -33,12 +37,12 @@ class WriteFailed(KvtierError):
     and what was computed is still served."""
 
 
+STORAGE_FAULTS = (BlockCorrupt, BlockMissing, TierDamaged, TierFull, WriteFailed)
+"""What the store may meet that costs the cache, never a request: what was computed is served."""
+
+
 class ModelMismatch(KvtierError):
     """KV computed by one model (or cache type) was about to be used with another."""
-
-
-class TierFull(KvtierError):
-    """A tier cannot take a record even after demoting everything it may demote."""
 
 
 class UnsupportedLayout(KvtierError):

@@ -33,15 +33,11 @@ from kvtier.engine.snapshot import Snapshotter
 from kvtier.engine.store_writer import StoreWriter
 from kvtier.engine.warmup import warm_up
 from kvtier.engine.windows import WindowedSlots
-from kvtier.errors import (BlockCorrupt, BlockMissing, KvtierError, Overloaded, TierDamaged,
-                           TierFull, WriteFailed)
+from kvtier.errors import STORAGE_FAULTS, KvtierError, Overloaded
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import Namespace
 
 log = logging.getLogger(__name__)
-
-STORAGE_FAULTS = (WriteFailed, TierFull, TierDamaged, BlockCorrupt, BlockMissing)
-"""What storing a finished reply may meet without losing the reply: it is answered unstored."""
 
 
 class Scheduler:
