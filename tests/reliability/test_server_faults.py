@@ -59,17 +59,26 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
-SERVER_DAMAGE = ("cool_blob_bytes", "cool_sst_bytes", "cool_manifest_deleted",
-                 "warm_map_truncated", "catalog_bytes")
+SERVER_DAMAGE = {
+    # Met while serving (a blob that fails its CRC) and at open (a truncated map, a catalog
+    # with random bytes: moved aside, the catalog salvaged), in one store.
+    "blob+map+catalog": ("cool_blob_bytes", "warm_map_truncated", "catalog_bytes"),
+    "sst+manifest": ("cold_sst_bytes", "cool_manifest_deleted"),
+}
+"""Each kind of damage alone is in test_store_faults; here, two servers meet all of them."""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SERVER_DAMAGE)
+@pytest.mark.parametrize("name", sorted(SERVER_DAMAGE))
 def test_the_server_answers_every_request_on_a_damaged_store(template: Path, tmp_path: Path,
                                                              name: str) -> None:
     data = tmp_path / "store"
     shutil.copytree(template, data)
-    DAMAGE[name](data)
+    for damage in SERVER_DAMAGE[name]:
+        try:
+            DAMAGE[damage](data)
+        except FileNotFoundError:   # that tier holds no such file in this store
+            pass
     with running_server(server_config(data, **BUDGETS)) as server:
         status, health = server.json("GET", "/health")
         assert status == 200
@@ -117,7 +126,7 @@ def test_a_full_disk_costs_the_cache_never_a_reply(tmp_path: Path) -> None:
             filler = disk / "filler"
             subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=64"],
                            capture_output=True)
-            for i in range(4):
+            for i in range(2):
                 ask(server, f"full-{i}", f"Count to {i + 2}.")
             ask(server, "before", "Say it again.")
             status, health = server.json("GET", "/health")
@@ -142,10 +151,10 @@ def test_tiny_budgets_lose_no_reply_and_leave_a_clean_store(tmp_path: Path) -> N
     data = tmp_path / "store"
     with running_server(server_config(data, **tiny)) as server:
         for turn in range(2):
-            for i in range(5):
+            for i in range(4):
                 ask(server, f"t{i}", f"Turn {turn}: name a colour for {i}.")
         stats = tiers(server)
         assert stats["cold"]["drops"] + stats["cool"]["demotions"] > 0, stats
-        for i in range(5):
+        for i in range(4):
             assert server.json("GET", f"/v1/sessions/t{i}")[0] == 200
     assert cli(data, "inspect", "verify", **tiny) == 0
