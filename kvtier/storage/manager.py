@@ -19,8 +19,8 @@ Faults degrade, never stop: a tier or catalog that cannot be opened is moved asi
 timestamp) and recreated empty, and says so in :attr:`TierManager.degraded`; the catalog keeps what
 can still be read of it (:func:`~kvtier.storage.catalog.salvage`). Unreadable blocks are quarantined
 as they are met (:mod:`~kvtier.storage.reads`), and a tier whose key walk fails is rebuilt from what
-can still be read (:meth:`TierManager.rebuild_tier`). A block a request wrote is never dropped until a
-sequence names it or the writer gives it up (:meth:`TierManager.release_fresh`).
+can still be read (:meth:`TierManager.rebuild_tier`). A block a request wrote is never dropped
+until a sequence names it or the writer gives it up (:meth:`TierManager.release_fresh`).
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtier.config import Config
-from kvtier.errors import (BlockCorrupt, BlockMissing, KvtierError, TierDamaged, TierFull,
-                           WriteFailed)
+from kvtier.errors import BlockCorrupt, KvtierError, TierDamaged, TierFull, WriteFailed
 from kvtier.storage import codec, policy, summary
 from kvtier.storage.balancer import Balancer, Op
 from kvtier.storage.catalog import (BlockEntry, Catalog, CatalogTxn, KeySummary, SequenceEntry,
@@ -139,7 +138,8 @@ class TierManager:
         """The eviction policy's weights (the tools show priorities with them)."""
         self._reader = BlockReader(self._placement, self._balancer)
         self._fresh: dict[BlockId, float] = {}
-        """Blocks stored for a sequence not saved yet, held (never dropped), with when they were stored."""
+        """Blocks stored for a sequence not saved yet, held (never dropped), with when they were
+        stored."""
         self.repaired: dict[str, int] = {}
         """What opening repaired, if the store was not closed cleanly (non-zero counts)."""
         try:

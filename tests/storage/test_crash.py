@@ -37,7 +37,7 @@ WRITER = textwrap.dedent("""
 
 
 BUDGETS = {"small": ("1MiB", "400KiB", "400KiB"),
-           # Cool and cold hold about three blocks each: the background balancer drops while saves run.
+           # Cool and cold hold about three blocks each: the balancer drops while saves run.
            "tiny": ("1MiB", "64KiB", "64KiB")}
 
 
