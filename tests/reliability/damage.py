@@ -76,6 +76,14 @@ def meta_pages(part: str) -> Damage:
     return damage
 
 
+def map_bytes(part: str, n: int = 64 << 10) -> Damage:
+    def damage(data: Path) -> str:
+        path = data / part / "data.mdb"
+        scribble(path, path.stat().st_size // 3, n)
+        return f"{n} random bytes in {part}/data.mdb, past its meta pages"
+    return damage
+
+
 def catalog_bytes(n: int = 16 << 10) -> Damage:
     def damage(data: Path) -> str:
         path = data / "catalog" / "data.mdb"
@@ -93,6 +101,7 @@ DAMAGE: dict[str, Damage] = {
     "cool_manifest_deleted": delete_manifest("cool"),
     "warm_map_truncated": truncate_map("warm"),
     "warm_meta_pages": meta_pages("warm"),
+    "warm_map_bytes": map_bytes("warm"),
     "catalog_bytes": catalog_bytes(),
     "catalog_truncated": truncate_map("catalog"),
 }
