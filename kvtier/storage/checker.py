@@ -137,13 +137,14 @@ class CheckReport:
 
 # -- references -----------------------------------------------------------------------------------
 def check_references(view: StoreView, tiers: Sequence[TierStore], budgets: Mapping[Tier, int],
-                     report: CheckReport) -> None:
+                     report: CheckReport, walk: bool = True) -> None:
     """Every catalog reference, both ways, plus tier budgets, into ``report`` (its problems,
-    counts and repair). Reads record keys, never record data."""
+    counts and repair). Reads record keys, never record data; ``walk=False`` reads the catalog
+    alone (records are taken to be where their entries say, orphans are not looked for)."""
     problems, repair = report.problems, report.repair
     present: dict[BlockId, set[int]] = defaultdict(set)
     n_keys = 0
-    for tier in Tier:
+    for tier in Tier if walk else ():
         orphans: list[bytes] = []
         try:
             for key in tiers[tier].keys():
@@ -167,7 +168,7 @@ def check_references(view: StoreView, tiers: Sequence[TierStore], budgets: Mappi
     refs = view.references()
     for block, entry in view.blocks.items():
         have = present.get(block, set())
-        if entry.tier in report.damaged:
+        if entry.tier in report.damaged or not walk:
             pass
         elif len(have) < entry.n_layers:
             missing = sorted(set(range(entry.n_layers)) - have)
@@ -354,11 +355,11 @@ def _check_block(tier: TierStore, block: BlockId, entry: BlockEntry,
 # -- the walk, and the fix ------------------------------------------------------------------------
 def check(placement: Placement, budgets: Mapping[Tier, int], *, fix: bool,
           references: bool = True, records: bool = False, quick: bool = False,
-          progress: bool = False) -> CheckReport:
+          progress: bool = False, walk: bool = True) -> CheckReport:
     """Check the store (its references, and with ``records`` every record); with ``fix``,
     repair it: corrupt blocks first, then the references as they are after that. Fix only a
     store nothing else changes meanwhile (when it opens, or offline): the repair is planned
-    from one view of it."""
+    from one view of it. ``walk=False``: the catalog alone (see :func:`check_references`)."""
     report = CheckReport()
     if records:
         check_records(StoreView.load(placement), placement.tiers, report, quick=quick,
@@ -368,7 +369,7 @@ def check(placement: Placement, budgets: Mapping[Tier, int], *, fix: bool,
             report.fixed["corrupt_blocks"] = len(report.corrupt)
     if references:
         found = CheckReport()
-        check_references(StoreView.load(placement), placement.tiers, budgets, found)
+        check_references(StoreView.load(placement), placement.tiers, budgets, found, walk)
         report.problems[:0] = found.problems
         report.checked.update(found.checked)
         report.repair = found.repair

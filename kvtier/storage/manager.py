@@ -149,7 +149,7 @@ class TierManager:
             if balance_on_open:
                 self._balancer.enforce(self._balancer.budgets)
                 if self._placement.needs_repair:    # blocks sequences named were dropped
-                    self.check(fix=True)
+                    self.check(fix=True, walk=False)
         except WriteFailed as exc:
             # A full disk: serve what can be read; the repair runs when the store next opens
             # with room (it is not marked clean).
@@ -529,11 +529,11 @@ class TierManager:
 
     # -- upkeep, stats and shutdown --------------------------------------------------------------
     def check(self, *, fix: bool, references: bool = True, records: bool = False,
-              quick: bool = False, progress: bool = False) -> CheckReport:
+              quick: bool = False, progress: bool = False, walk: bool = True) -> CheckReport:
         """Check the store's invariants (see :mod:`~kvtier.storage.checker`); with ``fix``,
         repair what can be repaired."""
         report = check(self._placement, self._balancer.budgets, fix=fix, references=references,
-                       records=records, quick=quick, progress=progress)
+                       records=records, quick=quick, progress=progress, walk=walk)
         if fix and report.damaged:
             for tier in report.damaged:
                 rebuilt = self.rebuild_tier(tier)
@@ -653,8 +653,9 @@ class TierManager:
             if self._placement.needs_repair or self._fresh:
                 # Blocks were quarantined or dropped while sequences named them, or stored for
                 # sequences never saved: cut and collect now, so a clean store verifies clean.
+                # The catalog alone: walking the tiers' keys reads every RocksDB payload.
                 self.release_fresh(list(self._fresh))
-                self.check(fix=True)
+                self.check(fix=True, walk=False)
             self.catalog.set_clean(True)
         except KvtierError as exc:      # a full disk: the next open repairs instead
             log.warning("closing the store without marking it clean: %s", exc)
