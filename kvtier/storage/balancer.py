@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from enum import Enum
 
-from kvtier.errors import BlockCorrupt, TierFull, WriteFailed
+from kvtier.errors import STORAGE_FAULTS, BlockCorrupt, TierFull, WriteFailed
 from kvtier.storage import codec, policy
 from kvtier.storage.codec import RecordFormat
 from kvtier.storage.index import Move
@@ -147,6 +147,8 @@ class Balancer:
     def _run_logged(self, op: Op, block: BlockId | None) -> None:
         try:
             self._run(op, block)
+        except STORAGE_FAULTS as exc:   # a full or damaged tier: counted where it was met
+            log.warning("tier worker: %s %s: %s", op.value, block or "", exc)
         except Exception:  # the worker must survive; the failure is logged with its cause
             log.exception("tier worker: %s %s failed", op.value, block)
 

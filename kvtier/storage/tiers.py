@@ -394,10 +394,19 @@ class RocksStore:
             self.db.close()
         except Exception:  # it reports the write error again; the files are released anyway
             pass
+        self.db = None
         self.read_only = False
-        self._open()
-        for tier in self.tiers:
-            tier.attach()
+        try:
+            self._open()
+        except TierDamaged:
+            # Still no room to open for writing (RocksDB writes as it opens): keep reading.
+            self.read_only = True
+            self._open()
+            raise
+        finally:
+            if self.db is not None:
+                for tier in self.tiers:
+                    tier.attach()
 
     @staticmethod
     def _options() -> Options:
