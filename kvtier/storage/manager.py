@@ -112,6 +112,7 @@ class TierManager:
 
     def _open(self, config: Config, background: bool, balance_on_open: bool) -> None:
         t, e = config.tiers, config.eviction
+        self._catalog_failing = False
         self.degraded: dict[str, str] = {}
         """What opening found damaged and moved aside, by component (``catalog``, ``warm``,
         ``cool``, ``cold``): the reason and where the damaged files went."""
@@ -416,10 +417,17 @@ class TierManager:
         a request must not fail for want of an id, and a random 63-bit id is never reused."""
         try:
             with self.catalog.write() as txn:
-                return txn.next_sequence()
+                sequence = txn.next_sequence()
         except WriteFailed as exc:
-            log.warning("sequence ids come from the random range: %s", exc)
+            if not self._catalog_failing:
+                log.error("the catalog refuses writes (%s): sequence ids come from a random "
+                          "range until it takes them again", exc)
+                self._catalog_failing = True
             return (1 << 63) | secrets.randbits(63)
+        if self._catalog_failing:
+            log.warning("the catalog takes writes again")
+            self._catalog_failing = False
+        return sequence
 
     def save_sequence(self, namespace: Namespace, sequence: int, tokens: np.ndarray,
                       blocks: Sequence[BlockId]) -> SequenceEntry:
