@@ -648,6 +648,8 @@ class TierManager:
         out = dict(self.degraded)
         for tier, reason in self._balancer.failing().items():
             out[tier.label] = f"writes fail: {reason}"
+        if self._catalog_failing:
+            out["catalog"] = "writes fail (a full disk?)"
         return out
 
     def close(self) -> None:
