@@ -23,12 +23,26 @@ class BlockMissing(KvtierError):
     """A block the catalog lists is in no tier."""
 
 
-class ModelMismatch(KvtierError):
-    """KV computed by one model (or cache type) was about to be used with another."""
-
-
 class TierFull(KvtierError):
     """A tier cannot take a record even after demoting everything it may demote."""
+
+
+class TierDamaged(KvtierError):
+    """A tier's files cannot be read as a whole (a damaged SST, a missing blob or MANIFEST, a
+    truncated or overwritten LMDB file): its blocks are misses until it is rebuilt."""
+
+
+class WriteFailed(KvtierError):
+    """A tier or the catalog refused a write (a full disk, an I/O error): nothing was stored,
+    and what was computed is still served."""
+
+
+STORAGE_FAULTS = (BlockCorrupt, BlockMissing, TierDamaged, TierFull, WriteFailed)
+"""What the store may meet that costs the cache, never a request: what was computed is served."""
+
+
+class ModelMismatch(KvtierError):
+    """KV computed by one model (or cache type) was about to be used with another."""
 
 
 class UnsupportedLayout(KvtierError):

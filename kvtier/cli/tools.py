@@ -74,7 +74,8 @@ def add_tool_commands(sub: argparse._SubParsersAction, common: argparse.Argument
                          help="demote from cool down to this many bytes or percent of its "
                               "budget (default 85%%)")
     compact.add_argument("--scrub", action="store_true",
-                         help="first read every block and drop those that fail their checksum")
+                         help="first read every block and drop those that fail their checksum "
+                              "or that their tier cannot read (damaged files)")
     compact.add_argument("--no-rewrite", action="store_true",
                          help="leave the files as they are (no RocksDB compaction, no LMDB "
                               "rewrite)")

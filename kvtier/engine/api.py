@@ -130,6 +130,7 @@ class TierStats:
     demotions: int
     drops: int
     corrupt: int
+    write_errors: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,3 +215,5 @@ class CacheStats:
     throughput: ThroughputStats
     working_set: WorkingSetStats = field(default_factory=WorkingSetStats)
     store: StoreStats = field(default_factory=StoreStats)
+    degraded: dict[str, str] = field(default_factory=dict)
+    """Parts of the store that are damaged or refuse writes, with why (empty: none)."""

@@ -154,12 +154,12 @@ class Engine:
         """The store's tiers, the engine's token counts, its slots and measured throughput."""
         tiers = tuple(TierStats(s.name, s.blocks, s.stored_bytes, s.budget,
                                 round(s.compression_ratio, 3), s.hits, s.misses, s.promotions,
-                                s.demotions, s.drops, s.corrupt)
+                                s.demotions, s.drops, s.corrupt, s.write_errors)
                       for s in self.manager.stats())
         return CacheStats(tiers, self._scheduler.tokens.stats(), self._scheduler.slot_stats(),
                           _throughput_stats(self._scheduler.throughput),
                           self._scheduler.working_set_stats(),
-                          self._scheduler.writer.stats())
+                          self._scheduler.writer.stats(), self.manager.degradation())
 
     def close(self) -> None:
         """Cut queued requests, finish active ones as cancelled (their KV is stored), close."""

@@ -33,7 +33,7 @@ from kvtier.engine.snapshot import Snapshotter
 from kvtier.engine.store_writer import StoreWriter
 from kvtier.engine.warmup import warm_up
 from kvtier.engine.windows import WindowedSlots
-from kvtier.errors import KvtierError, Overloaded
+from kvtier.errors import STORAGE_FAULTS, KvtierError, Overloaded
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import Namespace
 
@@ -283,6 +283,20 @@ class Scheduler:
         tail = job.stream.finish()
         if tail:
             job.handle.emit_token(TokenEvent(tail, -1))
+        try:
+            self._submit_store(job)
+        except STORAGE_FAULTS as exc:
+            # A full disk or a damaged store costs the cache this turn, never the reply.
+            log.warning("a finished reply is not stored: %s", exc)
+            self.admission.slot_seq.pop(slot.index, None)
+        usage = Usage(len(job.prompt), sum(1 for t in job.generated if not self.model.is_eog(t)),
+                      job.cached, job.restored, len(job.prompt) - job.cached,
+                      job.turn.window.held_tokens if job.turn else len(slot.tokens))
+        return Finished(job.stream.text, job.finish_reason or "stop", usage,
+                        job.request.session_id)
+
+    def _submit_store(self, job: Job) -> None:
+        slot = job.slot
         if job.turn:
             # A long conversation's blocks were stored as they filled; the rest is stored here.
             job.seq = self.windows.finish(job.turn)
@@ -296,11 +310,6 @@ class Scheduler:
                 store.session_id = job.owner.session_id
                 store.after = self._session_update(job, job.owner.session_id)
             self.writer.submit(store)
-        usage = Usage(len(job.prompt), sum(1 for t in job.generated if not self.model.is_eog(t)),
-                      job.cached, job.restored, len(job.prompt) - job.cached,
-                      job.turn.window.held_tokens if job.turn else len(slot.tokens))
-        return Finished(job.stream.text, job.finish_reason or "stop", usage,
-                        job.request.session_id)
 
     def _session_update(self, job: Job, session_id: str) -> Callable[[], None]:
         """The session's new turn, saved by the store writer once the turn's KV is stored."""

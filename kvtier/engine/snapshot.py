@@ -33,7 +33,7 @@ from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.slots import Slot
 from kvtier.engine.store_writer import (BlockWrite, SequenceWrite, StoreJob, StoreWriter,
                                         write_blocks)
-from kvtier.errors import KvtierError, StateRejected
+from kvtier.errors import STORAGE_FAULTS, KvtierError, StateRejected
 from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.reads import RowTargets, decode_threads
@@ -342,10 +342,16 @@ class Snapshotter:
             entries = [self.manager.block_entry(block) for block in plan.blocks]
             usable = next((j for j, e in enumerate(entries) if e is None), len(entries))
             blocks = plan.blocks[:usable]
-            if self._direct:
-                n_blocks = self._restore_direct(slot, blocks, entries)
-            else:
-                n_blocks = self._restore_composed(slot, blocks)
+            try:
+                if self._direct:
+                    n_blocks = self._restore_direct(slot, blocks, entries)
+                else:
+                    n_blocks = self._restore_composed(slot, blocks)
+            except STORAGE_FAULTS as exc:
+                # Whatever the store met, the prompt is recomputed: a cache miss, not a failure.
+                log.warning("restore abandoned, recomputing the prompt: %s", exc)
+                self.hot.clear(slot)
+                return Restored(0, 0.0, Counter())
         tiers: Counter[Tier] = Counter()
         for entry in entries[:n_blocks]:
             tiers[entry.tier] += entry.n_tokens

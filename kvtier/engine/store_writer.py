@@ -38,7 +38,7 @@ import numpy as np
 from kvtier.engine.api import StoreStats
 from kvtier.engine.host_buffers import BufferPool, HostBuffer
 from kvtier.engine.state_codec import SequenceState, parse
-from kvtier.errors import KvtierError, UnsupportedLayout
+from kvtier.errors import STORAGE_FAULTS, KvtierError, UnsupportedLayout
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, TensorRows
 
@@ -146,7 +146,7 @@ def write_blocks(manager: TierManager, states: Sequence[SequenceState],
     it is shared)."""
     def put(w: BlockWrite) -> BlockId:
         return manager.put_block(w.block, rows_at(states[w.part], w.first_pos, w.n_tokens),
-                                 w.chain)
+                                 w.chain, hold=True)
     if pool is None or len(blocks) < 2:
         return [put(w) for w in blocks]
     return list(pool.map(put, blocks))
@@ -275,6 +275,10 @@ class StoreWriter:
             start = time.perf_counter()
             try:
                 self._run(job)
+            except STORAGE_FAULTS as exc:   # counted and logged where the store met it
+                error = exc
+                log.warning("storing %d blocks%s failed: %s", len(job.blocks),
+                            f" of sequence {job.sequence.seq_id}" if job.sequence else "", exc)
             except Exception as exc:  # a failed store must not stop the writer
                 error = exc
                 log.exception("storing %d blocks%s failed", len(job.blocks),
@@ -286,18 +290,31 @@ class StoreWriter:
         if job.blocks:
             if job.buffer is None:
                 raise ValueError("a job with blocks to store needs a state read")
-            stored_as = write_blocks(self.manager, job.states(), job.blocks, self._encoders)
+            try:
+                stored_as = write_blocks(self.manager, job.states(), job.blocks, self._encoders)
+            except STORAGE_FAULTS as exc:
+                # A full disk or a damaged tier: the sequence is saved with the blocks before
+                # the first that is missing (the rest is recomputed), and the session's turn is
+                # kept; the job still counts as failed.
+                failed = exc
+                stored_as = []
+            else:
+                failed = None
             for w, stored in zip(job.blocks, stored_as):
                 with self._cv:
                     self._blocks_written += 1
                     if stored != w.block:
                         self._aliases[w.block] = stored
+        else:
+            failed = None
         if job.sequence is not None:
             s = job.sequence
             self.manager.save_sequence(s.namespace, s.seq_id, s.tokens,
                                        [self.resolve(b) for b in s.blocks])
         if job.after is not None:
             job.after()
+        if failed is not None:
+            raise failed
 
     def _finish(self, job: StoreJob, error: BaseException | None, seconds: float) -> None:
         if job.buffer is not None:
@@ -311,6 +328,9 @@ class StoreWriter:
                 self._failures += 1
                 if job.sequence is not None:
                     self._broken.add(job.sequence.seq_id)
+                    self.manager.release_fresh(list(job.sequence.blocks)
+                                               + [self._aliases.get(b, b)
+                                                  for b in job.sequence.blocks])
             for w in job.blocks:
                 self._pending_blocks[w.block] -= 1
                 if self._pending_blocks[w.block] <= 0:

@@ -17,7 +17,8 @@ from kvtier.http.responses import CacheStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TIER_GAUGES = ("blocks", "bytes", "budget", "compression_ratio")
-_TIER_COUNTERS = ("hits", "misses", "promotions", "demotions", "drops", "corrupt")
+_TIER_COUNTERS = ("hits", "misses", "promotions", "demotions", "drops", "corrupt",
+                  "write_errors")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0)
 

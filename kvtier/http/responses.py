@@ -289,7 +289,9 @@ class TierStats(_Response):
     demotions: int
     drops: int
     corrupt: int
-    """Records that failed their checksum."""
+    """Blocks found unreadable (a failed checksum, a damaged file) and quarantined."""
+    write_errors: int = 0
+    """Writes the tier refused (a full disk, an I/O error)."""
 
 
 class TokenCounts(_Response):
@@ -356,6 +358,8 @@ class CacheStats(_Response):
     throughput: Throughput
     working_set: WorkingSetCounts
     store: StoreCounts
+    degraded: dict[str, str] = {}
+    """Parts of the store that are damaged or refuse writes, with why."""
 
     @classmethod
     def of(cls, stats: api.CacheStats) -> CacheStats:
@@ -369,17 +373,21 @@ class TierSummary(_Response):
 
 
 class Health(_Response):
-    status: Literal["ok", "shutting_down"]
+    status: Literal["ok", "degraded", "shutting_down"]
+    """``degraded``: serving, but part of the store was damaged (moved aside when it opened)
+    or refuses writes; ``degraded`` says which and why."""
     model: str
     slots: SlotCounts
     cache: list[TierSummary]
+    degraded: dict[str, str] = {}
 
     @classmethod
     def of(cls, stats: api.CacheStats, model: str, closing: bool) -> Health:
-        return cls(status="shutting_down" if closing else "ok", model=model,
+        status = "shutting_down" if closing else "degraded" if stats.degraded else "ok"
+        return cls(status=status, model=model,
                    slots=SlotCounts.model_validate(stats.slots, from_attributes=True),
                    cache=[TierSummary(name=t.name, blocks=t.blocks, bytes=t.bytes)
-                          for t in stats.tiers])
+                          for t in stats.tiers], degraded=dict(stats.degraded))
 
 
 class ErrorDetail(_Response):

@@ -15,6 +15,8 @@ before the catalog entry that points at it, and deleted only after the entry's r
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,11 +28,13 @@ import lmdb
 import msgpack
 import numpy as np
 
+from kvtier.errors import TierDamaged, WriteFailed
 from kvtier.storage.records import BlockId, ChainHash, Namespace
-from kvtier.storage.tiers import Tier
+from kvtier.storage.tiers import Tier, move_aside, open_lmdb
 
 CATALOG_VERSION = 1
 _U64 = struct.Struct(">Q")
+DATABASES = (b"meta", b"blocks", b"hashes", b"sequences", b"sessions", b"summaries")
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,22 +283,39 @@ class Catalog:
     """The catalog's LMDB environment. Use :meth:`read` and :meth:`write` as context managers."""
 
     def __init__(self, path: Path, map_size: int = 4 * 1024**3) -> None:
+        """Open (or create) the catalog; :class:`TierDamaged` if its file cannot be read."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, readahead=False)
-        self.meta_db = self.env.open_db(b"meta")
-        self.blocks_db = self.env.open_db(b"blocks")
-        self.hashes_db = self.env.open_db(b"hashes")
-        self.sequences_db = self.env.open_db(b"sequences")
-        self.sessions_db = self.env.open_db(b"sessions")
-        self.summaries_db = self.env.open_db(b"summaries")
-        with self.write() as txn:
-            version = txn.get_meta(b"version")
-            if version is None:
-                txn.put_meta(b"version", _U64.pack(CATALOG_VERSION))
-            elif _U64.unpack(version)[0] != CATALOG_VERSION:
-                raise RuntimeError(f"catalog format {_U64.unpack(version)[0]}, this kvtier "
-                                   f"reads {CATALOG_VERSION}")
+        self.env = open_lmdb(self.path, map_size=map_size, max_dbs=8, readahead=False)
+        try:
+            self.meta_db, self.blocks_db, self.hashes_db, self.sequences_db, \
+                self.sessions_db, self.summaries_db = (self.env.open_db(name)
+                                                       for name in DATABASES)
+            with self.write() as txn:
+                version = txn.get_meta(b"version")
+                if version is None:
+                    txn.put_meta(b"version", _U64.pack(CATALOG_VERSION))
+                elif _U64.unpack(version)[0] != CATALOG_VERSION:
+                    raise RuntimeError(f"catalog format {_U64.unpack(version)[0]}, this kvtier "
+                                       f"reads {CATALOG_VERSION}")
+        except (lmdb.Error, WriteFailed) as exc:
+            self.env.close()
+            raise TierDamaged(f"{self.path}: {exc}") from exc
+
+    def walk(self) -> None:
+        """Read every entry of every database; :class:`TierDamaged` at the first that cannot
+        be read or unpacked (a damaged page, random bytes in a value)."""
+        walks = ((self.meta_db, None), (self.blocks_db, BlockEntry.unpack),
+                 (self.hashes_db, None), (self.sequences_db, SequenceEntry.unpack),
+                 (self.sessions_db, SessionEntry.unpack), (self.summaries_db, None))
+        try:
+            with self.env.begin() as txn:
+                for db, unpack in walks:
+                    for _, value in txn.cursor(db=db):
+                        if unpack is not None:
+                            unpack(value)
+        except Exception as exc:  # lmdb's errors, or msgpack's / a dataclass's on bad bytes
+            raise TierDamaged(f"{self.path}: {exc!r}") from exc
 
     @contextmanager
     def read(self) -> Iterator[CatalogTxn]:
@@ -306,8 +327,11 @@ class Catalog:
         """A write transaction; it commits when the block ends, then runs its after-commit
         hooks in order. An exception aborts it, and no hook runs."""
         hooks: list[Callable[[], None]] = []
-        with self.env.begin(write=True) as txn:
-            yield CatalogTxn(self, txn, hooks)
+        try:
+            with self.env.begin(write=True) as txn:
+                yield CatalogTxn(self, txn, hooks)
+        except lmdb.Error as exc:       # a full disk, an I/O error: nothing was written
+            raise WriteFailed(f"catalog: {exc}") from exc
         for fn in hooks:
             fn()
 
@@ -322,3 +346,186 @@ class Catalog:
     def close(self) -> None:
         self.env.close()
 
+
+
+def salvage(path: Path, map_size: int = 4 * 1024**3) -> tuple[Path, Catalog, dict[str, int]]:
+    """Move a damaged catalog aside and build a new one at ``path`` from every entry of it that
+    can still be read (its clean flag cleared, so the checker repairs the store around what was
+    lost). Returns where the old one went, the new catalog and the entries kept per database.
+
+    A truncated file is read from a copy padded with zeros to the size its meta page says, so
+    that nothing is ever read past its end through the map. Where a database cannot be walked
+    (a damaged branch page, or the page naming the databases), its entries are looked for page by
+    page (:func:`_scan_pages`), newest copy first; sequence ids then continue after the largest
+    one found."""
+    moved = move_aside(Path(path))
+    fresh = Catalog(path, map_size)
+    kept: dict[str, int] = {}
+    try:
+        source = _readable_copy(moved)
+    except (OSError, TierDamaged):
+        source = None
+    if source is not None:
+        try:
+            env = lmdb.open(str(source), map_size=map_size, max_dbs=8, readonly=True,
+                            lock=False)
+        except lmdb.Error:
+            env = None
+        if env is not None:
+            try:
+                kept = _copy_readable(env, fresh)
+            finally:
+                env.close()
+        else:
+            kept = {name.decode(): 0 for name in DATABASES}
+        if any(kept[name] == 0 for name in ("blocks", "sequences", "sessions")):
+            found = _scan_pages(source / "data.mdb")
+            for name, items in found.items():
+                if kept[name] == 0 and items:
+                    db = fresh.env.open_db(name.encode())
+                    with fresh.env.begin(write=True) as txn:
+                        for key, value in items.items():
+                            txn.put(key, value, db=db)
+                    kept[name] = len(items)
+        _continue_sequence_ids(fresh)
+        _index_hashes(fresh)
+        if source != moved:
+            shutil.rmtree(source, ignore_errors=True)
+    fresh.set_clean(False)
+    return moved, fresh, kept
+
+
+def _readable_copy(moved: Path) -> Path:
+    """``moved`` itself, or a zero-padded copy of a truncated data file next to it."""
+    from kvtier.storage.tiers import lmdb_file_problem
+    problem = lmdb_file_problem(moved)
+    if problem is None:
+        return moved
+    if "truncated" not in problem:
+        raise TierDamaged(problem)
+    copy = moved.with_name(moved.name + ".salvage")
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
+    shutil.copyfile(moved / "data.mdb", copy / "data.mdb")
+    need = int(problem.rsplit(" uses ", 1)[1])
+    os.truncate(copy / "data.mdb", need)
+    return copy
+
+
+def _copy_readable(env: lmdb.Environment, fresh: Catalog) -> dict[str, int]:
+    kept: dict[str, int] = {}
+    unpack = {b"blocks": BlockEntry.unpack, b"sequences": SequenceEntry.unpack,
+              b"sessions": SessionEntry.unpack}
+    for name in DATABASES:
+        items: list[tuple[bytes, bytes]] = []
+        try:
+            db = env.open_db(name, create=False)
+            with env.begin() as txn:
+                for key, value in txn.cursor(db=db):
+                    try:
+                        if name in unpack:
+                            unpack[name](value)
+                    except Exception:  # one bad value: skip it, keep walking
+                        continue
+                    items.append((bytes(key), bytes(value)))
+        except Exception:  # a damaged page ends this database's walk; keep what came before
+            pass
+        target = fresh.env.open_db(name)
+        with fresh.env.begin(write=True) as txn:
+            for key, value in items:
+                if name == b"meta" and key in (b"version", b"clean"):
+                    continue
+                txn.put(key, value, db=target)
+        kept[name.decode()] = len(items)
+    return kept
+
+
+_PAGE_HEAD = struct.Struct("<HHH")          # mp_flags, mp_lower, mp_upper (after pgno and pad)
+_NODE_HEAD = struct.Struct("<HHHH")         # mn_lo, mn_hi (data size), mn_flags, mn_ksize
+_P_LEAF, _P_OVERFLOW, _P_META, _P_LEAF2 = 0x02, 0x04, 0x08, 0x20
+_F_BIGDATA, _F_SUBDATA, _F_DUPDATA = 0x01, 0x02, 0x04
+
+
+def _leaf_nodes(data: bytes, psize: int) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) on every leaf page of an LMDB file's bytes, current or stale."""
+    for page in range(2 * psize, len(data) - psize + 1, psize):
+        flags, lower, upper = _PAGE_HEAD.unpack_from(data, page + 10)
+        if flags & (_P_OVERFLOW | _P_META | _P_LEAF2) or not flags & _P_LEAF \
+                or not 16 <= lower <= upper <= psize:
+            continue
+        for i in range((lower - 16) // 2):
+            at = struct.unpack_from("<H", data, page + 16 + 2 * i)[0]
+            if not upper <= at <= psize - 8:
+                break
+            lo, hi, node_flags, ksize = _NODE_HEAD.unpack_from(data, page + at)
+            if node_flags & (_F_SUBDATA | _F_DUPDATA):
+                continue
+            start = page + at + 8
+            key, size = data[start:start + ksize], lo | hi << 16
+            if node_flags & _F_BIGDATA:
+                overflow = struct.unpack_from("<Q", data, start + ksize)[0] * psize + 16
+                value = data[overflow:overflow + size]
+            else:
+                value = data[start + ksize:start + ksize + size]
+            if len(key) == ksize and len(value) == size:
+                yield key, value
+
+
+def _scan_pages(data_file: Path) -> dict[str, dict[bytes, bytes]]:
+    """Catalog entries found page by page in a damaged file: blocks, hashes, sequences and
+    sessions recognised by their keys and values (a value must unpack as its entry and agree with
+    its key). Of several copies of one entry (pages of older transactions), the newest is kept."""
+    from kvtier.storage.tiers import LMDB_PAGE
+    try:
+        data = data_file.read_bytes()
+    except OSError:
+        return {}
+    found: dict[str, dict[bytes, bytes]] = {"blocks": {}, "hashes": {}, "sequences": {},
+                                             "sessions": {}}
+    stamps: dict[tuple[str, bytes], float] = {}
+
+    def keep(name: str, key: bytes, value: bytes, stamp: float) -> None:
+        if stamps.get((name, key), -1.0) < stamp:
+            stamps[name, key] = stamp
+            found[name][key] = value
+
+    for key, value in _leaf_nodes(data, LMDB_PAGE):
+        try:
+            if len(key) == BlockId.BYTES:
+                entry = BlockEntry.unpack(value)
+                keep("blocks", key, value, entry.last_access)
+            elif len(key) == BlockId.BYTES + 4 and len(value) == BlockId.BYTES \
+                    and value[:16] == key[:16]:
+                keep("hashes", key, value, 0.0)
+            elif len(key) == 24 and (seq := SequenceEntry.unpack(value)) is not None \
+                    and sequence_key(seq.namespace, seq.sequence) == key:
+                keep("sequences", key, value, seq.updated)
+            elif (session := SessionEntry.unpack(value)).session_id.encode() == key:
+                keep("sessions", key, value, session.last_used)
+        except Exception:  # not an entry of that kind: another database's, or damaged bytes
+            continue
+    return found
+
+
+def _index_hashes(catalog: Catalog) -> None:
+    """Give every salvaged full block the hash-index entry that leads to it, where none does
+    (the index is derived from the blocks' chain hashes, so it can be rebuilt from them)."""
+    with catalog.write() as txn:
+        for block, entry in list(txn.iter_blocks()):
+            if entry.chain and txn.find_hash(block.namespace, ChainHash(entry.chain)) is None:
+                txn.put_hash(block.namespace, ChainHash(entry.chain), block)
+
+
+def _continue_sequence_ids(catalog: Catalog) -> None:
+    """Make the next sequence id follow every sequence id the salvaged entries use."""
+    with catalog.write() as txn:
+        top = 0
+        for block, _ in txn.iter_blocks():
+            top = max(top, block.sequence)
+        for seq in txn.iter_sequences():
+            top = max(top, seq.sequence)
+        for session in txn.iter_sessions():
+            top = max(top, session.sequence)
+        current = txn.get_meta(b"next_seq")
+        if current is None or _U64.unpack(current)[0] <= top:
+            txn.put_meta(b"next_seq", _U64.pack(top + 1))

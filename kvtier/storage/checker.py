@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kvtier.errors import BlockCorrupt
+from kvtier.errors import BlockCorrupt, TierDamaged
 from kvtier.storage import codec
 from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.placement import Placement
@@ -67,6 +67,9 @@ class Kind(str, Enum):
     """A session names a sequence that does not exist."""
     OVER_BUDGET = "over_budget"
     """A tier holds more bytes than its budget."""
+    DAMAGED_TIER = "damaged_tier"
+    """A tier's files cannot be walked (a damaged SST or blob file), or a tier or the catalog
+    could not be opened and was moved aside when the store opened."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,8 @@ class CheckReport:
     repair: Repair = field(default_factory=Repair)
     corrupt: list[BlockId] = field(default_factory=list)
     """Blocks with unreadable records (when records were read)."""
+    damaged: list[Tier] = field(default_factory=list)
+    """Tiers whose key walk failed: rebuilt by the tier manager's fix."""
     fixed: dict[str, int] = field(default_factory=dict)
     """What was repaired (with ``fix``): the repair's counts, and ``corrupt_blocks``."""
 
@@ -132,26 +137,40 @@ class CheckReport:
 
 # -- references -----------------------------------------------------------------------------------
 def check_references(view: StoreView, tiers: Sequence[TierStore], budgets: Mapping[Tier, int],
-                     report: CheckReport) -> None:
+                     report: CheckReport, walk: bool = True) -> None:
     """Every catalog reference, both ways, plus tier budgets, into ``report`` (its problems,
-    counts and repair). Reads record keys, never record data."""
+    counts and repair). Reads record keys, never record data; ``walk=False`` reads the catalog
+    alone (records are taken to be where their entries say, orphans are not looked for)."""
     problems, repair = report.problems, report.repair
     present: dict[BlockId, set[int]] = defaultdict(set)
     n_keys = 0
-    for tier in Tier:
-        for key in tiers[tier].keys():
-            n_keys += 1
-            orphan = _orphan_reason(view, tier, key)
-            if orphan:
-                problems.append(Problem(Kind.ORPHAN_RECORD, key.hex(), orphan, tier=tier.label))
-                repair.orphans.setdefault(tier, []).append(key)
-            else:
-                present[BlockId.from_bytes(key[:BlockId.BYTES])].add(_layer_of(key))
+    for tier in Tier if walk else ():
+        orphans: list[bytes] = []
+        try:
+            for key in tiers[tier].keys():
+                n_keys += 1
+                orphan = _orphan_reason(view, tier, key)
+                if orphan:
+                    problems.append(Problem(Kind.ORPHAN_RECORD, key.hex(), orphan,
+                                            tier=tier.label))
+                    orphans.append(key)
+                else:
+                    present[BlockId.from_bytes(key[:BlockId.BYTES])].add(_layer_of(key))
+        except TierDamaged as exc:
+            # What the walk saw is not all there is: judge none of this tier's records by it.
+            problems.append(Problem(Kind.DAMAGED_TIER, tier.label,
+                                    f"its files cannot be walked: {exc}", tier=tier.label))
+            report.damaged.append(tier)
+            continue
+        if orphans:
+            repair.orphans[tier] = orphans
 
     refs = view.references()
     for block, entry in view.blocks.items():
         have = present.get(block, set())
-        if len(have) < entry.n_layers:
+        if entry.tier in report.damaged or not walk:
+            pass
+        elif len(have) < entry.n_layers:
             missing = sorted(set(range(entry.n_layers)) - have)
             problems.append(Problem(Kind.MISSING_RECORD, block_name(block),
                                     f"layers {_ranges(missing)} of {entry.n_layers} are not in "
@@ -287,7 +306,14 @@ def check_records(view: StoreView, tiers: Sequence[TierStore], report: CheckRepo
     with tqdm(total=len(blocks), unit="block", desc="verify", disable=not progress,
               leave=False) as bar:
         for block, entry in blocks:
-            values = tiers[entry.tier].get_many(block.record_keys(entry.n_layers))
+            try:
+                values = tiers[entry.tier].get_many(block.record_keys(entry.n_layers))
+            except BlockCorrupt as exc:     # the tier cannot read the block at all
+                report.problems.append(Problem(Kind.CORRUPT_RECORD, block_name(block),
+                                               f"unreadable: {exc}", entry.tier.label))
+                report.corrupt.append(block)
+                bar.update()
+                continue
             found = _check_block(tiers[entry.tier], block, entry, values, quick)
             report.problems.extend(found)
             if any(p.kind is Kind.CORRUPT_RECORD for p in found):
@@ -330,11 +356,11 @@ def _check_block(tier: TierStore, block: BlockId, entry: BlockEntry,
 # -- the walk, and the fix ------------------------------------------------------------------------
 def check(placement: Placement, budgets: Mapping[Tier, int], *, fix: bool,
           references: bool = True, records: bool = False, quick: bool = False,
-          progress: bool = False) -> CheckReport:
+          progress: bool = False, walk: bool = True) -> CheckReport:
     """Check the store (its references, and with ``records`` every record); with ``fix``,
     repair it: corrupt blocks first, then the references as they are after that. Fix only a
     store nothing else changes meanwhile (when it opens, or offline): the repair is planned
-    from one view of it."""
+    from one view of it. ``walk=False``: the catalog alone (see :func:`check_references`)."""
     report = CheckReport()
     if records:
         check_records(StoreView.load(placement), placement.tiers, report, quick=quick,
@@ -344,10 +370,11 @@ def check(placement: Placement, budgets: Mapping[Tier, int], *, fix: bool,
             report.fixed["corrupt_blocks"] = len(report.corrupt)
     if references:
         found = CheckReport()
-        check_references(StoreView.load(placement), placement.tiers, budgets, found)
+        check_references(StoreView.load(placement), placement.tiers, budgets, found, walk)
         report.problems[:0] = found.problems
         report.checked.update(found.checked)
         report.repair = found.repair
+        report.damaged = found.damaged
         if fix:
             _apply(placement, found.repair)
             report.fixed.update(found.repair.counts())

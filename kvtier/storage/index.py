@@ -39,6 +39,8 @@ class TierCounters:
     demotions: int = 0
     drops: int = 0
     corrupt: int = 0
+    write_errors: int = 0
+    """Writes the tier refused (a full disk, an I/O error)."""
 
 
 @dataclass(slots=True)
@@ -83,6 +85,9 @@ class BlockIndex:
         """namespace | parent chain hash → the partial tails after that full block, each with
         its token count and its tail chain hash (derived from the entries, never stored)."""
         self._pins: Counter[BlockId] = Counter()
+        self._held: set[BlockId] = set()
+        """Blocks that may move between tiers but not be dropped (stored for a sequence that is
+        not saved yet)."""
         self._moves: dict[BlockId, Move] = {}
         self._dirty: set[BlockId] = set()
         self.usage = {tier: TierUsage() for tier in Tier}
@@ -248,10 +253,20 @@ class BlockIndex:
                 if self._pins[block] <= 0:
                     del self._pins[block]
 
-    def candidates(self, tier: Tier) -> list[Candidate[BlockId]]:
-        """Every block of ``tier`` for the eviction policy; pinned and moving ones marked pinned."""
+    def hold(self, blocks: Iterable[BlockId]) -> None:
         with self.lock:
-            return [candidate(b, e, b in self._pins or b in self._moves)
+            self._held.update(blocks)
+
+    def unhold(self, blocks: Iterable[BlockId]) -> None:
+        with self.lock:
+            self._held.difference_update(blocks)
+
+    def candidates(self, tier: Tier, dropping: bool = False) -> list[Candidate[BlockId]]:
+        """Every block of ``tier`` for the eviction policy; pinned and moving ones marked pinned,
+        and when ``dropping``, held ones too."""
+        with self.lock:
+            return [candidate(b, e, b in self._pins or b in self._moves
+                              or (dropping and b in self._held))
                     for b, e in self._entries.items() if e.tier == tier]
 
     # -- moves and reservations ---------------------------------------------------------------

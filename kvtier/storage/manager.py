@@ -14,10 +14,20 @@ layers) lives in exactly one tier.
   invariant checker (:mod:`~kvtier.storage.checker`) repairs a store that was not closed cleanly.
 
 After any public call returns, no tier holds more than its budget.
+
+Faults degrade, never stop: a tier or catalog that cannot be opened is moved aside (renamed with a
+timestamp) and recreated empty, and says so in :attr:`TierManager.degraded`; the catalog keeps what
+can still be read of it (:func:`~kvtier.storage.catalog.salvage`). Unreadable blocks are quarantined
+as they are met (:mod:`~kvtier.storage.reads`), and a tier whose key walk fails is rebuilt from what
+can still be read (:meth:`TierManager.rebuild_tier`). A block a request wrote is never dropped
+until a sequence names it or the writer gives it up (:meth:`TierManager.release_fresh`).
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
+import shutil
 import threading
 import time
 from collections import Counter
@@ -29,11 +39,11 @@ from pathlib import Path
 import numpy as np
 
 from kvtier.config import Config
-from kvtier.errors import BlockMissing, KvtierError, TierFull
+from kvtier.errors import BlockCorrupt, KvtierError, TierDamaged, TierFull, WriteFailed
 from kvtier.storage import codec, policy, summary
 from kvtier.storage.balancer import Balancer, Op
 from kvtier.storage.catalog import (BlockEntry, Catalog, CatalogTxn, KeySummary, SequenceEntry,
-                                    SessionEntry)
+                                    SessionEntry, salvage)
 from kvtier.storage.checker import CheckReport, check
 from kvtier.storage.codec import RecordFormat
 from kvtier.storage.dirlock import DataDirLock
@@ -42,11 +52,17 @@ from kvtier.storage.placement import Placement
 from kvtier.storage.quant import Encoding
 from kvtier.storage.reads import BlockReader, Fetched, RowDestination
 from kvtier.storage.records import WINDOWED, BlockId, ChainHash, LayerKV, Namespace, chain_hash
-from kvtier.storage.tiers import LmdbTier, RocksStore, RocksTier, Tier, TierStore
+from kvtier.storage.tiers import (LmdbTier, RocksStore, RocksTier, Tier, TierStore, move_aside)
 from kvtier.storage.view import NAMESPACE_META, StoreView
+
+log = logging.getLogger(__name__)
 
 WARM_MAP_RESERVE = 0.06
 """Part of the LMDB map kept for its B-tree pages and free lists, outside the warm byte budget."""
+DISK_FULL_BYTES = 1 << 20
+"""Free bytes below which a tier that fails to open is taken to be on a full disk, not damaged."""
+FRESH_PIN_S = 600.0
+"""How long a block stored for a sequence that is never saved stays pinned at most."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +79,19 @@ class TierStats:
     demotions: int
     drops: int
     corrupt: int
+    write_errors: int = 0
 
     @property
     def compression_ratio(self) -> float:
         return self.raw_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system of ``path`` has (almost) no room left."""
+    try:
+        return shutil.disk_usage(path).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 class TierManager:
@@ -87,11 +112,14 @@ class TierManager:
 
     def _open(self, config: Config, background: bool, balance_on_open: bool) -> None:
         t, e = config.tiers, config.eviction
-        self.catalog = Catalog(config.data_path / "catalog")
+        self._catalog_failing = False
+        self.degraded: dict[str, str] = {}
+        """What opening found damaged and moved aside, by component (``catalog``, ``warm``,
+        ``cool``, ``cold``): the reason and where the damaged files went."""
+        self.catalog = self._open_catalog(config.data_path / "catalog")
         self._stores: dict[Path, RocksStore] = {}
         self.tiers: list[TierStore] = [    # indexed by Tier
-            LmdbTier(config.warm_path, map_size=t.host_ram_budget),
-            RocksTier(self._store(config.cool_path), Tier.COOL.label),
+            self._open_warm(), RocksTier(self._store(config.cool_path), Tier.COOL.label),
             RocksTier(self._store(config.cold_path), Tier.COLD.label)]
         with self.catalog.read() as txn:
             self._index = BlockIndex(txn.iter_blocks(), txn.iter_hashes())
@@ -105,16 +133,28 @@ class TierManager:
              Tier.COOL: RecordFormat(cold, t.zstd_level),
              Tier.COLD: RecordFormat(cold, t.zstd_level)},
             policy.Weights(e.alpha, e.beta, e.gamma, e.hit_half_life_s))
+        self.capped = self._balancer.cap_budgets(warn=True)
+        """Tiers whose budget exceeded the space their disk has, with the budget used."""
         self.weights = self._balancer.weights
         """The eviction policy's weights (the tools show priorities with them)."""
         self._reader = BlockReader(self._placement, self._balancer)
+        self._fresh: dict[BlockId, float] = {}
+        """Blocks stored for a sequence not saved yet, held (never dropped), with when they were
+        stored."""
         self.repaired: dict[str, int] = {}
         """What opening repaired, if the store was not closed cleanly (non-zero counts)."""
-        if not self.catalog.was_clean():
-            self.repaired = self.check(fix=True).fixed
-        self.catalog.set_clean(False)
-        if balance_on_open:
-            self._balancer.enforce(self._balancer.budgets)
+        try:
+            if not self.catalog.was_clean() or self.degraded:
+                self.repaired = self.check(fix=True).fixed
+            self.catalog.set_clean(False)
+            if balance_on_open:
+                self._balancer.enforce(self._balancer.budgets)
+                if self._placement.needs_repair:    # blocks sequences named were dropped
+                    self.check(fix=True, walk=False)
+        except WriteFailed as exc:
+            # A full disk: serve what can be read; the repair runs when the store next opens
+            # with room (it is not marked clean).
+            log.error("the store opened on a disk that refuses writes, unrepaired: %s", exc)
         if background:
             self._balancer.start()
             threading.Thread(target=codec.warm_up, name="kvtier-warm-up", daemon=True).start()
@@ -122,57 +162,147 @@ class TierManager:
     def _store(self, path: Path) -> RocksStore:
         resolved = path.resolve()
         if resolved not in self._stores:
-            self._stores[resolved] = RocksStore(resolved, [Tier.COOL.label, Tier.COLD.label])
+            families = [Tier.COOL.label, Tier.COLD.label]
+            try:
+                self._stores[resolved] = RocksStore(resolved, families)
+            except TierDamaged as exc:
+                if _disk_full(resolved):
+                    # Not damage: RocksDB writes when it opens. Serve reads; writes fail (and
+                    # are retried, reopening it) until there is room.
+                    log.error("the disk of %s is full: its tiers are read-only (%s)", resolved,
+                              exc)
+                    self._stores[resolved] = RocksStore(resolved, families, read_only=True)
+                    return self._stores[resolved]
+                self._moved_aside(self._labels_at(resolved), resolved, exc)
+                self._stores[resolved] = RocksStore(resolved, families)
         return self._stores[resolved]
+
+    def _labels_at(self, path: Path) -> str:
+        return ",".join(t.label for t, p in ((Tier.COOL, self.config.cool_path),
+                                             (Tier.COLD, self.config.cold_path))
+                        if p.resolve() == path)
+
+    def _open_warm(self) -> LmdbTier:
+        path, size = self.config.warm_path, self.config.tiers.host_ram_budget
+        try:
+            return LmdbTier(path, map_size=size)
+        except TierDamaged as exc:
+            self._moved_aside(Tier.WARM.label, path, exc)
+            return LmdbTier(path, map_size=size)
+
+    def _open_catalog(self, path: Path) -> Catalog:
+        """The catalog, or, where it cannot be read whole, a new one holding every entry of it
+        that still can be (the sessions among them survive); the old one is moved aside."""
+        try:
+            catalog = Catalog(path)
+        except TierDamaged as exc:
+            problem = exc
+        else:
+            try:
+                catalog.walk()
+                return catalog
+            except TierDamaged as exc:
+                catalog.close()
+                problem = exc
+        moved, catalog, kept = salvage(path)
+        log.error("the catalog %s is damaged (%s): moved aside to %s; kept %s", path, problem,
+                  moved, kept)
+        self.degraded["catalog"] = f"{problem}; moved aside to {moved.name}, kept " + \
+            ", ".join(f"{n} {name}" for name, n in kept.items() if n)
+        return catalog
+
+    def _moved_aside(self, label: str, path: Path, exc: Exception) -> None:
+        moved = move_aside(path) if path.exists() else path
+        log.error("the %s tier at %s cannot be opened (%s): moved aside to %s and recreated "
+                  "empty; its blocks are recomputed when needed", label, path, exc, moved)
+        self.degraded[label] = f"{exc}; moved aside to {moved.name}"
 
     # -- blocks ----------------------------------------------------------------------------------
     def put_block(self, block: BlockId, layers: Sequence[LayerKV], chain: ChainHash | None = None,
-                  position: int = -1) -> BlockId:
+                  position: int = -1, hold: bool = False) -> BlockId:
         """Store all layers of a block in the warm tier; returns the id that now holds it.
 
         A full block with a chain hash that is already stored is not written again: the id of
         the stored copy is returned. The new block has no references until a sequence names it.
         Block ids are never reused: storing an id that exists is a ValueError. ``position`` is
         where the block's first token sat when its keys were computed (-1: its own position);
-        the block's key summary is kept in the catalog beside its entry.
+        the block's key summary is kept in the catalog beside its entry. ``hold``: keep the
+        block (or the stored copy returned) from being dropped until a sequence names it
+        (:meth:`save_sequence`) or the caller gives it up (:meth:`release_fresh`), so that
+        eviction racing a writer never drops what the sequence it is about to save needs. A block
+        larger than the warm budget goes to the first tier it fits.
         """
         if chain is not None:
-            existing = self.find_hash(block.namespace, chain)
-            if existing is not None:
-                return existing
+            with self._index.lock:
+                existing = self.find_hash(block.namespace, chain)
+                if existing is not None:
+                    if hold:
+                        self._pin_fresh(existing)
+                    return existing
         with self._index.lock:
             self._index.wait_until_settled(block)
-            if block in self._index:
+            if self.has_block(block):
                 # Blocks are immutable: a sequence that shares one must never see it change.
                 raise ValueError(f"{block} is already stored")
         exact = codec.SINK_ROWS if block.block == 0 else 0
         warm = self._balancer.formats[Tier.WARM]
         records = [(key, codec.encode_record(layer, warm, exact))
                    for key, layer in zip(block.record_keys(len(layers)), layers)]
-        stored = sum(self.tiers[Tier.WARM].stored_bytes(len(v)) for _, v in records)
-        if stored > self._balancer.budgets[Tier.WARM]:
-            raise TierFull(f"a block of {stored} bytes is larger than the warm budget")
+        tier = Tier.WARM
+        stored = sum(self.tiers[tier].stored_bytes(len(v)) for _, v in records)
+        while stored > self._balancer.budgets[tier]:
+            # Larger than this tier's whole budget: it goes to the first tier it fits.
+            if tier == max(Tier):
+                raise TierFull(f"a block of {stored} bytes is larger than every tier's budget")
+            tier = Tier(tier + 1)
+            fmt = self._balancer.formats[tier]
+            records = [(key, codec.transcode(value, fmt)) for key, value in records]
+            stored = sum(self.tiers[tier].stored_bytes(len(v)) for _, v in records)
         t = time.time()
-        entry = BlockEntry(tier=Tier.WARM, stored_bytes=stored,
+        entry = BlockEntry(tier=tier, stored_bytes=stored,
                            raw_bytes=sum(layer.nbytes for layer in layers),
                            n_layers=len(layers), n_tokens=layers[0].n_tokens if layers else 0,
                            refs=0, chain=chain or b"", created=t, last_access=t, hits=0.0,
                            position=position)
         key_summary = summary.key_summary(layers)
-        with self._balancer.room(Tier.WARM, stored):
-            self._balancer.write_records(Tier.WARM, records)
-            with self._index.lock:
-                with self.catalog.write() as txn:
-                    txn.put_block(block, entry)
-                    if key_summary is not None:
-                        txn.put_summary(block, key_summary)
+        with self._balancer.room(tier, stored):
+            self._balancer.write_records(tier, records)
+            try:
+                with self._index.lock:
+                    with self.catalog.write() as txn:
+                        txn.put_block(block, entry)
+                        if key_summary is not None:
+                            txn.put_summary(block, key_summary)
+                        if chain is not None:
+                            txn.put_hash(block.namespace, chain, block)
+                    self._index.add(block, entry)
                     if chain is not None:
-                        txn.put_hash(block.namespace, chain, block)
-                self._index.add(block, entry)
-                if chain is not None:
-                    self._index.put_hash(block.namespace + chain, block)
+                        self._index.put_hash(block.namespace + chain, block)
+                    if hold:
+                        self._pin_fresh(block)
+            except KvtierError:
+                self._balancer.discard_records(tier, [key for key, _ in records])
+                raise
         self._balancer.schedule(Op.BALANCE)
         return block
+
+    def _pin_fresh(self, block: BlockId) -> None:
+        """Hold a block for :meth:`put_block`: it may move between tiers, never be dropped."""
+        now = time.monotonic()
+        with self._index.lock:
+            if block not in self._fresh:
+                self._fresh[block] = now
+                self._index.hold([block])
+            if len(self._fresh) % 64 == 0:
+                # A writer that neither saves nor gives up (a conversation abandoned mid-way)
+                # must not hold room forever.
+                self.release_fresh([b for b, t in self._fresh.items() if now - t > FRESH_PIN_S])
+
+    def release_fresh(self, blocks: Sequence[BlockId]) -> None:
+        """Unpin blocks stored for a sequence that will not be saved (its store failed)."""
+        with self._index.lock:
+            done = [b for b in blocks if self._fresh.pop(b, None) is not None]
+            self._index.unhold(done)
 
     def get_block(self, block: BlockId) -> list[LayerKV]:
         """All layers of a block, decoded to llama.cpp rows, from whichever tier holds it.
@@ -204,7 +334,9 @@ class TierManager:
             return [txn.get_summary(block) for block in blocks]
 
     def has_block(self, block: BlockId) -> bool:
-        return block in self._index
+        """Whether ``block`` is stored, or its id is still named by a sequence (a removed
+        block's id is not free before the store's next repair)."""
+        return block in self._index or block in self._placement.retired
 
     def block_entry(self, block: BlockId) -> BlockEntry | None:
         return self._index.get(block)
@@ -280,8 +412,22 @@ class TierManager:
 
     # -- sequences ---------------------------------------------------------------------------------
     def new_sequence(self) -> int:
-        with self.catalog.write() as txn:
-            return txn.next_sequence()
+        """A sequence id never given before. Where the catalog refuses the write that records
+        it (a full disk), an id drawn at random from the upper half of the id space instead:
+        a request must not fail for want of an id, and a random 63-bit id is never reused."""
+        try:
+            with self.catalog.write() as txn:
+                sequence = txn.next_sequence()
+        except WriteFailed as exc:
+            if not self._catalog_failing:
+                log.error("the catalog refuses writes (%s): sequence ids come from a random "
+                          "range until it takes them again", exc)
+                self._catalog_failing = True
+            return (1 << 63) | secrets.randbits(63)
+        if self._catalog_failing:
+            log.warning("the catalog takes writes again")
+            self._catalog_failing = False
+        return sequence
 
     def save_sequence(self, namespace: Namespace, sequence: int, tokens: np.ndarray,
                       blocks: Sequence[BlockId]) -> SequenceEntry:
@@ -289,9 +435,14 @@ class TierManager:
         t = time.time()
         array = np.ascontiguousarray(tokens, dtype="<i4")
         with self._index.lock:
-            missing = [b for b in blocks if b not in self._index]
-            if missing:
-                raise BlockMissing(f"{len(missing)} blocks of sequence {sequence} are in no tier")
+            lost = next((i for i, b in enumerate(blocks) if b not in self._index), None)
+            if lost is not None:
+                # Quarantined (unreadable) or dropped meanwhile: the sequence keeps the blocks
+                # before it, and a later turn recomputes the rest.
+                log.warning("sequence %d is saved with %d of its %d blocks: block %d is in no "
+                            "tier", sequence, lost, len(blocks), lost)
+                self.release_fresh(blocks[lost:])
+                blocks = blocks[:lost]
             tail = self._index.tail_key(array, blocks)
             with self.catalog.write() as txn:
                 old = txn.get_sequence(namespace, sequence)
@@ -300,6 +451,7 @@ class TierManager:
                                       old.created if old else t, t)
                 txn.put_sequence(entry)
                 self._move_refs(txn, old.block_ids() if old else [], list(blocks), tail)
+            self.release_fresh(blocks)
         return entry
 
     def get_sequence(self, namespace: Namespace, sequence: int) -> SequenceEntry | None:
@@ -385,11 +537,86 @@ class TierManager:
 
     # -- upkeep, stats and shutdown --------------------------------------------------------------
     def check(self, *, fix: bool, references: bool = True, records: bool = False,
-              quick: bool = False, progress: bool = False) -> CheckReport:
+              quick: bool = False, progress: bool = False, walk: bool = True) -> CheckReport:
         """Check the store's invariants (see :mod:`~kvtier.storage.checker`); with ``fix``,
         repair what can be repaired."""
-        return check(self._placement, self._balancer.budgets, fix=fix, references=references,
-                     records=records, quick=quick, progress=progress)
+        report = check(self._placement, self._balancer.budgets, fix=fix, references=references,
+                       records=records, quick=quick, progress=progress, walk=walk)
+        if fix and report.damaged:
+            for tier in report.damaged:
+                rebuilt = self.rebuild_tier(tier)
+                report.fixed[f"rebuilt_{tier.label}"] = 1
+                report.fixed["corrupt_blocks"] = report.fixed.get("corrupt_blocks", 0) + \
+                    rebuilt
+            again = check(self._placement, self._balancer.budgets, fix=True)
+            for key, n in again.fixed.items():
+                report.fixed[key] = report.fixed.get(key, 0) + n
+        if fix and references:
+            self._placement.needs_repair = False
+            self._placement.retired.clear()
+        return report
+
+    def rebuild_tier(self, tier: Tier) -> int:
+        """Copy every block of ``tier`` (and of any tier sharing its files) that can still be
+        read into new files, move the old ones aside and use the new: the repair of a tier whose
+        files are damaged. Blocks that cannot be read are quarantined; returns how many. For a
+        store nothing else changes meanwhile (when it opens, or offline)."""
+        if tier == Tier.WARM:
+            path, group = self.config.warm_path, [Tier.WARM]
+        else:
+            store = self.tiers[tier].store
+            path = store.path
+            group = [t for t in (Tier.COOL, Tier.COLD) if self.tiers[t].store is store]
+        scratch = path.with_name(path.name + ".rebuild")
+        shutil.rmtree(scratch, ignore_errors=True)
+        lost: list[BlockId] = []
+        with self._index.lock:
+            blocks = self._index.snapshot()
+            if tier == Tier.WARM:
+                new: dict[Tier, TierStore] = {Tier.WARM: LmdbTier(
+                    scratch, map_size=self.config.tiers.host_ram_budget)}
+                new_store = None
+            else:
+                new_store = RocksStore(scratch, [Tier.COOL.label, Tier.COLD.label])
+                new = {t: RocksTier(new_store, t.label) for t in group}
+            for block, entry in blocks.items():
+                if entry.tier not in group:
+                    continue
+                keys = block.record_keys(entry.n_layers)
+                try:
+                    values = self.tiers[entry.tier].get_many(keys)
+                except BlockCorrupt:
+                    values = [None]
+                if any(v is None for v in values):
+                    lost.append(block)
+                    continue
+                new[entry.tier].put_many(list(zip(keys, values)))
+            for t in group:
+                new[t].close()
+                self.tiers[t].close()
+            if new_store is not None:
+                new_store.close()
+                try:
+                    self.tiers[group[0]].store.close()
+                except WriteFailed:
+                    pass    # it is moved aside as it is
+            moved = move_aside(path)
+            scratch.replace(path)
+            log.error("rebuilt the %s tier at %s from what could be read (%d blocks lost); the "
+                      "damaged files are in %s", ",".join(t.label for t in group), path,
+                      len(lost), moved)
+            if tier == Tier.WARM:
+                reopened: dict[Tier, TierStore] = {Tier.WARM: self._open_warm()}
+            else:
+                self._stores[path] = RocksStore(path, [Tier.COOL.label, Tier.COLD.label])
+                reopened = {t: RocksTier(self._stores[path], t.label) for t in group}
+            for t, store_tier in reopened.items():
+                self.tiers[t] = store_tier
+                self._placement.tiers[t] = store_tier
+                self._index.counters[t].corrupt += sum(blocks[b].tier == t for b in lost)
+            if lost:
+                self._placement.quarantine(lost, f"unreadable when {path.name} was rebuilt")
+        return len(lost)
 
     def view(self) -> StoreView:
         """Everything the store holds, read at one moment (for the tools)."""
@@ -413,7 +640,17 @@ class TierManager:
         u, c = self._index.usage[tier], self._index.counters[tier]
         return TierStats(tier.label, u.blocks, u.stored_bytes, u.raw_bytes,
                          self._balancer.budgets[tier], disk_bytes, c.hits, c.misses,
-                         c.promotions, c.demotions, c.drops, c.corrupt)
+                         c.promotions, c.demotions, c.drops, c.corrupt, c.write_errors)
+
+    def degradation(self) -> dict[str, str]:
+        """What is damaged (moved aside when the store opened) or refuses writes now, by part
+        (``catalog``, ``warm``, ``cool``, ``cold``), with why; empty when all is well."""
+        out = dict(self.degraded)
+        for tier, reason in self._balancer.failing().items():
+            out[tier.label] = f"writes fail: {reason}"
+        if self._catalog_failing:
+            out["catalog"] = "writes fail (a full disk?)"
+        return out
 
     def close(self) -> None:
         """Finish queued work, write statistics, mark the store cleanly closed, release it."""
@@ -421,12 +658,24 @@ class TierManager:
             return
         self._closed = True
         self._balancer.stop()
-        self.flush_stats()
-        self.catalog.set_clean(True)
+        try:
+            self.flush_stats()
+            if self._placement.needs_repair or self._fresh:
+                # Blocks were quarantined or dropped while sequences named them, or stored for
+                # sequences never saved: cut and collect now, so a clean store verifies clean.
+                # The catalog alone: walking the tiers' keys reads every RocksDB payload.
+                self.release_fresh(list(self._fresh))
+                self.check(fix=True, walk=False)
+            self.catalog.set_clean(True)
+        except KvtierError as exc:      # a full disk: the next open repairs instead
+            log.warning("closing the store without marking it clean: %s", exc)
         for tier in self.tiers:
             tier.close()
         for store in self._stores.values():
-            store.close()
+            try:
+                store.close()
+            except WriteFailed as exc:
+                log.warning("closing a tier that failed writes: %s", exc)
         self.catalog.close()
         self._lock_file.release()
 

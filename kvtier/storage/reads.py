@@ -1,8 +1,10 @@
 """The tier manager's three read paths: a block, several blocks decoded in parallel, and pinned
 blocks decoded straight into a restore's rows; and raw records for the inspection tools.
 
-Every read counts a hit (or a miss); a block that fails its checksum is removed, so the next
-lookup reports it missing; a block read from below warm is scheduled for promotion.
+Every read counts a hit (or a miss); a block that fails its checksum, or that its tier cannot read
+at all (a damaged SST or blob file, an I/O error: :class:`BlockCorrupt` from the tier), is counted
+as corrupt and quarantined (its entry removed, so the next lookup is a miss and the caller
+recomputes it); a block read from below warm is scheduled for promotion.
 """
 
 from __future__ import annotations
@@ -129,7 +131,11 @@ class BlockReader:
             def into(values: list[bytes | memoryview | None]) -> None | BlockCorrupt:
                 return self._decode_values(blocks[j], tier, values, run)
 
-            result = self._account(blocks[j], tier, self._p.tiers[tier].read_many(keys, into))
+            try:
+                read = self._p.tiers[tier].read_many(keys, into)
+            except BlockCorrupt as exc:     # the tier could not read it at all
+                read = exc
+            result = self._account(blocks[j], tier, read)
             return result if isinstance(result, KvtierError) else None
 
         if len(blocks) < 2:
@@ -153,7 +159,10 @@ class BlockReader:
             if isinstance(located, KvtierError):
                 return located
             tier, keys = located
-            return tier, self._p.tiers[tier].get_many(keys)
+            try:
+                return tier, self._p.tiers[tier].get_many(keys)
+            except BlockCorrupt as exc:
+                return self._account(block, tier, exc)
 
     def _decode(self, block: BlockId, fetched: Fetched | KvtierError
                 ) -> list[LayerKV] | KvtierError:
@@ -182,7 +191,7 @@ class BlockReader:
         with self._index.lock:
             if isinstance(result, BlockCorrupt):
                 self._index.counters[tier].corrupt += 1
-                self._p.forget([block])
+                self._p.quarantine([block], str(result))
                 return result
             self._index.counters[tier].hits += 1
         if tier != Tier.WARM:

@@ -3,13 +3,21 @@ implementation (warm) and a RocksDB one (cool, cold).
 
 A tier store holds opaque record bytes under record keys. It knows nothing of budgets, encodings or
 the catalog: the tier manager holds the stores in tier order and never reaches inside one.
+
+Every failure of the storage engines underneath is typed here, once: a read that LMDB or RocksDB
+cannot serve (a checksum mismatch in an SST or blob file, a missing file, an I/O error) is a
+:class:`BlockCorrupt`, a key walk over damaged files a :class:`TierDamaged`, a write refused (a full
+disk) a :class:`WriteFailed`, and files that cannot be opened a :class:`TierDamaged` before anything
+is mapped: an LMDB file shorter than its meta page says would SIGBUS the process when touched.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,12 +26,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import lmdb
-from rocksdict import (BottommostLevelCompaction, CompactOptions, DBCompressionType, Options,
-                       Rdict, WriteBatch)
+from rocksdict import (AccessType, BottommostLevelCompaction, CompactOptions, DBCompressionType,
+                       Options, Rdict, WriteBatch)
 
-from kvtier.errors import KvtierError, TierFull
+from kvtier.errors import BlockCorrupt, KvtierError, TierDamaged, TierFull, WriteFailed
 
 LMDB_PAGE = 4096
+WRITE_BUFFER_BYTES = 16 << 20
+"""RocksDB's memtable size per column family (its default is 64 MiB)."""
 T = TypeVar("T")
 
 
@@ -90,8 +100,98 @@ class TierStore(ABC):
     def compact(self) -> None:
         """Give free space back to the file system, where the tier can."""
 
+    def recover(self) -> None:
+        """Make the tier take writes again after a failed one, where it needs to be told."""
+
     @abstractmethod
     def close(self) -> None: ...
+
+
+def damaged_name(path: Path) -> Path:
+    """Where a damaged tier (or catalog) is moved aside: its name, ``.damaged-``, a UTC time."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    candidate = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    return candidate
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged directory out of the way (never delete it: its owner may want it back)
+    and return its new name."""
+    target = damaged_name(path)
+    os.replace(path, target)
+    return target
+
+
+_LMDB_META = struct.Struct("<I4xQ")           # mm_magic, mm_address skipped, mm_mapsize
+_LMDB_LAST = struct.Struct("<QQ")             # mm_last_pg, mm_txnid
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def lmdb_file_problem(path: Path) -> str | None:
+    """Why the LMDB environment in ``path`` must not be mapped, or None (absent or empty is
+    fine: it is created). Reads the two meta pages with plain file reads and checks that the
+    file holds every page the newest valid one says is in use, so that a truncated file is
+    never touched through the map (where reading past its end is a SIGBUS, not an error)."""
+    data = Path(path) / "data.mdb"
+    try:
+        size = data.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    with open(data, "rb") as f:
+        head = f.read(16 + 160)
+        best: tuple[int, int, int] | None = None      # txnid, last page, page size
+        for meta in range(2):
+            page_size = LMDB_PAGE
+            if meta == 1:
+                if best is None:
+                    return f"{data}: no valid LMDB meta page ({size} bytes)"
+                page_size = best[2]
+                f.seek(page_size)
+                head = f.read(16 + 160)
+            if len(head) < 16 + 152:
+                continue
+            magic, _ = _LMDB_META.unpack_from(head, 16)
+            if magic != _LMDB_MAGIC:
+                continue
+            psize = struct.unpack_from("<I", head, 40)[0]
+            last_pg, txnid = _LMDB_LAST.unpack_from(head, 136)
+            if psize < 512 or psize & (psize - 1):
+                continue
+            if best is None or txnid > best[0]:
+                best = (txnid, last_pg, psize)
+    if best is None:
+        return f"{data}: no valid LMDB meta page ({size} bytes)"
+    _, last_pg, psize = best
+    need = (last_pg + 1) * psize
+    if size < need:
+        return f"{data} is truncated: {size} bytes, its meta page uses {need}"
+    return None
+
+
+def open_lmdb(path: Path, **kwargs: object) -> lmdb.Environment:
+    """``lmdb.open`` after :func:`lmdb_file_problem`'s check, and a read of its root: a file
+    that fails either raises :class:`TierDamaged` (nothing was mapped in the first case)."""
+    problem = lmdb_file_problem(path)
+    if problem is not None:
+        raise TierDamaged(problem)
+    try:
+        env = lmdb.open(str(path), **kwargs)
+    except lmdb.Error as exc:
+        raise TierDamaged(f"{path}: {exc}") from exc
+    try:
+        env.stat()
+        with env.begin() as txn:
+            txn.cursor().first()
+    except lmdb.Error as exc:
+        env.close()
+        raise TierDamaged(f"{path}: {exc}") from exc
+    return env
 
 
 def _fsync(path: Path) -> None:
@@ -146,22 +246,32 @@ class LmdbTier(TierStore):
         self.env = self._open_env()
 
     def _open_env(self) -> lmdb.Environment:
-        return lmdb.open(str(self.path), map_size=self.map_size, max_dbs=1, sync=False,
+        return open_lmdb(self.path, map_size=self.map_size, max_dbs=1, sync=False,
                          metasync=False, readahead=False, lock=True)
 
     def get(self, key: bytes) -> bytes | None:
-        with self.env.begin() as txn:
-            return txn.get(key)
+        try:
+            with self.env.begin() as txn:
+                return txn.get(key)
+        except lmdb.Error as exc:
+            raise BlockCorrupt(f"{self.name}: {exc}") from exc
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        with self.env.begin() as txn:
-            return [txn.get(k) for k in keys]
+        try:
+            with self.env.begin() as txn:
+                return [txn.get(k) for k in keys]
+        except lmdb.Error as exc:
+            raise BlockCorrupt(f"{self.name}: {exc}") from exc
 
     def read_many(self, keys: Sequence[bytes],
                   use: Callable[[list[bytes | memoryview | None]], T]) -> T:
         # Buffers point into the memory map: valid while the read transaction is open.
         with self.env.begin(buffers=True) as txn:
-            return use([txn.get(k) for k in keys])
+            try:
+                values = [txn.get(k) for k in keys]
+            except lmdb.Error as exc:
+                raise BlockCorrupt(f"{self.name}: {exc}") from exc
+            return use(values)
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         try:
@@ -170,21 +280,29 @@ class LmdbTier(TierStore):
                     txn.put(key, value)
         except lmdb.MapFullError:
             raise TierFull(f"{self.name}: LMDB map of {self.map_size} bytes is full") from None
+        except lmdb.Error as exc:
+            raise WriteFailed(f"{self.name}: {exc}") from exc
 
     def contains(self, key: bytes) -> bool:
         with self.env.begin(buffers=True) as txn:
             return txn.get(key) is not None
 
     def delete(self, keys: Sequence[bytes]) -> None:
-        with self.env.begin(write=True) as txn:
-            for key in keys:
-                txn.delete(key)
+        try:
+            with self.env.begin(write=True) as txn:
+                for key in keys:
+                    txn.delete(key)
+        except lmdb.Error as exc:
+            raise WriteFailed(f"{self.name}: {exc}") from exc
 
     def keys(self) -> Iterator[bytes]:
-        with self.env.begin() as txn:
-            cursor = txn.cursor()
-            for key in cursor.iternext(keys=True, values=False):
-                yield bytes(key)
+        try:
+            with self.env.begin() as txn:
+                cursor = txn.cursor()
+                for key in cursor.iternext(keys=True, values=False):
+                    yield bytes(key)
+        except lmdb.Error as exc:
+            raise TierDamaged(f"{self.name}: {exc}") from exc
 
     def stored_bytes(self, value_len: int) -> int:
         # Values this large live on overflow pages; a page header comes first.
@@ -220,8 +338,7 @@ class LmdbTier(TierStore):
         copied = scratch / "data.mdb"
         _fsync(copied)
         entries = self.env.stat()["entries"]
-        check = lmdb.open(str(scratch), map_size=self.map_size, max_dbs=1, readonly=True,
-                          lock=False)
+        check = open_lmdb(scratch, map_size=self.map_size, max_dbs=1, readonly=True, lock=False)
         try:
             if check.stat()["entries"] != entries:
                 raise KvtierError(f"the compacted copy of {self.path} lost entries; kept the old")
@@ -242,16 +359,54 @@ class LmdbTier(TierStore):
 class RocksStore:
     """One RocksDB database, holding one column family per tier that lives at its path."""
 
-    def __init__(self, path: Path, column_families: Sequence[str]) -> None:
+    def __init__(self, path: Path, column_families: Sequence[str], read_only: bool = False
+                 ) -> None:
+        """``read_only``: for a disk too full to open it for writing (RocksDB replays its log
+        into new files when it opens); its writes then fail until it is reopened."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        options = self._options()
-        existing = Rdict.list_cf(str(self.path), options) if (self.path / "CURRENT").exists() \
-            else ["default"]
-        wanted = set(existing) | set(column_families)
-        self.db = Rdict(str(self.path), options=options,
-                        column_families={cf: self._options() for cf in wanted if cf != "default"})
+        self.column_families = list(column_families)
+        self.read_only = read_only
+        self.tiers: list[RocksTier] = []
+        """The tiers using this store (reattached when it is reopened)."""
+        self._open()
         self.lock = threading.Lock()
+
+    def _open(self) -> None:
+        options = self._options()
+        try:
+            existing = Rdict.list_cf(str(self.path), options) \
+                if (self.path / "CURRENT").exists() else ["default"]
+            wanted = set(existing) | set(self.column_families)
+            access = AccessType.read_only() if self.read_only else AccessType.read_write()
+            self.db = Rdict(str(self.path), options=options, access_type=access,
+                            column_families={cf: self._options() for cf in wanted
+                                             if cf != "default"})
+        except Exception as exc:  # rocksdict raises bare Exceptions: Corruption, IO error, ...
+            raise TierDamaged(f"{self.path}: {exc}") from exc
+
+    def reopen(self) -> None:
+        """Close and open the database again: after a failed write (a full disk) RocksDB
+        refuses every write until it is reopened, even once there is room again."""
+        for tier in self.tiers:
+            tier.cf = tier.cf_handle = None
+        try:
+            self.db.close()
+        except Exception:  # it reports the write error again; the files are released anyway
+            pass
+        self.db = None
+        self.read_only = False
+        try:
+            self._open()
+        except TierDamaged:
+            # Still no room to open for writing (RocksDB writes as it opens): keep reading.
+            self.read_only = True
+            self._open()
+            raise
+        finally:
+            if self.db is not None:
+                for tier in self.tiers:
+                    tier.attach()
 
     @staticmethod
     def _options() -> Options:
@@ -266,11 +421,19 @@ class RocksStore:
         opt.set_compression_type(DBCompressionType.none())
         opt.set_blob_compression_type(DBCompressionType.none())
         opt.set_keep_log_file_num(2)
+        # Payloads sit in the write-ahead log until their memtable is flushed: bound both, so
+        # that the files of a small budget are not mostly log (the balancer flushes sooner).
+        opt.set_write_buffer_size(WRITE_BUFFER_BYTES)
+        opt.set_max_total_wal_size(2 * WRITE_BUFFER_BYTES)
         return opt
 
     def close(self) -> None:
-        self.db.close()
-        self.db = None
+        try:
+            self.db.close()
+        except Exception as exc:  # a write error it still holds: the WAL replays at next open
+            raise WriteFailed(f"{self.path}: {exc}") from exc
+        finally:
+            self.db = None
 
 
 class RocksTier(TierStore):
@@ -279,32 +442,68 @@ class RocksTier(TierStore):
     def __init__(self, store: RocksStore, column_family: str) -> None:
         self.name = column_family
         self.store = store
-        self.cf = store.db.get_column_family(column_family)
-        self.cf_handle = store.db.get_column_family_handle(column_family)
+        store.tiers.append(self)
+        self.attach()
 
+    def attach(self) -> None:
+        self.cf = self.store.db.get_column_family(self.name)
+        self.cf_handle = self.store.db.get_column_family_handle(self.name)
+
+    def recover(self) -> None:
+        self.store.reopen()
+
+    # rocksdict raises bare Exceptions ("Corruption: Blob CRC mismatch", "IO error: ..."), so
+    # each call into it is wrapped alone.
     def get(self, key: bytes) -> bytes | None:
-        return self.cf.get(key)
+        try:
+            return self.cf.get(key)
+        except Exception as exc:
+            raise BlockCorrupt(f"{self.name}: {exc}") from exc
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        return list(self.cf.get(list(keys))) if keys else []
+        if not keys:
+            return []
+        try:
+            return list(self.cf.get(list(keys)))
+        except Exception as exc:
+            raise BlockCorrupt(f"{self.name}: {exc}") from exc
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         batch = WriteBatch(raw_mode=True)
         for key, value in items:
             batch.put(key, value, self.cf_handle)
-        self.store.db.write(batch)
+        self._write(batch)
+
+    def _write(self, batch: WriteBatch) -> None:
+        try:
+            self.store.db.write(batch)
+        except Exception as exc:
+            raise WriteFailed(f"{self.name}: {exc}") from exc
 
     def contains(self, key: bytes) -> bool:
-        return self.cf.key_may_exist(key) and self.cf.get(key) is not None
+        try:
+            return self.cf.key_may_exist(key) and self.cf.get(key) is not None
+        except Exception as exc:
+            raise BlockCorrupt(f"{self.name}: {exc}") from exc
 
     def delete(self, keys: Sequence[bytes]) -> None:
         batch = WriteBatch(raw_mode=True)
         for key in keys:
             batch.delete(key, self.cf_handle)
-        self.store.db.write(batch)
+        self._write(batch)
 
     def keys(self) -> Iterator[bytes]:
-        yield from self.cf.keys()
+        """Every key; :class:`TierDamaged` where the walk meets a damaged file (rocksdict's own
+        ``keys()`` just stops there, which would look like an empty tier)."""
+        it = self.cf.iter()
+        it.seek_to_first()
+        while it.valid():
+            yield bytes(it.key())
+            it.next()
+        try:
+            it.status()
+        except Exception as exc:
+            raise TierDamaged(f"{self.name}: {exc}") from exc
 
     def disk_bytes(self) -> int:
         return dir_bytes(self.store.path)
@@ -329,6 +528,24 @@ class RocksTier(TierStore):
         finally:
             self.cf.set_options({"blob_garbage_collection_age_cutoff": "0.25"})
 
+    def log_bytes(self) -> int:
+        """Bytes of the store's write-ahead logs (shared by its column families)."""
+        total = 0
+        for entry in os.scandir(self.store.path):
+            if entry.name.endswith(".log"):
+                try:
+                    total += entry.stat().st_size
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def flush(self) -> None:
+        """Write the memtable out (into blob and SST files), so its log can go."""
+        try:
+            self.cf.flush()
+        except Exception as exc:
+            raise WriteFailed(f"{self.name}: {exc}") from exc
+
     def file_stats(self) -> RocksFileStats:
         """The column family's files, the garbage in them, and deletes not yet compacted."""
         def prop(name: str) -> int:
@@ -346,3 +563,5 @@ class RocksTier(TierStore):
         lives, so this must run before the store's close."""
         self.cf = None
         self.cf_handle = None
+        if self in self.store.tiers:
+            self.store.tiers.remove(self)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvtier.storage.checker import CheckReport
+from kvtier.storage.checker import CheckReport, Kind, Problem
 from kvtier.storage.manager import TierManager
 from kvtier.tools.render import table
 
@@ -36,8 +36,13 @@ def verify(manager: TierManager, *, quick: bool = False, progress: bool = False
            ) -> VerifyReport:
     """Check references, then read every record (``quick``: verify checksums and headers
     without decoding payloads)."""
-    return VerifyReport(manager.check(fix=False, records=True, quick=quick, progress=progress),
-                        dict(manager.repaired))
+    report = manager.check(fix=False, records=True, quick=quick, progress=progress)
+    # Parts found damaged when the store opened were moved aside and recreated (and what they
+    # held repaired around): still a problem to report, once.
+    report.problems[:0] = [Problem(Kind.DAMAGED_TIER, part, reason,
+                                   tier=None if part == "catalog" else part)
+                           for part, reason in manager.degraded.items()]
+    return VerifyReport(report, dict(manager.repaired))
 
 
 def render(report: VerifyReport) -> str:

@@ -17,14 +17,18 @@ WRITER = textwrap.dedent("""
     import sys, numpy as np
     from kvtier.storage.manager import TierManager
     from tests.factories import NS, block_id, make_config, make_layers
-    manager = TierManager(make_config(sys.argv[1], **{"tiers.local_ssd_budget": "400KiB",
-                                                     "tiers.nfs_budget": "400KiB"}))
+    budgets = dict(zip(("tiers.host_ram_budget", "tiers.local_ssd_budget", "tiers.nfs_budget"),
+                       sys.argv[2:5]))
+    manager = TierManager(make_config(sys.argv[1], **budgets))
     seq = manager.new_sequence()
     print("ready", flush=True)
     i = 0
     while True:
-        ids = [manager.put_block(block_id(seq, b), make_layers(i + b)) for b in range(3)]
-        manager.save_sequence(NS, seq, np.arange(3 * 64), ids)
+        # As the store writer does: held while the background balancer evicts, then saved.
+        ids = [manager.put_block(block_id(seq, b), make_layers(i + b), hold=True)
+               for b in range(3)]
+        entry = manager.save_sequence(NS, seq, np.arange(3 * 64), ids)
+        assert len(entry.blocks) == 3, "a block the writer held was dropped before the save"
         if i % 3 == 2:
             manager.delete_sequence(NS, seq - 1)
         seq = manager.new_sequence()
@@ -32,15 +36,23 @@ WRITER = textwrap.dedent("""
 """)
 
 
+BUDGETS = {"small": ("1MiB", "400KiB", "400KiB"),
+           # Cool and cold hold about three blocks each: the balancer drops while saves run.
+           "tiny": ("1MiB", "64KiB", "64KiB")}
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_moments_leaves_a_consistent_store(tmp_path):
+@pytest.mark.parametrize("budgets,rounds", [("small", 12), ("tiny", 8)])
+def test_sigkill_at_random_moments_leaves_a_consistent_store(tmp_path, budgets, rounds):
     rng = random.Random(1234)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    config = make_config(tmp_path, **{"tiers.local_ssd_budget": "400KiB",
-                                      "tiers.nfs_budget": "400KiB"})
-    for round_ in range(12):
-        child = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=env,
-                                 stdout=subprocess.PIPE)
+    sizes = BUDGETS[budgets]
+    config = make_config(tmp_path, **dict(zip(("tiers.host_ram_budget",
+                                               "tiers.local_ssd_budget", "tiers.nfs_budget"),
+                                              sizes)))
+    for round_ in range(rounds):
+        child = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), *sizes],
+                                 env=env, stdout=subprocess.PIPE)
         assert child.stdout.readline().strip() == b"ready"
         time.sleep(rng.uniform(0.05, 1.5))
         child.send_signal(signal.SIGKILL)

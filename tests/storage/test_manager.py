@@ -169,3 +169,14 @@ def test_measured_attention_replaces_hit_counts_in_eviction(config):
         assert m.block_entry(ids[0]).tier == Tier.WARM
         assert m.block_entry(ids[0]).attention == 50.0
         assert m.block_entry(ids[1]).tier == Tier.COOL
+
+
+def test_a_block_larger_than_the_warm_budget_is_written_to_cool(config):
+    # Issue 12: a warm budget under one block answered 507 after the request's work was done.
+    with open_manager(config) as m:
+        big = make_layers(3, n_layers=30, n_tokens=256, width=192)    # 5.9 MB f16, 1 MiB warm
+        stored = m.put_block(block_id(9, 0), big)
+        assert m.block_entry(stored).tier == Tier.COOL
+        back = m.get_block(stored)
+        assert len(back) == 30 and back[0].n_tokens == 256
+        assert_within_budgets(m)
