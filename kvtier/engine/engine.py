@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 from kvtier.config import Config
 from kvtier.engine.api import (CacheStats, Finished, GenerationRequest, SessionInfo,
@@ -19,11 +20,11 @@ from kvtier.engine.prompt import build_prompt
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.job import Job
 from kvtier.engine.scheduler import Scheduler
-from kvtier.engine.sessions import SessionStore
+from kvtier.engine.sessions import SessionStore, new_messages
 from kvtier.engine.sizing import hot_sizing
 from kvtier.engine.windows import session_prefetch
 from kvtier.engine.slots import SessionOwner
-from kvtier.errors import ContextOverflow, InvalidRequest, ModelNotFound
+from kvtier.errors import ContextOverflow, InvalidRequest
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import Namespace
 from kvtier.storage.tiers import Tier
@@ -63,11 +64,9 @@ class Engine:
                loop: asyncio.AbstractEventLoop | None = None) -> GenerationHandle:
         """Check and queue a request; raises typed errors for requests that cannot run.
 
-        With ``loop``, read the handle with ``async for`` on that loop; without, with ``for``.
+        Its ``model`` is not checked: an engine serves one model, and the pool
+        (:mod:`kvtier.engine.pool`) routes requests by name. With ``loop``, read the handle with ``async for`` on that loop; without, with ``for``.
         """
-        if request.model and request.model != self.model_name:
-            raise ModelNotFound(f"model {request.model!r} is not served here; "
-                                f"this server has {self.model_name!r}")
         job = self._prepare(request, GenerationHandle(loop))
         self._scheduler.submit(job)
         if job.session is not None and self.config.working_set.prefetch:
@@ -100,7 +99,10 @@ class Engine:
             self._scheduler.writer.wait_session(request.session_id)
             session = self.sessions.load(request.session_id)
             owner = SessionOwner(request.session_id)
-        prompt = build_prompt(self.model, request, self.sessions.history(session))
+        history = self.sessions.history(session)
+        if request.messages is not None:
+            request = replace(request, messages=new_messages(history.messages, request.messages))
+        prompt = build_prompt(self.model, request, history)
         n_prompt = len(prompt.tokens)
         if n_prompt == 0:
             raise InvalidRequest("the prompt is empty", "prompt")

@@ -14,7 +14,7 @@ from collections import Counter
 
 import numpy as np
 
-from kvtier.engine.api import GenerationRequest, SessionInfo, check_session_id
+from kvtier.engine.api import ChatMessage, GenerationRequest, SessionInfo, check_session_id
 from kvtier.engine.prompt import History, message_dicts
 from kvtier.errors import InvalidRequest, ModelMismatch, SessionBusy, SessionNotFound
 from kvtier.storage.catalog import SessionEntry
@@ -24,6 +24,26 @@ from kvtier.storage.tiers import Tier
 
 MISSING = "missing"
 """The ``blocks_per_tier`` key of a session's blocks that no tier holds any more."""
+
+
+def new_messages(stored: list[dict[str, str]], sent: tuple[ChatMessage, ...]
+                 ) -> tuple[ChatMessage, ...]:
+    """The messages of a request that its session does not hold yet.
+
+    A client that resends the whole conversation (as OpenAI clients do) sends the session's
+    stored messages first: when ``sent`` begins with every stored message (same roles, same
+    contents), only what follows them is new. Otherwise all of ``sent`` is new, as it always was
+    for clients that send only the next message.
+    """
+    n = len(stored)
+    if n == 0 or len(sent) < n or any(
+            m.role != s.get("role") or m.content != s.get("content")
+            for m, s in zip(sent, stored)):
+        return sent
+    if len(sent) == n:
+        raise InvalidRequest("the messages only repeat the session's stored history; add the "
+                             "next message", "messages")
+    return sent[n:]
 
 
 class SessionStore:

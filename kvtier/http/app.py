@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from kvtier.errors import ModelNotFound
 from kvtier.http import responses as r
 from kvtier.http import schemas as s
 from kvtier.http.common import (CLIENT_GONE, STATE, STATUS, USAGE, ServerState, json_response,
@@ -51,12 +50,8 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    model = request.match_info["model"]
-    if model != state.engine.model_name:
-        raise ModelNotFound(f"the model {model!r} does not exist; this server serves "
-                            f"{state.engine.model_name!r}")
-    return json_response(_model(state))
+    """With one model served, any name finds it (as llama.cpp's server answers)."""
+    return json_response(_model(request.app[STATE]))
 
 
 async def list_sessions(request: web.Request) -> web.Response:
