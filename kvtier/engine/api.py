@@ -199,10 +199,27 @@ class StoreStats:
 
 
 @dataclass(frozen=True, slots=True)
+class HotStats:
+    """The hot tier (T0): llama.cpp's KV cache, shared by the slots."""
+
+    slots: int = 0
+    tokens: int = 0
+    """Tokens whose KV the slots hold now (a long conversation's working set, not all of it)."""
+    blocks: int = 0
+    """Blocks those tokens fill, partial ones included."""
+    bytes: int = 0
+    """Bytes of KV those tokens take in llama.cpp's cache type."""
+    budget: int = 0
+    """Bytes of KV the slots may hold together (``tiers.gpu_vram_budget``, or its default)."""
+
+
+@dataclass(frozen=True, slots=True)
 class CacheStats:
     tiers: tuple[TierStats, ...]
+    """The storage tiers (warm, cool, cold); the hot tier is ``hot``."""
     tokens: TokenStats
     slots: SlotStats
     throughput: ThroughputStats
     working_set: WorkingSetStats = field(default_factory=WorkingSetStats)
     store: StoreStats = field(default_factory=StoreStats)
+    hot: HotStats = field(default_factory=HotStats)

@@ -12,10 +12,11 @@ import threading
 from dataclasses import replace
 
 from kvtier.config import Config
-from kvtier.engine.api import (CacheStats, Finished, GenerationRequest, SessionInfo,
-                               ThroughputStats, TierStats)
+from kvtier.engine.api import (CacheStats, Finished, GenerationRequest, HotStats,
+                               SessionInfo, ThroughputStats, TierStats)
 from kvtier.engine.handle import GenerationHandle
 from kvtier.engine.model import Model, default_model_path
+from kvtier.engine.paging import Window
 from kvtier.engine.prompt import build_prompt
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.job import Job
@@ -152,7 +153,22 @@ class Engine:
         return CacheStats(tiers, self._scheduler.tokens.stats(), self._scheduler.slot_stats(),
                           _throughput_stats(self._scheduler.throughput),
                           self._scheduler.working_set_stats(),
-                          self._scheduler.writer.stats())
+                          self._scheduler.writer.stats(), self.hot_stats())
+
+    def hot_stats(self) -> HotStats:
+        """What the slots hold in llama.cpp's cache now (read while the engine thread runs)."""
+        scheduler, bs = self._scheduler, self.block_size
+        tokens = blocks = 0
+        for slot in scheduler.hot.slots:
+            window = scheduler.windows.get(slot)
+            if window is None:
+                held = len(slot.tokens)
+                tokens, blocks = tokens + held, blocks + -(-held // bs)
+            else:
+                tokens, blocks = tokens + _held_tokens(window), blocks + len(window.held)
+        kv = self.model.kv_bytes_per_token(*self.config.model.cache_types)
+        return HotStats(self.n_slots, tokens, blocks, tokens * kv,
+                        self.n_slots * self.sizing.slot_tokens * kv)
 
     def close(self) -> None:
         """Cut queued requests, finish active ones as cancelled (their KV is stored), close."""
@@ -167,6 +183,16 @@ class Engine:
         if self._owns_manager:
             self.manager.close()
         self.model.close()
+
+
+def _held_tokens(window: Window) -> int:
+    """A working set's held tokens, read from another thread than the one changing them."""
+    for _ in range(3):
+        try:
+            return window.held_tokens
+        except RuntimeError:  # the engine thread changed the held blocks while we read them
+            continue
+    return len(window.held) * window.block_size
 
 
 def _throughput_stats(throughput: ThroughputModel) -> ThroughputStats:

@@ -39,6 +39,8 @@ class EngineCollector(Collector):
                 family.add_metric([tier.name], float(getattr(tier, name)))
         yield from gauges.values()
         yield from counters.values()
+        yield GaugeMetricFamily("kvtier_hot_tokens", "Tokens whose KV the hot tier's slots hold.",
+                                value=float(stats.hot.tokens))
         tokens = CounterMetricFamily("kvtier_engine_tokens", "Tokens by how the engine got them "
                                      "(restored, prefilled, hot_reused, generated).",
                                      labels=["kind"])

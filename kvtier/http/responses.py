@@ -277,6 +277,8 @@ class SessionDeleted(_Response):
 
 class TierStats(_Response):
     name: str
+    """``hot`` (tier 0: llama.cpp's cache; it counts no hits, moves or drops), ``warm``,
+    ``cool``, ``cold``."""
     blocks: int
     bytes: int
     """Bytes counted against the budget."""
@@ -290,6 +292,27 @@ class TierStats(_Response):
     drops: int
     corrupt: int
     """Records that failed their checksum."""
+
+    @classmethod
+    def hot(cls, hot: api.HotStats) -> TierStats:
+        """The hot tier as a row of the tiers list, first."""
+        return cls(name="hot", blocks=hot.blocks, bytes=hot.bytes, budget=hot.budget,
+                   compression_ratio=1.0 if hot.bytes else 0.0, hits=0, misses=0,
+                   promotions=0, demotions=0, drops=0, corrupt=0)
+
+
+class HotTier(_Response):
+    """The hot tier (T0): llama.cpp's KV cache, shared by the slots."""
+
+    slots: int
+    tokens: int
+    """Tokens whose KV the slots hold now (a long conversation's working set, not all of it)."""
+    blocks: int
+    """Blocks those tokens fill, partial ones included."""
+    bytes: int
+    """Bytes of KV those tokens take in llama.cpp's cache type."""
+    budget: int
+    """Bytes of KV the slots may hold together."""
 
 
 class TokenCounts(_Response):
@@ -351,6 +374,8 @@ class StoreCounts(_Response):
 class CacheStats(_Response):
     object: Literal["cache.stats"] = "cache.stats"
     tiers: list[TierStats]
+    """Tier 0 is ``hot``, then the storage tiers, fastest first."""
+    hot: HotTier
     tokens: TokenCounts
     slots: SlotCounts
     throughput: Throughput
@@ -359,7 +384,9 @@ class CacheStats(_Response):
 
     @classmethod
     def of(cls, stats: api.CacheStats) -> CacheStats:
-        return cls.model_validate(stats, from_attributes=True)
+        body = cls.model_validate(stats, from_attributes=True)
+        body.tiers.insert(0, TierStats.hot(stats.hot))
+        return body
 
 
 class TierSummary(_Response):
@@ -372,14 +399,18 @@ class Health(_Response):
     status: Literal["ok", "shutting_down"]
     model: str
     slots: SlotCounts
+    hot: HotTier
     cache: list[TierSummary]
+    """Tier 0 is ``hot``, then the storage tiers."""
 
     @classmethod
     def of(cls, stats: api.CacheStats, model: str, closing: bool) -> Health:
+        hot = TierSummary(name="hot", blocks=stats.hot.blocks, bytes=stats.hot.bytes)
         return cls(status="shutting_down" if closing else "ok", model=model,
                    slots=SlotCounts.model_validate(stats.slots, from_attributes=True),
-                   cache=[TierSummary(name=t.name, blocks=t.blocks, bytes=t.bytes)
-                          for t in stats.tiers])
+                   hot=HotTier.model_validate(stats.hot, from_attributes=True),
+                   cache=[hot] + [TierSummary(name=t.name, blocks=t.blocks, bytes=t.bytes)
+                                  for t in stats.tiers])
 
 
 class ErrorDetail(_Response):
