@@ -223,3 +223,20 @@ class CacheStats:
     working_set: WorkingSetStats = field(default_factory=WorkingSetStats)
     store: StoreStats = field(default_factory=StoreStats)
     hot: HotStats = field(default_factory=HotStats)
+    models: tuple[ModelStats, ...] = ()
+    """Per served model (the fields above sum them); empty from a single engine."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """One served model's share of :class:`CacheStats` (zeros for one never loaded; the counts
+    of one unloaded since start are those it had then)."""
+
+    name: str
+    loaded: bool
+    hot: HotStats = field(default_factory=HotStats)
+    tokens: TokenStats = field(default_factory=TokenStats)
+    slots: SlotStats = field(default_factory=lambda: SlotStats(0, 0, 0))
+    throughput: ThroughputStats = field(default_factory=lambda: ThroughputStats(0.0, ()))
+    working_set: WorkingSetStats = field(default_factory=WorkingSetStats)
+    store: StoreStats = field(default_factory=StoreStats)

@@ -138,7 +138,21 @@ class Engine:
         self._scheduler.writer.wait_session(session_id)
         return self.sessions.fork(session_id, new_id)
 
+    def wait_session(self, session_id: str | None = None) -> None:
+        """Wait until the session's (or every session's) stored turns are saved."""
+        self._scheduler.writer.wait_session(session_id)
+
     # -- state -----------------------------------------------------------------------------------
+    def idle(self) -> bool:
+        """No request is queued or generating (one that finished may still be storing)."""
+        slots = self._scheduler.slot_stats()
+        return slots.busy == 0 and slots.queued == 0
+
+    def memory_bytes(self) -> int:
+        """What this engine holds in memory: the GGUF file and the hot tier's KV cache."""
+        kv = self.model.kv_bytes_per_token(*self.config.model.cache_types)
+        return self.model.path.stat().st_size + self.sizing.n_ctx * kv
+
     def wait_stored(self, timeout: float | None = None) -> bool:
         """Wait until the KV of every request finished so far is in the store (requests are
         answered first and stored in the background); False on timeout."""

@@ -24,7 +24,7 @@ from kvtier.http.common import CLIENT_GONE, STATE, STATUS, USAGE, json_response,
 from kvtier.http.errors import Interrupted, ShuttingDown, error_body, error_payload
 
 if TYPE_CHECKING:
-    from kvtier.engine.engine import Engine
+    from kvtier.engine.pool import ModelPool
     from kvtier.engine.handle import GenerationHandle
 
 log = logging.getLogger("kvtier.http")
@@ -33,7 +33,7 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
                 "X-Accel-Buffering": "no"}
 
 
-async def _submit(engine: Engine, gen: GenerationRequest) -> GenerationHandle:
+async def _submit(engine: ModelPool, gen: GenerationRequest) -> GenerationHandle:
     """``engine.submit`` off the loop: it reads the session from the store and tokenizes."""
     loop = asyncio.get_running_loop()
     future = loop.run_in_executor(None, engine.submit, gen, loop)
@@ -69,7 +69,7 @@ async def _generate(request: web.Request, parsed: s.ParsedGeneration, chat: bool
         first = await anext(events)
         state.metrics.ttft.labels("chat" if chat else "completions").observe(
             time.monotonic() - started)
-        reply = r.Reply(chat, gen.request_id, engine.model_name, gen.session_id,
+        reply = r.Reply(chat, gen.request_id, engine.resolve(gen.model), gen.session_id,
                         parsed.include_usage)
         if parsed.stream:
             response, finished = await _stream(request, reply, first, events)

@@ -208,6 +208,8 @@ class Model(_Response):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "kvtier"
+    loaded: bool = True
+    """kvtier: whether the model is loaded now (else it is loaded by its next request)."""
 
 
 class ModelList(_Response):
@@ -371,6 +373,19 @@ class StoreCounts(_Response):
     """Whether the state buffers are pinned (registered with the GPU runtime)."""
 
 
+class ModelCounts(_Response):
+    """One served model's own counts (those of a model unloaded since start: as they were)."""
+
+    name: str
+    loaded: bool
+    hot: HotTier
+    tokens: TokenCounts
+    slots: SlotCounts
+    throughput: Throughput
+    working_set: WorkingSetCounts
+    store: StoreCounts
+
+
 class CacheStats(_Response):
     object: Literal["cache.stats"] = "cache.stats"
     tiers: list[TierStats]
@@ -381,6 +396,8 @@ class CacheStats(_Response):
     throughput: Throughput
     working_set: WorkingSetCounts
     store: StoreCounts
+    models: list[ModelCounts]
+    """Per served model; the fields above sum them (``throughput``: the model used last)."""
 
     @classmethod
     def of(cls, stats: api.CacheStats) -> CacheStats:
