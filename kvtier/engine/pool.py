@@ -68,6 +68,10 @@ class ModelPool:
     def __init__(self, config: Config, manager: TierManager | None = None) -> None:
         self.config = config
         self.specs = {spec.name: spec for spec in model_specs(config)}
+        for spec in self.specs.values():
+            if not spec.path.is_file():
+                raise ConfigError("model.models" if str(spec.path) in config.model.models
+                                  else "model.model_path", f"no such file: {spec.path}")
         self.model_name = next(iter(self.specs))
         """The first model: it is loaded at startup and serves requests that name none."""
         self.manager = manager if manager is not None else TierManager(config)
@@ -143,9 +147,11 @@ class ModelPool:
             if other != name and loaded.pending == 0 and loaded.engine.idle():
                 self._unload(other)
         if self._held() + need > budget:
-            log.warning("loaded models hold %d MiB (%d MiB more to load) beyond "
-                        "model.memory_budget (%d MiB): the others are busy",
-                        self._held() >> 20, need >> 20, budget >> 20)
+            others = [n for n in self._loaded if n != name]
+            log.warning("loaded models hold %d MiB (%d MiB more to load), beyond "
+                        "model.memory_budget (%d MiB): %s", self._held() >> 20, need >> 20,
+                        budget >> 20, f"{', '.join(others)} busy" if others
+                        else f"{name} alone takes more")
 
     def _held(self) -> int:
         return sum(self._sizes[n] for n in self._loaded)

@@ -47,6 +47,16 @@ class EngineCollector(Collector):
         for kind, value in stats.tokens.model_dump().items():
             tokens.add_metric([kind], float(value))
         yield tokens
+        loaded = GaugeMetricFamily("kvtier_model_loaded", "Served models: 1 if loaded now.",
+                                   labels=["model"])
+        model_tokens = CounterMetricFamily("kvtier_model_tokens", "Tokens per served model, by "
+                                           "how the engine got them.", labels=["model", "kind"])
+        for model in stats.models:
+            loaded.add_metric([model.name], float(model.loaded))
+            for kind, value in model.tokens.model_dump().items():
+                model_tokens.add_metric([model.name, kind], float(value))
+        yield loaded
+        yield model_tokens
         slots = GaugeMetricFamily("kvtier_slots", "Generation slots (total, busy, queued).",
                                   labels=["state"])
         for state, value in stats.slots.model_dump().items():

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from kvtier.engine.model import default_model_path
-from kvtier.engine.pool import model_specs
+from kvtier.engine.pool import ModelPool, model_specs
 from kvtier.errors import ConfigError
 from tests.http.conftest import Server, running_server, server_config
 
@@ -93,6 +93,12 @@ def test_models_are_routed_loaded_unloaded_and_resumed_from_the_store(tmp_path: 
         assert stats["tokens"]["generated"] == sum(m["tokens"]["generated"]
                                                    for m in per_model.values())
         assert stats["hot"] == per_model["alpha"]["hot"]
+        metrics = server.request("GET", "/metrics")[2].decode()
+        assert 'kvtier_model_loaded{model="alpha"} 1.0' in metrics
+        assert 'kvtier_model_loaded{model="beta"} 0.0' in metrics
+        generated = float(per_model["beta"]["tokens"]["generated"])
+        assert f'kvtier_model_tokens_total{{kind="generated",model="beta"}} {generated}' \
+            in metrics
 
         # No model named: the first one.
         status, default = chat(server, None, "Hi")
@@ -111,6 +117,12 @@ def test_without_a_budget_models_stay_loaded(tmp_path: Path) -> None:
         _, stats = server.json("GET", "/v1/cache/stats")
         assert stats["slots"]["total"] == 2 * config.model.n_slots
         assert stats["hot"]["budget"] == sum(m["hot"]["budget"] for m in stats["models"])
+
+
+def test_a_missing_file_is_refused_at_startup(tmp_path: Path) -> None:
+    config = server_config(tmp_path / "data", **{"model.models": [str(tmp_path / "no.gguf")]})
+    with pytest.raises(ConfigError, match="model.models.*no such file"):
+        ModelPool(config)
 
 
 def test_two_files_with_one_name_are_refused(tmp_path: Path) -> None:
