@@ -6,9 +6,10 @@ Run from the repository root::
     python -m bench.bench_model_switch [--tokens 1024,2048] [--repeats 3]
 
 One in-process ``kvtier serve`` (the real HTTP server, on a loopback port) serves two models with
-``model.memory_budget`` room for one (each takes ~228 MiB: its file and a 4,096-token hot tier): A, the default GGUF, and B, a copy of it whose
-``general.name`` differs by one byte (the same weights, another file hash, so another fingerprint
-and storage namespace, as a different model has). For each history length, each repeat:
+``model.memory_budget`` room for one (each takes ~228 MiB: its file and a 4,096-token hot tier):
+A, the default GGUF, and B, a copy of it whose ``general.name`` differs by one byte (the same
+weights, another file hash, so another fingerprint and storage namespace, as a different model
+has). For each history length, each repeat:
 
 1. A, session ``s``: a document of about N tokens and a question (the history, stored).
 2. ``hot``: A, session ``s``, the next question, with A still loaded: its slot holds the history.
@@ -37,9 +38,8 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
-
 from pydoc_data.topics import topics
+from typing import Any
 
 from bench.common import print_table, write_json
 from kvtier.config import load_config

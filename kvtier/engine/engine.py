@@ -66,7 +66,8 @@ class Engine:
         """Check and queue a request; raises typed errors for requests that cannot run.
 
         Its ``model`` is not checked: an engine serves one model, and the pool
-        (:mod:`kvtier.engine.pool`) routes requests by name. With ``loop``, read the handle with ``async for`` on that loop; without, with ``for``.
+        (:mod:`kvtier.engine.pool`) routes requests by name. With ``loop``, read the handle with
+        ``async for`` on that loop; without, with ``for``.
         """
         job = self._prepare(request, GenerationHandle(loop))
         self._scheduler.submit(job)

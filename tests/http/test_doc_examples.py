@@ -37,7 +37,7 @@ def curl_commands(doc: str) -> list[Curl]:
     """Every curl command in the ``sh`` blocks of ``doc``, continuation lines joined."""
     text = (ROOT / doc).read_text()
     commands = []
-    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+    for block in re.findall(r"```sh\n(.*?)```", text, re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()
             if line.startswith("curl "):
