@@ -18,10 +18,11 @@ has). For each history length, each repeat:
    from the store.
 5. B again, then ``re-prefill``: A loaded again, the whole history sent as one stateless request
    with a unique first line, so nothing is reused.
-6. B again, then ``load``: A loaded again for a one-token prompt (what loading costs alone).
+6. B again, then ``load``: A loaded again for a one-token prompt.
 
 Time to first token is measured at the client (streaming, first content chunk), median of the
-repeats. Prints a Markdown table and writes ``bench/results/model_switch.json``.
+repeats; how long each load of A took comes from the pool's log, and the table also gives both
+paths' time to first token less that load (restore vs prefill alone). Prints a Markdown table and writes ``bench/results/model_switch.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import shutil
 import socket
 import statistics
@@ -116,6 +118,23 @@ class Server:
         return ttft if ttft is not None else time.perf_counter() - started, text, usage
 
 
+class LoadTimes(logging.Handler):
+    """The pool's "loaded NAME in S s" log records: how long each load of a model took."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.last: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("loaded %s in"):
+            name, seconds = record.args[0], record.args[1]
+            self.last[name] = seconds
+
+    def take(self, name: str) -> float:
+        """The last load of ``name``'s seconds, forgotten once taken (0: it was loaded)."""
+        return self.last.pop(name, 0.0)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -128,11 +147,12 @@ def document(n_tokens: int, offset: int) -> str:
     return text[start:start + int(n_tokens * 3.6)]
 
 
-def measure(server: Server, n_tokens: int, repeat: int) -> dict[str, Any]:
+def measure(server: Server, loads: LoadTimes, n_tokens: int, repeat: int) -> dict[str, Any]:
     session = f"switch-{n_tokens}-{repeat}-{uuid.uuid4().hex[:6]}"
     history = [{"role": "system", "content": document(n_tokens, repeat)},
                {"role": "user", "content": QUESTIONS[0]}]
     _, reply, first = server.ask("A", history, session)
+    loads.take("A")
     history.append({"role": "assistant", "content": reply})
     row: dict[str, Any] = {"history_tokens": first["prompt_tokens"] + first["completion_tokens"]}
 
@@ -142,7 +162,8 @@ def measure(server: Server, n_tokens: int, repeat: int) -> dict[str, Any]:
         history.extend([{"role": "user", "content": question},
                         {"role": "assistant", "content": reply}])
         details = usage["prompt_tokens_details"]
-        row[label] = {"ttft_s": ttft, "prompt_tokens": usage["prompt_tokens"],
+        row[label] = {"ttft_s": ttft, "load_s": loads.take("A"),
+                      "prompt_tokens": usage["prompt_tokens"],
                       "cached_tokens": details["cached_tokens"],
                       "restored_tokens": details["restored_tokens"]}
 
@@ -153,12 +174,14 @@ def measure(server: Server, n_tokens: int, repeat: int) -> dict[str, Any]:
     fresh = [{"role": "system", "content": f"[{uuid.uuid4().hex}]\n" + history[0]["content"]},
              *history[1:], {"role": "user", "content": QUESTIONS[2]}]
     ttft, _, usage = server.ask("A", fresh)
-    row["re-prefill"] = {"ttft_s": ttft, "prompt_tokens": usage["prompt_tokens"],
+    row["re-prefill"] = {"ttft_s": ttft, "load_s": loads.take("A"),
+                         "prompt_tokens": usage["prompt_tokens"],
                          "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
                          "restored_tokens": 0}
     server.ask("B", [{"role": "user", "content": "Hello"}], max_tokens=1)
     ttft, _, usage = server.ask("A", [{"role": "user", "content": "Hi"}], max_tokens=1)
-    row["load"] = {"ttft_s": ttft, "prompt_tokens": usage["prompt_tokens"],
+    row["load"] = {"ttft_s": ttft, "load_s": loads.take("A"),
+                   "prompt_tokens": usage["prompt_tokens"],
                    "cached_tokens": 0, "restored_tokens": 0}
     return row
 
@@ -180,26 +203,39 @@ def main() -> None:
             "model.model_path": str(a), "model.models": [str(b)],
             "model.n_slots": 1, "model.context_size": 4096, "model.n_threads": args.threads,
             "model.memory_budget": "300MiB", "tiers.host_ram_budget": "1GiB"})
+        loads = LoadTimes()
+        logging.getLogger("kvtier.engine.pool").addHandler(loads)
+        logging.getLogger("kvtier.engine.pool").setLevel(logging.INFO)
         server = Server(config)
         try:
             server.ask("A", [{"role": "user", "content": "warm up"}], max_tokens=1)
-            rows = {n: [measure(server, n, r) for r in range(args.repeats)] for n in lengths}
+            rows = {n: [measure(server, loads, n, r) for r in range(args.repeats)]
+                    for n in lengths}
         finally:
             server.stop()
     table, results = [], []
     for n, runs in rows.items():
         med = {label: statistics.median(r[label]["ttft_s"] for r in runs)
                for label in ("hot", "resume", "re-prefill", "load")}
+        # Loading the model is part of both paths; without it, restore vs prefill remains.
+        net = {label: statistics.median(r[label]["ttft_s"] - r[label]["load_s"] for r in runs)
+               for label in ("resume", "re-prefill")}
+        load = statistics.median(r[label]["load_s"] for r in runs
+                                 for label in ("resume", "re-prefill", "load"))
         history = statistics.median(r["history_tokens"] for r in runs)
         restored = statistics.median(r["resume"]["restored_tokens"] for r in runs)
         results.append({"tokens": n, "history_tokens": history, "median_ttft_s": med,
+                        "median_ttft_less_load_s": net, "median_load_s": load,
                         "resume_restored_tokens": restored,
                         "re_prefill_over_resume": med["re-prefill"] / med["resume"],
                         "runs": runs})
-        table.append([int(history), med["hot"], med["load"], med["resume"], med["re-prefill"],
-                      f"{med['re-prefill'] / med['resume']:.2f}x", int(restored)])
-    print_table(["history tokens", "hot (no switch) s", "load only s",
+        table.append([int(history), med["hot"], load, med["resume"], med["re-prefill"],
+                      f"{med['re-prefill'] / med['resume']:.2f}x", net["resume"],
+                      net["re-prefill"], f"{net['re-prefill'] / net['resume']:.2f}x",
+                      int(restored)])
+    print_table(["history tokens", "hot (no switch) s", "model load s",
                  "resume after switch s", "re-prefill after switch s", "re-prefill / resume",
+                 "resume less load s", "re-prefill less load s", "ratio less load",
                  "restored tokens"], table)
     path = write_json("model_switch", {"repeats": args.repeats, "results": results})
     print(f"wrote {path}")
