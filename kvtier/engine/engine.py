@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 from kvtier.config import Config
 from kvtier.engine.api import (DEFAULT_TENANT, CacheStats, Finished, GenerationRequest,
-                               SessionInfo, ThroughputStats, TierStats, check_session_id)
+                               HotStats, SessionInfo, ThroughputStats, TierStats,
+                               check_session_id)
 from kvtier.engine.handle import GenerationHandle
 from kvtier.engine.model import Model, default_model_path
+from kvtier.engine.paging import Window
 from kvtier.engine.prompt import build_prompt
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.job import Job
 from kvtier.engine.scheduler import Scheduler
-from kvtier.engine.sessions import SessionStore, session_key
+from kvtier.engine.sessions import SessionStore, new_messages, session_key
 from kvtier.engine.sizing import hot_sizing
 from kvtier.engine.windows import session_prefetch
 from kvtier.engine.slots import SessionOwner
-from kvtier.errors import ContextOverflow, InvalidRequest, ModelNotFound
+from kvtier.errors import ContextOverflow, InvalidRequest
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import Namespace
 from kvtier.storage.tiers import Tier
@@ -63,11 +66,10 @@ class Engine:
                loop: asyncio.AbstractEventLoop | None = None) -> GenerationHandle:
         """Check and queue a request; raises typed errors for requests that cannot run.
 
-        With ``loop``, read the handle with ``async for`` on that loop; without, with ``for``.
+        Its ``model`` is not checked: an engine serves one model, and the pool
+        (:mod:`kvtier.engine.pool`) routes requests by name. With ``loop``, read the handle with
+        ``async for`` on that loop; without, with ``for``.
         """
-        if request.model and request.model != self.model_name:
-            raise ModelNotFound(f"model {request.model!r} is not served here; "
-                                f"this server has {self.model_name!r}")
         job = self._prepare(request, GenerationHandle(loop))
         self._scheduler.submit(job)
         if job.session is not None and self.config.working_set.prefetch:
@@ -101,8 +103,10 @@ class Engine:
             self._scheduler.writer.wait_session(key)
             session = self.sessions.load(key)
             owner = SessionOwner(key)
-        prompt = build_prompt(self.model, request, self.sessions.history(session),
-                              self.context_size)
+        history = self.sessions.history(session)
+        if request.messages is not None:
+            request = replace(request, messages=new_messages(history.messages, request.messages))
+        prompt = build_prompt(self.model, request, history, self.context_size)
         n_prompt = len(prompt.tokens)
         if n_prompt == 0:
             raise InvalidRequest("the prompt is empty", "prompt")
@@ -118,10 +122,12 @@ class Engine:
                    max_new if max_new is not None else room)
 
     # -- sessions --------------------------------------------------------------------------------
-    def wait_session_stored(self, session_id: str, tenant: str = DEFAULT_TENANT) -> None:
-        """Wait until the session's previous turn is in the store, as a request of it does
-        before it is prepared (a caller can wait here first, on a thread of its choosing)."""
-        self._scheduler.writer.wait_session(session_key(tenant, check_session_id(session_id)))
+    def wait_session(self, session_id: str | None = None, tenant: str = DEFAULT_TENANT) -> None:
+        """Wait until ``tenant``'s session's previous turn (None: every session's) is in the
+        store, as a request of it does before it is prepared (a caller can wait here first, on
+        a thread of its choosing)."""
+        self._scheduler.writer.wait_session(
+            None if session_id is None else session_key(tenant, check_session_id(session_id)))
 
     def list_sessions(self, after: str = "", limit: int = 20, tenant: str = DEFAULT_TENANT
                       ) -> list[SessionInfo]:
@@ -145,6 +151,16 @@ class Engine:
         return self.sessions.fork(session_id, new_id, tenant)
 
     # -- state -----------------------------------------------------------------------------------
+    def idle(self) -> bool:
+        """No request is queued or generating (one that finished may still be storing)."""
+        slots = self._scheduler.slot_stats()
+        return slots.busy == 0 and slots.queued == 0
+
+    def memory_bytes(self) -> int:
+        """What this engine holds in memory: the GGUF file and the hot tier's KV cache."""
+        kv = self.model.kv_bytes_per_token(*self.config.model.cache_types)
+        return self.model.path.stat().st_size + self.sizing.n_ctx * kv
+
     def wait_stored(self, timeout: float | None = None) -> bool:
         """Wait until the KV of every request finished so far is in the store (requests are
         answered first and stored in the background); False on timeout."""
@@ -159,7 +175,23 @@ class Engine:
         return CacheStats(tiers, self._scheduler.tokens.stats(), self._scheduler.slot_stats(),
                           _throughput_stats(self._scheduler.throughput),
                           self._scheduler.working_set_stats(),
-                          self._scheduler.writer.stats(), self.manager.degradation())
+                          self._scheduler.writer.stats(), self.manager.degradation(),
+                          self.hot_stats())
+
+    def hot_stats(self) -> HotStats:
+        """What the slots hold in llama.cpp's cache now (read while the engine thread runs)."""
+        scheduler, bs = self._scheduler, self.block_size
+        tokens = blocks = 0
+        for slot in scheduler.hot.slots:
+            window = scheduler.windows.get(slot)
+            if window is None:
+                held = len(slot.tokens)
+                tokens, blocks = tokens + held, blocks + -(-held // bs)
+            else:
+                tokens, blocks = tokens + _held_tokens(window), blocks + len(window.held)
+        kv = self.model.kv_bytes_per_token(*self.config.model.cache_types)
+        return HotStats(self.n_slots, tokens, blocks, tokens * kv,
+                        self.n_slots * self.sizing.slot_tokens * kv)
 
     def close(self) -> None:
         """Cut queued requests, finish active ones as cancelled (their KV is stored), close."""
@@ -174,6 +206,16 @@ class Engine:
         if self._owns_manager:
             self.manager.close()
         self.model.close()
+
+
+def _held_tokens(window: Window) -> int:
+    """A working set's held tokens, read from another thread than the one changing them."""
+    for _ in range(3):
+        try:
+            return window.held_tokens
+        except RuntimeError:  # the engine thread changed the held blocks while we read them
+            continue
+    return len(window.held) * window.block_size
 
 
 def _throughput_stats(throughput: ThroughputModel) -> ThroughputStats:

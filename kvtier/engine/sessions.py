@@ -19,7 +19,8 @@ from collections import Counter
 
 import numpy as np
 
-from kvtier.engine.api import DEFAULT_TENANT, GenerationRequest, SessionInfo, check_session_id
+from kvtier.engine.api import (DEFAULT_TENANT, ChatMessage, GenerationRequest, SessionInfo,
+                               check_session_id)
 from kvtier.engine.prompt import History, message_dicts
 from kvtier.errors import InvalidRequest, ModelMismatch, SessionBusy, SessionNotFound
 from kvtier.storage.catalog import SessionEntry
@@ -45,6 +46,26 @@ def _prefix(tenant: str) -> str:
 def session_id_of(key: str) -> str:
     """The id a tenant knows its session by."""
     return key.rpartition(_TENANT_MARK)[2]
+
+
+def new_messages(stored: list[dict[str, str]], sent: tuple[ChatMessage, ...]
+                 ) -> tuple[ChatMessage, ...]:
+    """The messages of a request that its session does not hold yet.
+
+    A client that resends the whole conversation (as OpenAI clients do) sends the session's
+    stored messages first: when ``sent`` begins with every stored message (same roles, same
+    contents), only what follows them is new. Otherwise all of ``sent`` is new, as it always was
+    for clients that send only the next message.
+    """
+    n = len(stored)
+    if n == 0 or len(sent) < n or any(
+            m.role != s.get("role") or m.content != s.get("content")
+            for m, s in zip(sent, stored)):
+        return sent
+    if len(sent) == n:
+        raise InvalidRequest("the messages only repeat the session's stored history; add the "
+                             "next message", "messages")
+    return sent[n:]
 
 
 class SessionStore:

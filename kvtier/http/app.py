@@ -24,7 +24,6 @@ from aiohttp import web
 
 from kvtier.config import ServerConfig
 from kvtier.engine.api import DEFAULT_TENANT
-from kvtier.errors import ModelNotFound
 from kvtier.http import responses as r
 from kvtier.http import schemas as s
 from kvtier.http.auth import ApiKeys
@@ -37,7 +36,7 @@ from kvtier.http.metrics import CONTENT_TYPE, Metrics
 from kvtier.http.openapi import Route, build_openapi
 
 if TYPE_CHECKING:
-    from kvtier.engine.engine import Engine
+    from kvtier.engine.pool import ModelPool
 
 log = logging.getLogger("kvtier.http")
 access_log = logging.getLogger("kvtier.http.access")
@@ -49,21 +48,19 @@ def _session_param(request: web.Request) -> str:
 
 # -- models, sessions, stats -------------------------------------------------------------------
 
-def _model(state: ServerState) -> r.Model:
-    return r.Model(id=state.engine.model_name, created=state.started)
-
-
 async def list_models(request: web.Request) -> web.Response:
-    return json_response(r.ModelList(data=[_model(request.app[STATE])]))
+    state = request.app[STATE]
+    return json_response(r.ModelList(data=[
+        r.Model(id=name, created=state.started, loaded=loaded)
+        for name, loaded in state.engine.models()]))
 
 
 async def get_model(request: web.Request) -> web.Response:
+    """With one model served, any name finds it (as llama.cpp's server answers)."""
     state = request.app[STATE]
-    model = request.match_info["model"]
-    if model != state.engine.model_name:
-        raise ModelNotFound(f"the model {model!r} does not exist; this server serves "
-                            f"{state.engine.model_name!r}")
-    return json_response(_model(state))
+    name = state.engine.resolve(request.match_info["model"])
+    return json_response(r.Model(id=name, created=state.started,
+                                 loaded=state.engine.is_loaded(name)))
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -144,11 +141,12 @@ ROUTES: list[Route] = [
           {200: ("The completion.", r.Completion)}, request=s.CompletionRequest,
           headers=_SESSION_HEADERS, stream=r.CompletionChunk, tags=("generation",),
           errors=_GEN_ERRORS),
-    Route("GET", "/v1/models", list_models, "listModels", "The models this server serves.",
+    Route("GET", "/v1/models", list_models, "listModels",
+          "The models this server serves, and which are loaded.",
           {200: ("The models.", r.ModelList)}, tags=("models",)),
     Route("GET", "/v1/models/{model}", get_model, "retrieveModel", "One model.",
           {200: ("The model.", r.Model)}, tags=("models",),
-          errors={404: "Unknown model."}),
+          errors={404: "Unknown model (only when several are served)."}),
     Route("GET", "/v1/sessions", list_sessions, "listSessions",
           "Sessions in id order, a page at a time (pass the last id as 'after').",
           {200: ("A page of sessions.", r.SessionList)}, query=s.SessionListQuery,
@@ -245,7 +243,7 @@ def openapi_document(auth: bool) -> dict[str, Any]:
     return build_openapi(ROUTES, version, auth)
 
 
-def create_app(engine: Engine, keys: ApiKeys | None = None,
+def create_app(engine: ModelPool, keys: ApiKeys | None = None,
                server: ServerConfig | None = None) -> web.Application:
     """The application for ``engine``; the caller owns the engine and closes it."""
     server = server or ServerConfig()

@@ -18,7 +18,7 @@ from kvtier.http.auth import ApiKeys
 from kvtier.http.metrics import Metrics
 
 if TYPE_CHECKING:
-    from kvtier.engine.engine import Engine
+    from kvtier.engine.pool import ModelPool
     from kvtier.engine.handle import GenerationHandle
 
 # Per-request values the access log and the metrics middleware read.
@@ -31,7 +31,7 @@ CLIENT_GONE = 499  # nginx's "client closed request": the status a cancelled han
 
 @dataclass(slots=True)
 class ServerState:
-    engine: Engine
+    engine: ModelPool
     metrics: Metrics
     keys: ApiKeys
     public_paths: frozenset[str]

@@ -42,7 +42,7 @@ async def _submit(state: ServerState, gen: GenerationRequest) -> GenerationHandl
     if gen.session_id is not None:
         # Waiting for the session's previous turn to be stored is store work: not on one of
         # the few prepare threads, which it could hold for seconds.
-        await asyncio.to_thread(state.engine.wait_session_stored, gen.session_id, gen.tenant)
+        await asyncio.to_thread(state.engine.wait_session, gen.session_id, gen.tenant)
     loop = asyncio.get_running_loop()
     state.preparing += 1
     future = loop.run_in_executor(state.prepare, state.engine.submit, gen, loop)
@@ -83,7 +83,7 @@ async def _generate(request: web.Request, parsed: s.ParsedGeneration, chat: bool
         first = await anext(events)
         state.metrics.ttft.labels("chat" if chat else "completions").observe(
             time.monotonic() - started)
-        reply = r.Reply(chat, gen.request_id, engine.model_name, gen.session_id,
+        reply = r.Reply(chat, gen.request_id, engine.resolve(gen.model), gen.session_id,
                         parsed.include_usage)
         if parsed.stream:
             response, finished = await _stream(request, reply, first, events)

@@ -40,12 +40,24 @@ class EngineCollector(Collector):
                 family.add_metric([tier.name], float(getattr(tier, name)))
         yield from gauges.values()
         yield from counters.values()
+        yield GaugeMetricFamily("kvtier_hot_tokens", "Tokens whose KV the hot tier's slots hold.",
+                                value=float(stats.hot.tokens))
         tokens = CounterMetricFamily("kvtier_engine_tokens", "Tokens by how the engine got them "
                                      "(restored, prefilled, hot_reused, generated).",
                                      labels=["kind"])
         for kind, value in stats.tokens.model_dump().items():
             tokens.add_metric([kind], float(value))
         yield tokens
+        loaded = GaugeMetricFamily("kvtier_model_loaded", "Served models: 1 if loaded now.",
+                                   labels=["model"])
+        model_tokens = CounterMetricFamily("kvtier_model_tokens", "Tokens per served model, by "
+                                           "how the engine got them.", labels=["model", "kind"])
+        for model in stats.models:
+            loaded.add_metric([model.name], float(model.loaded))
+            for kind, value in model.tokens.model_dump().items():
+                model_tokens.add_metric([model.name, kind], float(value))
+        yield loaded
+        yield model_tokens
         slots = GaugeMetricFamily("kvtier_slots", "Generation slots (total, busy, queued).",
                                   labels=["state"])
         for state, value in stats.slots.model_dump().items():

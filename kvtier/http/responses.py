@@ -208,6 +208,8 @@ class Model(_Response):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "kvtier"
+    loaded: bool = True
+    """kvtier: whether the model is loaded now (else it is loaded by its next request)."""
 
 
 class ModelList(_Response):
@@ -277,6 +279,8 @@ class SessionDeleted(_Response):
 
 class TierStats(_Response):
     name: str
+    """``hot`` (tier 0: llama.cpp's cache; it counts no hits, moves or drops), ``warm``,
+    ``cool``, ``cold``."""
     blocks: int
     bytes: int
     """Bytes counted against the budget."""
@@ -292,6 +296,27 @@ class TierStats(_Response):
     """Blocks found unreadable (a failed checksum, a damaged file) and quarantined."""
     write_errors: int = 0
     """Writes the tier refused (a full disk, an I/O error)."""
+
+    @classmethod
+    def hot(cls, hot: api.HotStats) -> TierStats:
+        """The hot tier as a row of the tiers list, first."""
+        return cls(name="hot", blocks=hot.blocks, bytes=hot.bytes, budget=hot.budget,
+                   compression_ratio=1.0 if hot.bytes else 0.0, hits=0, misses=0,
+                   promotions=0, demotions=0, drops=0, corrupt=0)
+
+
+class HotTier(_Response):
+    """The hot tier (T0): llama.cpp's KV cache, shared by the slots."""
+
+    slots: int
+    tokens: int
+    """Tokens whose KV the slots hold now (a long conversation's working set, not all of it)."""
+    blocks: int
+    """Blocks those tokens fill, partial ones included."""
+    bytes: int
+    """Bytes of KV those tokens take in llama.cpp's cache type."""
+    budget: int
+    """Bytes of KV the slots may hold together."""
 
 
 class TokenCounts(_Response):
@@ -350,20 +375,39 @@ class StoreCounts(_Response):
     """Whether the state buffers are pinned (registered with the GPU runtime)."""
 
 
-class CacheStats(_Response):
-    object: Literal["cache.stats"] = "cache.stats"
-    tiers: list[TierStats]
+class ModelCounts(_Response):
+    """One served model's own counts (those of a model unloaded since start: as they were)."""
+
+    name: str
+    loaded: bool
+    hot: HotTier
     tokens: TokenCounts
     slots: SlotCounts
     throughput: Throughput
     working_set: WorkingSetCounts
     store: StoreCounts
+
+
+class CacheStats(_Response):
+    object: Literal["cache.stats"] = "cache.stats"
+    tiers: list[TierStats]
+    """Tier 0 is ``hot``, then the storage tiers, fastest first."""
+    hot: HotTier
+    tokens: TokenCounts
+    slots: SlotCounts
+    throughput: Throughput
+    working_set: WorkingSetCounts
+    store: StoreCounts
+    models: list[ModelCounts]
+    """Per served model; the fields above sum them (``throughput``: the model used last)."""
     degraded: dict[str, str] = {}
-    """Parts of the store that are damaged or refuse writes, with why."""
+    """Parts of the store that are damaged or refuse writes, with why (empty: none)."""
 
     @classmethod
     def of(cls, stats: api.CacheStats) -> CacheStats:
-        return cls.model_validate(stats, from_attributes=True)
+        body = cls.model_validate(stats, from_attributes=True)
+        body.tiers.insert(0, TierStats.hot(stats.hot))
+        return body
 
 
 class TierSummary(_Response):
@@ -378,16 +422,20 @@ class Health(_Response):
     or refuses writes; ``degraded`` says which and why."""
     model: str
     slots: SlotCounts
+    hot: HotTier
     cache: list[TierSummary]
+    """Tier 0 is ``hot``, then the storage tiers."""
     degraded: dict[str, str] = {}
 
     @classmethod
     def of(cls, stats: api.CacheStats, model: str, closing: bool) -> Health:
         status = "shutting_down" if closing else "degraded" if stats.degraded else "ok"
+        hot = TierSummary(name="hot", blocks=stats.hot.blocks, bytes=stats.hot.bytes)
         return cls(status=status, model=model,
                    slots=SlotCounts.model_validate(stats.slots, from_attributes=True),
-                   cache=[TierSummary(name=t.name, blocks=t.blocks, bytes=t.bytes)
-                          for t in stats.tiers], degraded=dict(stats.degraded))
+                   hot=HotTier.model_validate(stats.hot, from_attributes=True),
+                   cache=[hot] + [TierSummary(name=t.name, blocks=t.blocks, bytes=t.bytes)
+                                  for t in stats.tiers], degraded=dict(stats.degraded))
 
 
 class ErrorDetail(_Response):

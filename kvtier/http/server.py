@@ -16,21 +16,21 @@ from kvtier.http.app import create_app, drain
 from kvtier.http.auth import api_keys_of
 
 if TYPE_CHECKING:
-    from kvtier.engine.engine import Engine
+    from kvtier.engine.pool import ModelPool
 
 log = logging.getLogger("kvtier.http")
 
-async def run(config: Config, stop: asyncio.Event, engine: Engine | None = None,
+async def run(config: Config, stop: asyncio.Event, engine: ModelPool | None = None,
               on_ready: Callable[[str], None] | None = None) -> None:
-    """Serves until ``stop`` is set, then drains and shuts down; closes the engine it made.
+    """Serves until ``stop`` is set, then drains and shuts down; closes the models it loaded.
 
     ``on_ready`` gets the base URL once the socket listens.
     """
     own_engine = engine is None
     keys = api_keys_of(config)  # a bad keys file stops the server before the model loads
     if engine is None:
-        from kvtier.engine.engine import Engine
-        engine = await asyncio.to_thread(Engine, config)
+        from kvtier.engine.pool import ModelPool
+        engine = await asyncio.to_thread(ModelPool, config)
     try:
         if stop.is_set():
             return
@@ -52,9 +52,10 @@ async def run(config: Config, stop: asyncio.Event, engine: Engine | None = None,
                 raise ConfigError("server.listen", f"cannot listen on {config.server.listen}: "
                                   f"{exc.strerror or exc}") from None
             url = f"http://{config.server.listen}"
+            first = engine.engine()
             log.info("serving %s on %s (%d slots; %d tokens each hot, conversations up to %d)",
-                     engine.model_name, url, engine.n_slots, engine.sizing.slot_tokens,
-                     engine.context_size)
+                     ", ".join(name for name, _ in engine.models()), url, first.n_slots,
+                     first.sizing.slot_tokens, first.context_size)
             if on_ready is not None:
                 on_ready(url)
             await stop.wait()

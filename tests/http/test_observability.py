@@ -20,7 +20,34 @@ def test_health(server: Server) -> None:
     assert body["status"] == "ok"
     assert body["model"].startswith("SmolLM2-135M")
     assert body["slots"]["total"] == server.config.model.n_slots
-    assert [t["name"] for t in body["cache"]] == ["warm", "cool", "cold"]
+    assert [t["name"] for t in body["cache"]] == ["hot", "warm", "cool", "cold"]
+    assert body["hot"]["slots"] == server.config.model.n_slots
+
+
+def test_hot_tier_is_tier_0(server: Server) -> None:
+    status, body = server.json("POST", "/v1/completions", {
+        "prompt": "The hot tier holds this prompt", "max_tokens": 3, "temperature": 0})
+    assert status == 200
+    held = body["usage"]["total_tokens"]
+    _, stats = server.json("GET", "/v1/cache/stats")
+    hot = stats["hot"]
+    kv = 30 * 192 * 2 * 2                   # SmolLM2: 30 layers, 192 K and 192 V values, f16
+    slots = server.config.model.n_slots
+    assert hot["slots"] == slots
+    assert held <= hot["tokens"] <= slots * 1024
+    assert hot["bytes"] == hot["tokens"] * kv
+    assert hot["budget"] == slots * 1024 * kv
+    assert hot["blocks"] >= -(-held // 256)
+    assert stats["tiers"][0] == {
+        "name": "hot", "blocks": hot["blocks"], "bytes": hot["bytes"], "budget": hot["budget"],
+        "compression_ratio": 1.0, "hits": 0, "misses": 0, "promotions": 0, "demotions": 0,
+        "drops": 0, "corrupt": 0}
+    assert [t["name"] for t in stats["tiers"]] == ["hot", "warm", "cool", "cold"]
+    _, health = server.json("GET", "/health")
+    assert health["cache"][0] == {"name": "hot", "blocks": hot["blocks"], "bytes": hot["bytes"]}
+    text = server.request("GET", "/metrics")[2].decode()
+    assert f'kvtier_tier_bytes{{tier="hot"}} {float(hot["bytes"])}' in text
+    assert f"kvtier_hot_tokens {float(hot['tokens'])}" in text
 
 
 def test_cache_stats(server: Server) -> None:
