@@ -41,7 +41,7 @@ def test_hot_tier_is_tier_0(server: Server) -> None:
     assert stats["tiers"][0] == {
         "name": "hot", "blocks": hot["blocks"], "bytes": hot["bytes"], "budget": hot["budget"],
         "compression_ratio": 1.0, "hits": 0, "misses": 0, "promotions": 0, "demotions": 0,
-        "drops": 0, "corrupt": 0}
+        "drops": 0, "corrupt": 0, "write_errors": 0}
     assert [t["name"] for t in stats["tiers"]] == ["hot", "warm", "cool", "cold"]
     _, health = server.json("GET", "/health")
     assert health["cache"][0] == {"name": "hot", "blocks": hot["blocks"], "bytes": hot["bytes"]}
