@@ -43,8 +43,13 @@ def test_hot_tier_is_tier_0(server: Server) -> None:
         "compression_ratio": 1.0, "hits": 0, "misses": 0, "promotions": 0, "demotions": 0,
         "drops": 0, "corrupt": 0, "write_errors": 0}
     assert [t["name"] for t in stats["tiers"]] == ["hot", "warm", "cool", "cold"]
-    _, health = server.json("GET", "/health")
-    assert health["cache"][0] == {"name": "hot", "blocks": hot["blocks"], "bytes": hot["bytes"]}
+    wanted = {"name": "hot", "blocks": hot["blocks"], "bytes": hot["bytes"]}
+    for _ in range(50):   # /health reads statistics refreshed every STATS_REFRESH_S
+        _, health = server.json("GET", "/health")
+        if health["cache"][0] == wanted:
+            break
+        time.sleep(0.1)
+    assert health["cache"][0] == wanted
     text = server.request("GET", "/metrics")[2].decode()
     assert f'kvtier_tier_bytes{{tier="hot"}} {float(hot["bytes"])}' in text
     assert f"kvtier_hot_tokens {float(hot['tokens'])}" in text
