@@ -74,6 +74,13 @@ def run(model: Model, tokens: np.ndarray, method: str, args: argparse.Namespace)
             hot.capture.arm([RowRange(len(chunk) - QUERY_TOKENS, QUERY_TOKENS)])
             index = hot.decode([BatchItem(0, chunk, position, False, all_logits=True)])[0]
             (queries,) = hot.capture.collect()
+            if args.own_queries and window.stored:
+                window.score(queries)                   # the chunk's own queries choose,
+                window.retract(len(chunk))              # and it is decoded again on their choice
+                position = window.prepare(len(chunk))
+                hot.capture.arm([RowRange(len(chunk) - QUERY_TOKENS, QUERY_TOKENS)])
+                index = hot.decode([BatchItem(0, chunk, position, False, all_logits=True)])[0]
+                (queries,) = hot.capture.collect()
             out.append(nll(hot, index, targets))
             window.completed(queries)
     finally:
@@ -93,6 +100,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--sink", type=int, default=1, help="working_set.sink_blocks")
     parser.add_argument("--recent", type=int, default=2, help="working_set.recent_blocks")
+    parser.add_argument("--own-queries", action="store_true",
+                        help="decode each chunk twice, the second time on the blocks its own "
+                             "queries chose (InfLLM's order; kvtier does it for the last chunk)")
     parser.add_argument("--out", default="perplexity", help="results file name (no .json)")
     args = parser.parse_args()
     model = Model(default_model_path())
@@ -106,7 +116,8 @@ def main() -> None:
             base = float(np.exp(by_method[args.methods[0]].mean()))
             results.append({"offset": offset, "method": method, "tokens": args.tokens,
                             "hot": args.hot, "block_size": args.block_size, "sink": args.sink,
-                            "recent": args.recent, "perplexity": ppl, "ratio": ppl / base})
+                            "recent": args.recent,
+                            "own_queries": args.own_queries, "perplexity": ppl, "ratio": ppl / base})
             rows.append([offset, method, f"{ppl:.3f}", f"{ppl / base:.4f}"])
             print(results[-1], flush=True)
     print_table(["offset", "method", "perplexity", f"vs {args.methods[0]}"], rows)
