@@ -98,6 +98,10 @@ class Balancer:
         self.weights = weights
         self._queue: queue.Queue[tuple[Op, BlockId | None]] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._promoting: dict[BlockId, int] = {}
+        """Blocks with a promotion queued, and their bytes as llama.cpp holds them (asked
+        again, a block is not queued twice)."""
+        self._stopping = threading.Event()
 
     # -- the worker -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,10 +110,21 @@ class Balancer:
         self._worker.start()
 
     def schedule(self, op: Op, block: BlockId | None = None) -> None:
-        if self._worker is not None:
-            self._queue.put((op, block))
-        else:
+        if self._worker is None:
             self._run(op, block)
+            return
+        if op is Op.PROMOTE:
+            with self.index.lock:
+                entry = self.index.get(block)
+                if block in self._promoting or entry is None:
+                    return
+                self._promoting[block] = entry.raw_bytes
+        self._queue.put((op, block))
+
+    def queued_promotion_bytes(self) -> int:
+        """Bytes (as llama.cpp holds them) of the blocks waiting to be promoted."""
+        with self.index.lock:
+            return sum(self._promoting.values())
 
     def drain(self) -> None:
         """Wait until the background worker has done everything queued so far."""
@@ -117,8 +132,11 @@ class Balancer:
             self._queue.join()
 
     def stop(self) -> None:
-        """Finish queued work and stop the worker."""
+        """Stop the worker promptly: the block being moved is finished or abandoned, queued
+        promotions and balancing are dropped (they are hints; budgets are enforced again on the
+        next open's first write), so a shutdown does not wait for a backlog of moves."""
         if self._worker is not None:
+            self._stopping.set()
             self._queue.put((Op.STOP, None))
             self._worker.join()
             self._worker = None
@@ -135,8 +153,13 @@ class Balancer:
                 last_flush = time.monotonic()
                 continue
             try:
+                if op is Op.PROMOTE:
+                    with self.index.lock:
+                        self._promoting.pop(block, None)
                 if op is Op.STOP:
                     return
+                if self._stopping.is_set():
+                    continue
                 self._run_logged(op, block)
                 if time.monotonic() - last_flush > 30.0:
                     self._run_logged(Op.FLUSH, None)
@@ -333,6 +356,10 @@ class Balancer:
             moves = [(block, self.index.begin_move(block, Tier(tier + 1))) for block in victims]
         moved = False
         for i, (block, move) in enumerate(moves):
+            if self._stopping.is_set():      # shutting down: leave the rest where it is
+                for claimed, _ in moves[i:]:
+                    self.index.end_move(claimed)
+                break
             try:
                 moved = self._copy(block, move) or moved
             except BaseException:

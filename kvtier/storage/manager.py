@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 
 WARM_MAP_RESERVE = 0.06
 """Part of the LMDB map kept for its B-tree pages and free lists, outside the warm byte budget."""
+PREFETCH_SHARE = 0.25
+"""Promotions that prefetches may have queued at once, in bytes as a share of the warm budget:
+a prefetch is a hint, and asking for more than warm holds only pushes out what it brings in (a
+long conversation's selections ask for dozens of blocks each)."""
 DISK_FULL_BYTES = 1 << 20
 """Free bytes below which a tier that fails to open is taken to be on a full disk, not damaged."""
 FRESH_PIN_S = 600.0
@@ -350,13 +354,22 @@ class TierManager:
         self._index.add_attention(scores, time.time(), self.weights.hit_half_life_s)
 
     def prefetch(self, blocks: Sequence[BlockId]) -> int:
-        """Promote these blocks to warm in the background, those below it; returns how many were
-        asked for. A block that moves or is pinned meanwhile stays where it is."""
-        below = [b for b in blocks if (e := self._index.get(b)) is not None
-                 and e.tier != Tier.WARM]
-        for block in below:
+        """Promote these blocks (best first) to warm in the background, those below it, as far
+        as :data:`PREFETCH_SHARE` of the warm budget allows; returns how many were asked for.
+        A block that moves or is pinned meanwhile stays where it is."""
+        room = int(self._balancer.budgets[Tier.WARM] * PREFETCH_SHARE) \
+            - self._balancer.queued_promotion_bytes()
+        asked = 0
+        for block in blocks:
+            entry = self._index.get(block)
+            if entry is None or entry.tier == Tier.WARM:
+                continue
+            room -= entry.raw_bytes
+            if room < 0:
+                break
             self._balancer.schedule(Op.PROMOTE, block)
-        return len(below)
+            asked += 1
+        return asked
 
     @contextmanager
     def pinned(self, blocks: Sequence[BlockId]) -> Iterator[None]:

@@ -1,9 +1,13 @@
+import threading
+import time
+
 import numpy as np
 import pytest
 
 from kvtier.errors import BlockMissing, StoreLocked, TierFull
 from kvtier.storage.catalog import SessionEntry
-from kvtier.storage.manager import TierManager
+from kvtier.storage.balancer import Op
+from kvtier.storage.manager import PREFETCH_SHARE, TierManager
 from kvtier.storage.records import chain_hash
 from kvtier.storage.tiers import Tier
 from tests.factories import NS, block_id, f16, make_config, make_layers
@@ -180,3 +184,34 @@ def test_a_block_larger_than_the_warm_budget_is_written_to_cool(config):
         back = m.get_block(stored)
         assert len(back) == 30 and back[0].n_tokens == 256
         assert_within_budgets(m)
+
+
+def test_prefetch_promotes_below_warm_within_a_share_of_warm(config):
+    with open_manager(config) as m:
+        ids = fill(m, 1, 64)                       # far beyond the 1 MiB warm budget
+        below = [b for b in ids if m.block_entry(b).tier != Tier.WARM]
+        share = m.stats()[Tier.WARM].budget * PREFETCH_SHARE
+        per_block = m.block_entry(below[0]).raw_bytes
+        assert len(below) * per_block > share      # more than a prefetch may ask for
+        asked = m.prefetch(below)
+        assert asked == int(share // per_block) < len(below)
+        assert m.stats()[Tier.WARM].promotions == asked
+        assert m.prefetch([b for b in ids if m.block_entry(b).tier == Tier.WARM]) == 0
+
+
+def test_close_does_not_wait_for_queued_promotions(config):
+    m = open_manager(config, background=True)
+    ids = fill(m, 1, 24)
+    m._balancer.drain()
+    below = [b for b in ids if m.block_entry(b).tier != Tier.WARM]
+    with m._index.lock:                            # the worker cannot start a promotion yet
+        for block in below:
+            m._balancer.schedule(Op.PROMOTE, block)
+        closing = threading.Thread(target=m.close)
+        closing.start()
+        while not m._balancer._stopping.is_set():
+            time.sleep(0.01)
+    closing.join(timeout=60)
+    assert not closing.is_alive()
+    with open_manager(config) as again:            # nothing queued was carried out
+        assert all(again.block_entry(b).tier != Tier.WARM for b in below)
