@@ -182,7 +182,8 @@ class WorkingSetConfig(_Section):
     """The queries of this many latest tokens score the stored blocks."""
     prefetch: bool = True
     """Promote blocks to warm ahead of their use: the next-best blocks of each selection, and a
-    session's blocks while its request waits for a slot."""
+    session's blocks while its request waits for a slot; those waiting at once stay within a
+    quarter of the warm budget."""
     query_layer_stride: Annotated[int, Field(ge=1)] = 1
     """Queries are read from every n-th layer (1: all); fewer layers cost less at each selection."""
     positions: Literal["packed", "own"] = "packed"
