@@ -24,9 +24,11 @@ SHAPES = {
 }
 
 
-def _plain(value):
+def plain_value(value):
+    """A GGUF field's contents as plain Python values (strings decoded, numpy scalars unwrapped),
+    as GGUFWriter takes them."""
     if isinstance(value, (list, tuple)):
-        return [_plain(x) for x in value]
+        return [plain_value(x) for x in value]
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", errors="surrogateescape")
     return value.item() if hasattr(value, "item") else value
@@ -38,7 +40,7 @@ def _copy_fields(reader, writer, keep) -> int:
     for name, field in reader.fields.items():
         if not keep(name):
             continue
-        kind, value = field.types[0], _plain(field.contents())
+        kind, value = field.types[0], plain_value(field.contents())
         if name == "tokenizer.ggml.tokens":
             n_vocab = len(value)
         if kind == GGUFValueType.ARRAY:

@@ -10,15 +10,8 @@ import gguf
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
+from bench.gpu.make_model import plain_value
 from kvtier.engine.model import default_model_path
-
-
-def _plain(value):
-    if isinstance(value, (list, tuple)):
-        return [_plain(x) for x in value]
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", errors="surrogateescape")
-    return value.item() if hasattr(value, "item") else value
 
 
 def _writer(path: Path, arch: str) -> tuple[GGUFWriter, int]:
@@ -28,7 +21,7 @@ def _writer(path: Path, arch: str) -> tuple[GGUFWriter, int]:
     for name, field in GGUFReader(default_model_path()).fields.items():
         if not name.startswith("tokenizer.") or name == "tokenizer.chat_template":
             continue
-        value = _plain(field.contents())
+        value = plain_value(field.contents())
         if name == "tokenizer.ggml.tokens":
             n_vocab = len(value)
         if field.types[0] == GGUFValueType.ARRAY:
