@@ -375,29 +375,28 @@ class StoreCounts(_Response):
     """Whether the state buffers are pinned (registered with the GPU runtime)."""
 
 
-class ModelCounts(_Response):
+class EngineCounts(_Response):
+    """What a model's engine counts: its hot tier, tokens, slots, speed, working sets, store."""
+
+    hot: HotTier
+    tokens: TokenCounts
+    slots: SlotCounts
+    throughput: Throughput
+    working_set: WorkingSetCounts
+    store: StoreCounts
+
+
+class ModelCounts(EngineCounts):
     """One served model's own counts (those of a model unloaded since start: as they were)."""
 
     name: str
     loaded: bool
-    hot: HotTier
-    tokens: TokenCounts
-    slots: SlotCounts
-    throughput: Throughput
-    working_set: WorkingSetCounts
-    store: StoreCounts
 
 
-class CacheStats(_Response):
+class CacheStats(EngineCounts):
     object: Literal["cache.stats"] = "cache.stats"
     tiers: list[TierStats]
     """Tier 0 is ``hot``, then the storage tiers, fastest first."""
-    hot: HotTier
-    tokens: TokenCounts
-    slots: SlotCounts
-    throughput: Throughput
-    working_set: WorkingSetCounts
-    store: StoreCounts
     models: list[ModelCounts]
     """Per served model; the fields above sum them (``throughput``: the model used last)."""
     degraded: dict[str, str] = {}
