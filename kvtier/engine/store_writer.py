@@ -81,8 +81,6 @@ class StoreJob:
     nbytes: int
     blocks: list[BlockWrite] = field(default_factory=list)
     sequence: SequenceWrite | None = None
-    after: Callable[[], None] | None = None
-    """Runs on the writer thread once the sequence is recorded (e.g. the session's update)."""
     done: Callable[[BaseException | None], None] | None = None
     """Runs last, with the error the job met or None."""
     session_id: str | None = None
@@ -294,8 +292,8 @@ class StoreWriter:
                 stored_as = write_blocks(self.manager, job.states(), job.blocks, self._encoders)
             except STORAGE_FAULTS as exc:
                 # A full disk or a damaged tier: the sequence is saved with the blocks before
-                # the first that is missing (the rest is recomputed), and the session's turn is
-                # kept; the job still counts as failed.
+                # the first that is missing (the rest is recomputed); the job still counts as
+                # failed.
                 failed = exc
                 stored_as = []
             else:
@@ -311,8 +309,6 @@ class StoreWriter:
             s = job.sequence
             self.manager.save_sequence(s.namespace, s.seq_id, s.tokens,
                                        [self.resolve(b) for b in s.blocks])
-        if job.after is not None:
-            job.after()
         if failed is not None:
             raise failed
 
