@@ -81,6 +81,8 @@ class StoreJob:
     nbytes: int
     blocks: list[BlockWrite] = field(default_factory=list)
     sequence: SequenceWrite | None = None
+    after: Callable[[], None] | None = None
+    """Runs on the writer thread once the sequence is recorded, before the job leaves the queue."""
     done: Callable[[BaseException | None], None] | None = None
     """Runs last, with the error the job met or None."""
     session_id: str | None = None
@@ -309,6 +311,8 @@ class StoreWriter:
             s = job.sequence
             self.manager.save_sequence(s.namespace, s.seq_id, s.tokens,
                                        [self.resolve(b) for b in s.blocks])
+        if job.after is not None:
+            job.after()
         if failed is not None:
             raise failed
 
