@@ -16,7 +16,10 @@ import io
 import json
 import re
 import shlex
+import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -362,8 +365,46 @@ def test_redis_cluster_has_three_masters_with_a_replica_each():
     assert redis_maxmemory(conf) < quantity(redis["resources"]["limits"]["memory"])
     assert PurePosixPath(redis["command"][1]).parent == mount_path("redis-cluster", "redis",
                                                                    "config")
-    assert PurePosixPath(conf["cluster-config-file"]).parent == mount_path("redis-cluster",
-                                                                           "redis", "data")
+    # nodes.conf and the append-only files go to the working directory: the node's volume.
+    assert "/" not in conf["cluster-config-file"] and "dir" not in conf
+    assert PurePosixPath(redis["workingDir"]) == mount_path("redis-cluster", "redis", "data")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None,
+                    reason="redis-server is not installed (apt-get install redis-server)")
+def test_redis_server_accepts_the_config(tmp_path):
+    redis = pytest.importorskip("redis", reason="the redis client comes with the remote tier")
+    port = free_port()
+    command = ["redis-server", str(KUBERNETES / "redis-cluster" / "redis.conf"),
+               "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+               "--cluster-config-file", str(tmp_path / "nodes.conf"),
+               "--cluster-announce-hostname", "localhost"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port, decode_responses=True, socket_connect_timeout=1)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"redis-server refused the config:\n{server.communicate()[0].decode()}")
+            try:
+                info = client.config_get("maxmemory*")
+                break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                assert time.monotonic() < deadline, "redis-server did not answer in 10 s"
+                time.sleep(0.05)
+        assert int(info["maxmemory"]) == redis_maxmemory(redis_conf())
+        assert info["maxmemory-policy"] == "allkeys-lru"
+        assert client.info("cluster")["cluster_enabled"] == 1
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 # -- Compose -----------------------------------------------------------------------------------
