@@ -407,6 +407,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def test_the_deploy_guide_states_the_config_as_it_is():
+    """docs/deploy.md's table of what kvtier.json sets, against the file."""
+    config = json.loads((KUBERNETES / "kvtier" / "kvtier.json").read_text())
+    guide = (REPO / "docs" / "deploy.md").read_text()
+    rows = re.findall(r"^\| `([a-z_.]+)`((?:, `[a-z_.]+`)*) \| `?([^|`]+?)`? \|", guide, re.M)
+    assert len(rows) >= 10
+    for key, more_keys, value in rows:
+        keys = [key] + re.findall(r"`([a-z_.]+)`", more_keys)
+        values = [v.strip() for v in value.split(",")] if more_keys else [value]
+        for name, stated in zip(keys, values, strict=True):
+            section, _, field = name.rpartition(".")
+            actual = config.get(section, {}).get(field) if section else config.get(field)
+            assert str(actual) == stated, name
+
+
 # -- Compose -----------------------------------------------------------------------------------
 
 def test_compose_file_matches_the_compose_spec():
