@@ -19,6 +19,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -45,10 +46,11 @@ K8S_VERSIONS = ["1.30.0", k8s_schemas.latest_version()]
 """The oldest Kubernetes the manifests support and the newest whose schemas are bundled."""
 
 REMOTE_KEYS = ("remote_url", "remote_budget")
-"""The remote tier's keys (issue 14, branch remote): the configs set them before kvtier knows them."""
+"""The remote tier's keys (issue 14, branch remote): the configs set them before kvtier does."""
 
 SAMPLE_KEYS = "default 4f1c0e9a7b3d52e8c6a1f0b9d8e7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9\n"
-"""Stands in for deploy/kubernetes/kvtier/api-keys, which every deployment writes for itself."""
+"""Stands in for deploy/kubernetes/kvtier/api-keys, which every deployment writes for itself (and
+which the tests never read, should one exist here)."""
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -58,9 +60,7 @@ def _documents(path: Path) -> list[dict[str, Any]]:
 
 
 def _generated_file(path: Path) -> str:
-    if path.name == "api-keys" and not path.exists():
-        return SAMPLE_KEYS
-    return path.read_text()
+    return SAMPLE_KEYS if path.name == "api-keys" else path.read_text()
 
 
 def render(directory: Path) -> list[dict[str, Any]]:
@@ -253,7 +253,8 @@ def test_probes_and_scrape_annotations_use_the_served_port(kvtier_config):
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert server[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
     # Readiness is the stricter: it reacts to the first failure.
-    assert server["readinessProbe"]["failureThreshold"] < server["livenessProbe"]["failureThreshold"]
+    readiness, liveness = server["readinessProbe"], server["livenessProbe"]
+    assert readiness["failureThreshold"] < liveness["failureThreshold"]
     annotations = find("StatefulSet", "kvtier")["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
                            "prometheus.io/path": "/metrics"}
@@ -312,7 +313,8 @@ def test_shutdown_fits_the_termination_grace_period(kvtier_config):
     spec = pod_spec("kvtier")
     pause = int(container("kvtier", "kvtier")["lifecycle"]["preStop"]["exec"]["command"][-1])
     # Generations get shutdown_grace_s, then the store is flushed: leave it time for that.
-    assert spec["terminationGracePeriodSeconds"] >= pause + kvtier_config.server.shutdown_grace_s + 20
+    grace = spec["terminationGracePeriodSeconds"]
+    assert grace >= pause + kvtier_config.server.shutdown_grace_s + 20
 
 
 def test_services_budgets_and_policies_select_their_pods():
@@ -513,3 +515,19 @@ def test_dockerfile_builds_what_the_makefile_installs(path, tmp_path):
     assert int(exposed) == listen_port(config)
     assert str(config.data_path).startswith(json.loads(
         next(i["value"] for i in structure if i["instruction"] == "VOLUME"))[0])
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_puts_the_model_where_the_init_container_copies_it_from(path, tmp_path):
+    """The image's model step, run here with this Python (which has the model package too)."""
+    step = next(i["value"] for i in parse_dockerfile(path).structure
+                if i["instruction"] == "RUN" and "/opt/kvtier/models" in i["value"])
+    init = next(c for c in pod_spec("kvtier")["initContainers"] if c["name"] == "model")
+    source = PurePosixPath(init["command"][-2])
+    assert source.parent == PurePosixPath("/opt/kvtier/models")
+    root = tmp_path / "opt-kvtier"
+    root.mkdir()
+    subprocess.run(["sh", "-c", step.replace("/opt/kvtier", str(root))], check=True,
+                   env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+    assert (root / "models" / source.name).is_file()
+
