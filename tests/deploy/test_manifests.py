@@ -362,7 +362,7 @@ def test_redis_cluster_has_three_masters_with_a_replica_each():
     subprocess.run(["sh", "-n", "-c", script], check=True)
     conf = redis_conf()
     assert conf["cluster-enabled"] == "yes"
-    assert conf["maxmemory-policy"] == "allkeys-lru"
+    assert conf["maxmemory-policy"] == "volatile-lru"
     redis = container("redis-cluster", "redis")
     assert redis_maxmemory(conf) < quantity(redis["resources"]["limits"]["memory"])
     assert PurePosixPath(redis["command"][1]).parent == mount_path("redis-cluster", "redis",
@@ -395,7 +395,7 @@ def test_redis_server_accepts_the_config(tmp_path):
                 assert time.monotonic() < deadline, "redis-server did not answer in 10 s"
                 time.sleep(0.05)
         assert int(info["maxmemory"]) == redis_maxmemory(redis_conf())
-        assert info["maxmemory-policy"] == "allkeys-lru"
+        assert info["maxmemory-policy"] == "volatile-lru"
         assert client.info("cluster")["cluster_enabled"] == 1
     finally:
         client.close()
