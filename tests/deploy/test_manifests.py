@@ -294,6 +294,10 @@ def test_pods_run_as_non_root_on_a_read_only_root(kvtier_config):
             assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
             assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], c["name"]
     assert pod_spec("kvtier")["securityContext"]["runAsUser"] == uid
+    job = find("Job", "redis-cluster-create")["spec"]["template"]["spec"]
+    for spec in (pod_spec("kvtier"), pod_spec("redis-cluster"), job):
+        assert spec["automountServiceAccountToken"] is False  # none of them calls the API
+    assert pod_spec("kvtier")["enableServiceLinks"] is False
 
 
 def test_one_gpu_per_pod_and_room_for_the_warm_tier(kvtier_config):
