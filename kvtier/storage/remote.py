@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import msgpack
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from kvtier.errors import RemoteUnavailable, TierFull
@@ -45,7 +45,7 @@ SOCKET_TIMEOUT_S = 0.5
 """A Redis call waits at most this long for the network: a restore must never wait on a dead node
 longer than recomputing a few blocks takes."""
 BREAKER_MIN_S = 1.0
-BREAKER_MAX_S = 30.0
+BREAKER_MAX_S = 8.0
 """After a failure, calls fail fast for BREAKER_MIN_S, doubling up to BREAKER_MAX_S while the
 probes that follow keep failing."""
 PREFIX = b"kvt:"
@@ -168,22 +168,15 @@ class Redis:
             raise RemoteUnavailable(f"the remote tier is unavailable ({self.breaker.failing})")
         try:
             result = fn(self._connect())
-        except ResponseError as exc:
-            if not str(exc).startswith("OOM"):
-                raise
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # Nodes down, the cluster down (a slot without a master), a timeout, a full memory
+            # (OOM), or anything else Redis answers: the request goes on without the remote
+            # tier. The client is kept: it relearns the topology itself after a failover.
             with self._lock:
                 self.errors += 1
-            self.breaker.failure(TierFull(str(exc)))
-            raise RemoteUnavailable(f"the remote tier is full: {exc}") from exc
-        except (RedisError, OSError) as exc:
-            with self._lock:
-                self.errors += 1
-                client, self._client = self._client, None
-            if client is not None:  # a fresh client relearns the topology after a failover
-                try:
-                    client.close()
-                except Exception:
-                    pass
+            if isinstance(exc, ResponseError) and str(exc).startswith("OOM"):
+                self.breaker.failure(TierFull(str(exc)))
+                raise RemoteUnavailable(f"the remote tier is full: {exc}") from exc
             self.breaker.failure(exc)
             raise RemoteUnavailable(f"the remote tier failed: {exc}") from exc
         self.breaker.success()

@@ -145,6 +145,8 @@ class RemoteCatalog:
         result = int(self.redis.call(lambda c: script(
             keys=[session_key(session.key), lease_key(session.key)],
             args=[self.owner, session.version, session.pack()], client=c)))
+        log.debug("session %s written by %s at %d: %d", session.key, self.owner[:6],
+                  session.version, result)
         if result < 0:
             with self._lock:
                 self.conflicts += 1
@@ -180,19 +182,22 @@ class RemoteCatalog:
         """Take (or keep) the session's lease for one more local request; False when another
         server holds it. Where Redis cannot be reached the request goes on without one (the
         versions still keep the catalog whole)."""
+        # Under the lock: a release deciding that the lease is idle must not delete it in
+        # Redis after this request renewed it there.
         with self._lock:
             if self._held[key] > 0:
                 self._held[key] += 1
                 return True
-        script = self.redis.script("acquire", _ACQUIRE)
-        try:
-            ok = int(self.redis.call(lambda c: script(keys=[lease_key(key)],
-                                                      args=[self.owner, LEASE_MS], client=c)))
-        except RemoteUnavailable:
-            ok = 1
-        if ok:
-            with self._lock:
+            script = self.redis.script("acquire", _ACQUIRE)
+            try:
+                ok = int(self.redis.call(lambda c: script(keys=[lease_key(key)],
+                                                          args=[self.owner, LEASE_MS],
+                                                          client=c)))
+            except RemoteUnavailable:
+                ok = 1
+            if ok:
                 self._held[key] += 1
+        log.debug("lease %s for %s: %s", key, self.owner[:6], bool(ok))
         return bool(ok)
 
     def done(self, key: str) -> None:
@@ -219,15 +224,17 @@ class RemoteCatalog:
                     self._renew(key)
 
     def _release(self, key: str) -> None:
-        script = self.redis.script("release", _RELEASE)
-        try:
-            self.redis.call(lambda c: script(keys=[lease_key(key)], args=[self.owner],
-                                             client=c))
-        except RemoteUnavailable:
-            pass    # it expires
         with self._lock:
-            if self._held.get(key) == 0:
-                del self._held[key]
+            if self._held.get(key) != 0:
+                return      # a request took it again meanwhile
+            script = self.redis.script("release", _RELEASE)
+            try:
+                self.redis.call(lambda c: script(keys=[lease_key(key)], args=[self.owner],
+                                                 client=c))
+            except RemoteUnavailable:
+                pass    # it expires
+            del self._held[key]
+        log.debug("lease %s released by %s", key, self.owner[:6])
 
     def _renew(self, key: str) -> None:
         script = self.redis.script("renew", _RENEW)
@@ -247,8 +254,9 @@ class RemoteCatalog:
         self._stop.set()
         self._thread.join()
         with self._lock:
+            for key in self._held:
+                self._held[key] = 0
             keys = list(self._held)
-            self._held.clear()
         for key in keys:
             if self.redis.breaker.allow():
                 self._release(key)

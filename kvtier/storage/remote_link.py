@@ -127,7 +127,9 @@ class RemoteLink:
 
         def written(version: int) -> None:
             entry = self.manager.get_session(key)
-            if entry is not None and built and entry.last_used == built[0].last_used:
+            # Only the turn that was written: a newer one, or a newer import, keeps its own.
+            if entry is not None and built and entry.last_used == built[0].last_used and \
+                    int(entry.data.get(REMOTE_VERSION, 0)) == built[0].version:
                 self.manager.put_session(replace(entry, data=dict(entry.data,
                                                                   **{REMOTE_VERSION: version})))
         self.sync.publish(Publish(key, build, written))

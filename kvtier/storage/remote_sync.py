@@ -209,5 +209,5 @@ class RemoteSync:
         except WriteRefused as exc:
             log.warning("session %r was not written to the remote catalog: %s", item.key, exc)
             return
-        self.sessions_written += 1
         item.written(version)
+        self.sessions_written += 1
