@@ -210,10 +210,11 @@ class RemoteTier(TierStore):
         self.evictions = 0
 
     # -- blocks ----------------------------------------------------------------------------------
-    def get_blocks(self, blocks: Sequence[RemoteBlock]
+    def get_blocks(self, blocks: Sequence[RemoteBlock], touch: bool = True
                    ) -> list[tuple[BlockMeta, list[bytes]] | None]:
         """Each block's shape and records, layer 0 first (None: not stored); a read renews its
-        use. The records are verified when they are decoded, as every tier's are."""
+        use (unless ``touch`` is false: the tools). The records are verified when they are
+        decoded, as every tier's are."""
         if not blocks:
             return []
 
@@ -235,7 +236,7 @@ class RemoteTier(TierStore):
         hit = [b for b, r in zip(blocks, out) if r is not None]
         self.hits += len(hit)
         self.misses += len(blocks) - len(hit)
-        if hit:
+        if hit and touch:
             self._touch(hit)
         return out
 

@@ -119,6 +119,7 @@ class RemoteCatalog:
         self.conflicts = 0
         """Session writes refused because another server held the lease or wrote first."""
         self._lock = threading.Lock()
+        self._ops = threading.Lock()
         self._held: Counter[str] = Counter()
         """Leases this server holds, with how many local requests use each."""
         self.needed: list[Callable[[str], bool]] = []
@@ -182,12 +183,14 @@ class RemoteCatalog:
         """Take (or keep) the session's lease for one more local request; False when another
         server holds it. Where Redis cannot be reached the request goes on without one (the
         versions still keep the catalog whole)."""
-        # Under the lock: a release deciding that the lease is idle must not delete it in
-        # Redis after this request renewed it there.
-        with self._lock:
-            if self._held[key] > 0:
-                self._held[key] += 1
-                return True
+        # Lease calls to Redis take turns (``_ops``): a release that found the lease idle must
+        # not delete it in Redis after this request renewed it there. The counts have their
+        # own lock, never held over a network call (the engine thread takes it in done()).
+        with self._ops:
+            with self._lock:
+                if self._held[key] > 0:
+                    self._held[key] += 1
+                    return True
             script = self.redis.script("acquire", _ACQUIRE)
             try:
                 ok = int(self.redis.call(lambda c: script(keys=[lease_key(key)],
@@ -196,7 +199,8 @@ class RemoteCatalog:
             except RemoteUnavailable:
                 ok = 1
             if ok:
-                self._held[key] += 1
+                with self._lock:
+                    self._held[key] += 1
         log.debug("lease %s for %s: %s", key, self.owner[:6], bool(ok))
         return bool(ok)
 
@@ -224,16 +228,19 @@ class RemoteCatalog:
                     self._renew(key)
 
     def _release(self, key: str) -> None:
-        with self._lock:
-            if self._held.get(key) != 0:
-                return      # a request took it again meanwhile
+        with self._ops:
+            with self._lock:
+                if self._held.get(key) != 0:
+                    return      # a request took it again meanwhile
             script = self.redis.script("release", _RELEASE)
             try:
                 self.redis.call(lambda c: script(keys=[lease_key(key)], args=[self.owner],
                                                  client=c))
             except RemoteUnavailable:
                 pass    # it expires
-            del self._held[key]
+            with self._lock:
+                if self._held.get(key) == 0:
+                    del self._held[key]
         log.debug("lease %s released by %s", key, self.owner[:6])
 
     def _renew(self, key: str) -> None:

@@ -145,3 +145,34 @@ def test_default_format_is_the_cold_encoding(tmp_path, cluster: Cluster, fmt: st
     from kvtier.storage import codec
     header = codec.read_header(records[1])
     assert header.zstd and header.k.encoding == codec.Encoding.Q4
+
+
+def test_inspect_and_compact_understand_the_remote_tier(tmp_path, cluster: Cluster,
+                                                        capsys) -> None:
+    from kvtier.cli import main
+    tokens = tokens_of(2 * BS + 5, seed=11)
+    config = remote_config(tmp_path, cluster, "a")
+    with TierManager(config) as a:
+        store_sequence(a, tokens)
+        seq = a.sequences()[0]
+        a.put_session(SessionEntry("old", NS, seq.sequence, 1.0, 1.0, {}))
+        a.remote.publish("old")
+        assert a.remote.drain(30)
+    # Damage one record of the first block.
+    key = RemoteBlock(NS, chain_hash(None, tokens[:BS])).redis_key
+    redis = Redis(cluster.url)
+    record = bytearray(redis.call(lambda c: c.hget(key, b"1")))
+    record[-3] ^= 0x55
+    redis.call(lambda c: c.hset(key, b"1", bytes(record)))
+    args = ["--data-dir", str(config.data_path), "--set", f"tiers.remote_url={cluster.url}"]
+    assert main(["inspect", "remote", "--check", "--json", *args]) == 0
+    import json
+    data = json.loads(capsys.readouterr().out)
+    assert data["blocks"] == 3 and data["sessions"] == ["old"]
+    assert data["check"]["damaged"] == [key.decode()]
+    assert main(["compact", "--remote", "--scrub", "--max-age", "1d", "--json", *args]) == 0
+    step = json.loads(capsys.readouterr().out)["steps"]["remote"]
+    assert step["expired_sessions"] == 1 and step["damaged_blocks"] == 1
+    assert step["blocks"] == 2
+    assert redis.call(lambda c: c.exists(key)) == 0
+    redis.close()
