@@ -32,10 +32,11 @@ from typing import Any, TypeVar
 import msgpack
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (OutOfMemoryError, RedisClusterException, RedisError,
+                              ResponseError)
 from redis.retry import Retry
 
-from kvtier.errors import RemoteUnavailable, TierFull
+from kvtier.errors import RemoteUnavailable
 from kvtier.storage.records import HASH_BYTES, NAMESPACE_BYTES, Namespace
 from kvtier.storage.tiers import TierStore
 
@@ -108,6 +109,10 @@ class BlockMeta:
         return cls(*msgpack.unpackb(data))
 
 
+class RemoteFull(RemoteUnavailable):
+    """Redis refused a write for want of memory (``maxmemory``)."""
+
+
 class Breaker:
     """A circuit breaker: open after a failure, probing again after a growing pause."""
 
@@ -148,6 +153,8 @@ class Redis:
         self.breaker = Breaker()
         self.errors = 0
         """Calls that failed (timeouts, refused connections, cluster down, full memory)."""
+        self.full = False
+        """Redis refused a write for want of memory, and none has succeeded since."""
         self._client: RedisCluster | None = None
         self._lock = threading.Lock()
         self.scripts: dict[str, Any] = {}
@@ -174,9 +181,14 @@ class Redis:
             # tier. The client is kept: it relearns the topology itself after a failover.
             with self._lock:
                 self.errors += 1
-            if isinstance(exc, ResponseError) and str(exc).startswith("OOM"):
-                self.breaker.failure(TierFull(str(exc)))
-                raise RemoteUnavailable(f"the remote tier is full: {exc}") from exc
+            if isinstance(exc, OutOfMemoryError) or \
+                    (isinstance(exc, ResponseError) and str(exc).startswith("OOM")):
+                # Reads still work: no breaker; the write is given up, logged once.
+                if not self.full:
+                    log.error("Redis refuses writes (%s): blocks stay local until it has room; "
+                              "set maxmemory above tiers.remote_budget", exc)
+                self.full = True
+                raise RemoteFull(f"the remote tier is full: {exc}") from exc
             self.breaker.failure(exc)
             raise RemoteUnavailable(f"the remote tier failed: {exc}") from exc
         self.breaker.success()
@@ -276,6 +288,9 @@ class RemoteTier(TierStore):
                 pipe.incrby(BYTES_KEY, added)
             pipe.execute()
         self.redis.call(write)
+        if self.redis.full:
+            self.redis.full = False
+            log.warning("Redis takes writes again")
         new = sum(old is None for old in present)
         self.puts += new
         if new:

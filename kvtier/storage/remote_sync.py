@@ -22,7 +22,7 @@ from kvtier.errors import KvtierError, RemoteUnavailable
 from kvtier.storage import codec
 from kvtier.storage.codec import RecordFormat
 from kvtier.storage.records import BlockId
-from kvtier.storage.remote import BlockMeta, RemoteBlock, RemoteTier
+from kvtier.storage.remote import BlockMeta, RemoteBlock, RemoteFull, RemoteTier
 from kvtier.storage.remote_catalog import RemoteCatalog, RemoteSession, WriteRefused
 
 log = logging.getLogger(__name__)
@@ -153,11 +153,15 @@ class RemoteSync:
                         batch.append(item)
                 self._busy = True
             failing = self.tier.redis.breaker.failing
+            given_up = False
             try:
                 if isinstance(head, Publish):
                     self._write_session(head)
                 else:
                     self._send([b for b in batch if isinstance(b, Upload)])
+            except RemoteFull:
+                # Not retried in a loop: these blocks go again with their sequence's next save.
+                given_up = True
             except RemoteUnavailable:
                 # Keep the batch queued and wait for the breaker's next probe.
                 with self._cv:
@@ -175,7 +179,10 @@ class RemoteSync:
                     item = self._queue.popleft()
                     if isinstance(item, Upload):
                         self._blocks_queued -= 1
-                        self._remember(item.remote)
+                        if given_up:
+                            self.dropped += 1
+                        else:
+                            self._remember(item.remote)
                     elif not any(isinstance(i, Publish) and i.key == item.key
                                  for i in self._queue):
                         self._publishing.discard(item.key)

@@ -54,7 +54,8 @@ class Node:
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", "1000", "--dir", str(self.directory), "--save", "",
+             "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0",
+             "--dir", str(self.directory), "--save", "",
              "--appendonly", "no", "--protected-mode", "no", "--logfile", "redis.log", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -111,7 +112,22 @@ class Cluster:
             node.cli("--cluster", "create", *node_args, "--cluster-replicas",
                      str(self.replicas), "--cluster-yes")
         self.wait_ok()
+        if self.replicas:
+            self.wait_replicas()
         return self
+
+    def wait_replicas(self, timeout: float = 30) -> None:
+        """Wait until every replica's link to its master is up (it can then take over)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            infos = [n.cli("INFO", "replication", check=False) for n in self.nodes if n.alive()]
+            replicas = [i for i in infos if "role:slave" in i]
+            if len(replicas) == self.masters * self.replicas and \
+                    all("master_link_status:up" in i for i in replicas):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replicas did not connect to their masters")
+            time.sleep(0.1)
 
     def wait_ok(self, timeout: float = 30) -> None:
         """Wait until every live node says the cluster is ``ok`` (all slots served)."""
