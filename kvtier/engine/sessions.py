@@ -12,6 +12,7 @@ the default tenant's come before every other's.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -23,13 +24,15 @@ import numpy as np
 from kvtier.engine.api import (DEFAULT_TENANT, ChatMessage, GenerationRequest, SessionInfo,
                                check_session_id)
 from kvtier.engine.prompt import History, message_dicts
-from kvtier.errors import (InvalidRequest, ModelMismatch, RemoteUnavailable, SessionBusy,
-                           SessionNotFound)
+from kvtier.errors import (STORAGE_FAULTS, InvalidRequest, ModelMismatch, RemoteUnavailable,
+                           SessionBusy, SessionNotFound)
 from kvtier.storage.catalog import SessionEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import Namespace
 from kvtier.storage.remote_link import REMOTE_VERSION
 from kvtier.storage.tiers import Tier
+
+log = logging.getLogger(__name__)
 
 MISSING = "missing"
 """The ``blocks_per_tier`` key of a session's blocks that no tier holds any more."""
@@ -101,7 +104,11 @@ class SessionStore:
                                     "model or KV cache type")
             if shared is not None and shared.namespace == self.namespace and \
                     shared.version > (entry.data.get(REMOTE_VERSION, 0) if entry else 0):
-                entry = self.remote.import_session(shared, entry)
+                try:
+                    entry = self.remote.import_session(shared, entry)
+                except STORAGE_FAULTS as exc:   # the local store refuses it: go on without
+                    log.warning("session %r was not imported from the remote catalog: %s",
+                                session_id_of(key), exc)
         if entry is not None and entry.namespace != self.namespace:
             raise ModelMismatch(f"session {session_id_of(key)!r} was computed by another model "
                                 "or KV cache type")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvtier.config import Config
-from kvtier.errors import BlockCorrupt, KvtierError, RemoteUnavailable
+from kvtier.errors import STORAGE_FAULTS, BlockCorrupt, KvtierError, RemoteUnavailable
 from kvtier.storage import codec
 from kvtier.storage.catalog import SessionEntry
 from kvtier.storage.codec import RecordFormat
@@ -233,7 +233,12 @@ class RemoteLink:
             self.redis.errors += 1
             log.warning("a block read from the remote tier is damaged (%s): recomputed", exc)
             return None
-        stored = self.manager.put_block(block, layers, chain, position=meta.position, hold=True)
+        try:
+            stored = self.manager.put_block(block, layers, chain, position=meta.position,
+                                            hold=True)
+        except STORAGE_FAULTS as exc:   # a full local disk: the request recomputes instead
+            log.warning("a block read from the remote tier was not stored locally: %s", exc)
+            return None
         self.fetched += 1
         return stored
 
