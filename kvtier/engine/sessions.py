@@ -201,7 +201,7 @@ class SessionStore:
         self.manager.put_session(SessionEntry(key, self.namespace, seq_id,
                                               previous.created if previous else now, now, data))
         if self.remote is not None:
-            self.remote.publish(key)
+            self.remote.publish(key, ready=lambda: not self.storing(key))
 
     # -- one reply at a time ---------------------------------------------------------------------
     def lease(self, key: str) -> None:

@@ -10,6 +10,7 @@ then the request carries on with what the local tiers hold, and recomputes the r
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -100,9 +101,9 @@ class RemoteLink:
         return BlockMeta(entry.n_layers, entry.n_tokens, entry.raw_bytes, 0,
                          entry.position), list(records)
 
-    def publish(self, key: str) -> None:
-        """Write session ``key`` to the shared catalog once the blocks queued before it are
-        sent."""
+    def publish(self, key: str, ready: Callable[[], bool] = lambda: True) -> None:
+        """Write session ``key`` to the shared catalog once ``ready()`` (its turn's KV is
+        stored locally) and the blocks queued before it are sent."""
         if self.sync is None:
             return
         built: list[RemoteSession] = []
@@ -132,7 +133,7 @@ class RemoteLink:
                     int(entry.data.get(REMOTE_VERSION, 0)) == built[0].version:
                 self.manager.put_session(replace(entry, data=dict(entry.data,
                                                                   **{REMOTE_VERSION: version})))
-        self.sync.publish(Publish(key, build, written))
+        self.sync.publish(Publish(key, build, written, ready))
 
     # -- reading ---------------------------------------------------------------------------------
     def session(self, key: str) -> RemoteSession | None:

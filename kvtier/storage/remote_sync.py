@@ -51,6 +51,9 @@ class Publish:
     build: Callable[[], RemoteSession | None]
     written: Callable[[int], None]
     """Called with the new version after a successful write."""
+    ready: Callable[[], bool] = lambda: True
+    """False while the turn's KV is still being stored locally: the session is written once its
+    sequence names the turn's blocks (and those blocks are queued before it)."""
 
 
 class RemoteSync:
@@ -143,6 +146,11 @@ class RemoteSync:
                 if self._stopping:
                     return
                 head = self._queue[0]
+                if isinstance(head, Publish) and not head.ready():
+                    # Its sequence is not saved yet: let the blocks queued after it go first.
+                    self._queue.rotate(-1)
+                    self._cv.wait(timeout=0.02)
+                    continue
                 if isinstance(head, Publish):
                     batch: list[Upload | Publish] = [head]
                 else:
