@@ -145,6 +145,26 @@ class TierConfig(_Section):
     store_queue_budget: ByteSize = GiB
     """Bytes of finished requests' KV read out of llama.cpp and waiting to be stored in the
     background; when it is spent the engine waits (a single larger state is still taken)."""
+    remote_url: str = ""
+    """``redis://host:port`` of any node of a Redis Cluster (or Valkey) shared by several
+    servers: the remote tier below cold and the shared session catalog. Empty: no remote tier,
+    the embedded stores alone (docs/remote.md)."""
+    remote_budget: ByteSize = 64 * GiB
+    """Bytes of blocks this deployment keeps in the remote tier (all servers together); the
+    least recently used are evicted beyond it. Redis ``maxmemory`` is only a backstop."""
+    remote_format: Literal["f16", "q8", "q4"] = "q4"
+    """Encoding of remote blocks (always zstd-compressed): ``q4`` as the cool and cold tiers,
+    ``q8``, or ``f16`` (exact)."""
+    remote_ttl_s: Annotated[float, Field(ge=0)] = 7 * 86400.0
+    """Seconds a remote block lives after it was last written or read; 0: no expiry."""
+
+    @field_validator("remote_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be a redis:// or rediss:// URL of a Redis Cluster node "
+                             "(or empty: no remote tier)")
+        return value
 
     @field_validator("host_ram_budget")
     @classmethod

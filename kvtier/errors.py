@@ -87,3 +87,8 @@ class Overloaded(KvtierError):
 
 class ModelNotFound(KvtierError):
     """The request names a model this server does not serve."""
+
+
+class RemoteUnavailable(KvtierError):
+    """The remote tier (Redis Cluster) did not answer, refused a write, or its circuit breaker
+    is open: callers carry on with the local tiers and recomputation."""

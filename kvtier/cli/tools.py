@@ -21,16 +21,17 @@ if TYPE_CHECKING:
     from kvtier.storage.manager import TierManager
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
-VIEWS = ("summary", "sessions", "session", "blocks", "verify")
+VIEWS = ("summary", "sessions", "session", "blocks", "verify", "remote")
 
 
 def add_tool_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     inspect = sub.add_parser(
         "inspect", parents=[common], help="show what a store holds; verify it",
         description="Show a stopped server's store. VIEW is summary (the default), sessions, "
-                    "session ID, blocks or verify.")
+                    "session ID, blocks, verify, or remote (the Redis Cluster tier of "
+                    "tiers.remote_url).")
     inspect.add_argument("view", nargs="?", default="summary", choices=VIEWS, metavar="VIEW",
-                         help="summary | sessions | session ID | blocks | verify")
+                         help="summary | sessions | session ID | blocks | verify | remote")
     inspect.add_argument("ident", nargs="?", metavar="ID", help="the session id (for session)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     inspect.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -54,6 +55,9 @@ def add_tool_commands(sub: argparse._SubParsersAction, common: argparse.Argument
     group = inspect.add_argument_group("verify")
     group.add_argument("--quick", action="store_true",
                        help="check checksums and headers without decoding the payloads")
+    group = inspect.add_argument_group("remote")
+    group.add_argument("--check", action="store_true",
+                       help="read every remote block and verify its records")
     inspect.set_defaults(run=_guarded(_run_inspect))
 
     compact = sub.add_parser(
@@ -81,6 +85,10 @@ def add_tool_commands(sub: argparse._SubParsersAction, common: argparse.Argument
                               "rewrite)")
     compact.add_argument("--force-rewrite", action="store_true",
                          help="rewrite the LMDB file even when little of it is free")
+    compact.add_argument("--remote", action="store_true",
+                         help="also compact the remote tier (tiers.remote_url), which every "
+                              "server shares: expire its sessions by --max-age, drop damaged "
+                              "blocks with --scrub, recount it, evict to tiers.remote_budget")
     compact.add_argument("--json", action="store_true", help="print JSON instead of tables")
     compact.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     compact.set_defaults(run=_guarded(_run_compact))
@@ -151,6 +159,12 @@ def _inspect_view(args: argparse.Namespace, manager: TierManager
     from kvtier.tools import inspect
     from kvtier.tools.store import parse_block
 
+    if args.view == "remote":
+        from kvtier.tools import remote
+        if manager.remote is None:
+            raise _UsageError("no remote tier: tiers.remote_url is not set")
+        data = remote.summary(manager.remote, check=args.check)
+        return data, lambda: remote.render_summary(data)
     view = manager.view()
     if args.view == "summary":
         summary = inspect.summary(manager, view)
@@ -197,7 +211,7 @@ def _run_compact(args: argparse.Namespace) -> int:
     options = CompactOptions(max_age_s=max_age, keep=args.keep, warm_target=warm,
                              cool_target=cool, scrub=args.scrub, rewrite=not args.no_rewrite,
                              force_rewrite=args.force_rewrite, dry_run=args.dry_run,
-                             progress=_progress(args))
+                             progress=_progress(args), remote=args.remote)
     with _open(args) as manager:
         report = compact(manager, options)
     if args.json:

@@ -223,6 +223,27 @@ class HotStats:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteStats:
+    """The remote tier (``tiers.remote_url``): what this server sent, read, and what failed."""
+
+    enabled: bool = False
+    available: bool = False
+    """False while Redis fails (the circuit breaker is open) or when there is no remote tier."""
+    errors: int = 0
+    """Redis calls that failed: timeouts, nodes down, cluster down, full memory."""
+    conflicts: int = 0
+    """Session writes refused: another server held the lease or wrote a newer version."""
+    blocks_sent: int = 0
+    blocks_fetched: int = 0
+    sessions_written: int = 0
+    queued: int = 0
+    """Blocks and sessions waiting to be sent (they wait while Redis is down)."""
+    dropped: int = 0
+    """Blocks given up from a full send queue (sent again with their sequence's next save)."""
+    evictions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class CacheStats:
     tiers: tuple[TierStats, ...]
     """The storage tiers (warm, cool, cold); the hot tier is ``hot``."""
@@ -236,6 +257,7 @@ class CacheStats:
     hot: HotStats = field(default_factory=HotStats)
     models: tuple[ModelStats, ...] = ()
     """Per served model (the fields above sum them); empty from a single engine."""
+    remote: RemoteStats = field(default_factory=RemoteStats)
 
 
 @dataclass(frozen=True, slots=True)

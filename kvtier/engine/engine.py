@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from kvtier.config import Config
 from kvtier.engine.api import (DEFAULT_TENANT, CacheStats, Finished, GenerationRequest,
-                               HotStats, SessionInfo, ThroughputStats, TierStats,
+                               HotStats, RemoteStats, SessionInfo, ThroughputStats, TierStats,
                                check_session_id)
 from kvtier.engine.handle import GenerationHandle
 from kvtier.engine.model import Model, default_model_path
@@ -60,6 +60,8 @@ class Engine:
         except BaseException:
             self._close_resources()
             raise
+        writer = self._scheduler.writer
+        self.sessions.storing = lambda key: not writer.wait_session(key, 0)
 
     # -- generation (any thread) -----------------------------------------------------------------
     def submit(self, request: GenerationRequest,
@@ -71,7 +73,12 @@ class Engine:
         ``async for`` on that loop; without, with ``for``.
         """
         job = self._prepare(request, GenerationHandle(loop))
-        self._scheduler.submit(job)
+        try:
+            self._scheduler.submit(job)
+        except BaseException:
+            if job.owner is not None:
+                self.sessions.unlease(job.owner.session_id)
+            raise
         if job.session is not None and self.config.working_set.prefetch:
             self._prefetch(job)
         return job.handle
@@ -95,14 +102,24 @@ class Engine:
         """The request's job: its session, prompt tokens and token budget, checked."""
         if (request.messages is None) == (request.prompt is None):
             raise InvalidRequest("give either messages or prompt", "messages")
-        session = None
-        owner = None
+        key = None
         if request.session_id is not None:
             key = session_key(request.tenant, check_session_id(request.session_id))
             # The session's previous turn may still be on its way into the store.
             self._scheduler.writer.wait_session(key)
-            session = self.sessions.load(key)
-            owner = SessionOwner(key)
+            # Servers sharing a remote tier: one at a time writes a session.
+            self.sessions.lease(key)
+        try:
+            return self._prepare_job(request, handle, key)
+        except BaseException:
+            if key is not None:
+                self.sessions.unlease(key)
+            raise
+
+    def _prepare_job(self, request: GenerationRequest, handle: GenerationHandle,
+                     key: str | None) -> Job:
+        session = self.sessions.load(key) if key is not None else None
+        owner = SessionOwner(key) if key is not None else None
         history = self.sessions.history(session)
         if request.messages is not None:
             request = replace(request, messages=new_messages(history.messages, request.messages))
@@ -118,6 +135,10 @@ class Engine:
         if max_new is not None and max_new > room:
             raise ContextOverflow(f"prompt ({n_prompt} tokens) + max_tokens ({max_new}) "
                                   f"exceeds the context of {self.context_size} tokens")
+        if self.manager.remote is not None:
+            # Blocks another server computed for this prompt's prefix (a shared system prompt,
+            # a session's history) come into the local tiers before the request is admitted.
+            self.manager.remote.fetch_prefix(self.namespace, prompt.tokens, self.block_size)
         return Job(request, handle, prompt.tokens, owner, session, prompt.text,
                    max_new if max_new is not None else room)
 
@@ -176,7 +197,16 @@ class Engine:
                           _throughput_stats(self._scheduler.throughput),
                           self._scheduler.working_set_stats(),
                           self._scheduler.writer.stats(), self.manager.degradation(),
-                          self.hot_stats())
+                          self.hot_stats(), remote=self.remote_stats())
+
+    def remote_stats(self) -> RemoteStats:
+        remote = self.manager.remote
+        if remote is None:
+            return RemoteStats()
+        s = remote.stats()
+        return RemoteStats(True, s.available, s.errors, s.conflicts, s.blocks_sent,
+                           s.blocks_fetched, s.sessions_written, s.queued, s.dropped,
+                           s.evictions)
 
     def hot_stats(self) -> HotStats:
         """What the slots hold in llama.cpp's cache now (read while the engine thread runs)."""

@@ -240,7 +240,8 @@ class ModelPool:
                           _sum([m.slots for m in per_model]), first.throughput,
                           _sum([m.working_set for m in per_model]),
                           _sum([m.store for m in per_model]), degraded=first.degraded,
-                          hot=_sum([m.hot for m in per_model]), models=per_model)
+                          hot=_sum([m.hot for m in per_model]), models=per_model,
+                          remote=first.remote)
 
     def close(self) -> None:
         """Close every loaded engine, then the store."""

@@ -12,21 +12,27 @@ the default tenant's come before every other's.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
 from kvtier.engine.api import (DEFAULT_TENANT, ChatMessage, GenerationRequest, SessionInfo,
                                check_session_id)
 from kvtier.engine.prompt import History, message_dicts
-from kvtier.errors import InvalidRequest, ModelMismatch, SessionBusy, SessionNotFound
+from kvtier.errors import (STORAGE_FAULTS, InvalidRequest, ModelMismatch, RemoteUnavailable,
+                           SessionBusy, SessionNotFound)
 from kvtier.storage.catalog import SessionEntry
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import Namespace
+from kvtier.storage.remote_link import REMOTE_VERSION
 from kvtier.storage.tiers import Tier
+
+log = logging.getLogger(__name__)
 
 MISSING = "missing"
 """The ``blocks_per_tier`` key of a session's blocks that no tier holds any more."""
@@ -77,12 +83,32 @@ class SessionStore:
         self.model_name = model_name
         self._lock = threading.Lock()
         self._busy: set[str] = set()
+        self.remote = manager.remote
+        """The shared catalog and remote tier (``tiers.remote_url``), or None."""
+        self.storing: Callable[[str], bool] = lambda key: False
+        """Whether a turn of the session is still on its way into the store (set by the
+        engine): its lease is kept until it is stored and published."""
+        if self.remote is not None:
+            self.remote.catalog.needed.append(self._needs_lease)
 
     # -- reading ---------------------------------------------------------------------------------
     def load(self, key: str) -> SessionEntry | None:
         """The stored session a request continues (None: a new one), by its catalog key
         (:func:`session_key`); refuses another model's."""
         entry = self.manager.get_session(key)
+        if self.remote is not None:
+            # Another server may have continued the session since this one last stored it.
+            shared = self.remote.session(key)
+            if shared is not None and shared.namespace != self.namespace and entry is None:
+                raise ModelMismatch(f"session {session_id_of(key)!r} was computed by another "
+                                    "model or KV cache type")
+            if shared is not None and shared.namespace == self.namespace and \
+                    shared.version > (entry.data.get(REMOTE_VERSION, 0) if entry else 0):
+                try:
+                    entry = self.remote.import_session(shared, entry)
+                except STORAGE_FAULTS as exc:   # the local store refuses it: go on without
+                    log.warning("session %r was not imported from the remote catalog: %s",
+                                session_id_of(key), exc)
         if entry is not None and entry.namespace != self.namespace:
             raise ModelMismatch(f"session {session_id_of(key)!r} was computed by another model "
                                 "or KV cache type")
@@ -128,7 +154,13 @@ class SessionStore:
         with self._lock:
             if key in self._busy:
                 raise SessionBusy(f"session {session_id!r} is generating a reply")
-        if not self.manager.delete_session(key):
+        shared = False
+        if self.remote is not None:
+            try:
+                shared = self.remote.catalog.delete(key)
+            except RemoteUnavailable:
+                pass
+        if not self.manager.delete_session(key) and not shared:
             raise SessionNotFound(f"no session {session_id!r}")
 
     def fork(self, session_id: str, new_id: str | None = None,
@@ -168,8 +200,29 @@ class SessionStore:
         data.update(messages=messages, text=text, model=self.model_name)
         self.manager.put_session(SessionEntry(key, self.namespace, seq_id,
                                               previous.created if previous else now, now, data))
+        if self.remote is not None:
+            self.remote.publish(key, ready=lambda: not self.storing(key))
 
     # -- one reply at a time ---------------------------------------------------------------------
+    def lease(self, key: str) -> None:
+        """Take the session's lease in the shared catalog for one request (a no-op without a
+        remote tier): :class:`SessionBusy` while another server generates a reply of it."""
+        if self.remote is not None and not self.remote.catalog.acquire(key):
+            raise SessionBusy(f"session {session_id_of(key)!r} is generating a reply on "
+                              "another server")
+
+    def unlease(self, key: str) -> None:
+        """The request that took :meth:`lease` is over (the lease goes once its turn is
+        stored and published)."""
+        if self.remote is not None:
+            self.remote.catalog.done(key)
+
+    def _needs_lease(self, key: str) -> bool:
+        with self._lock:
+            if key in self._busy:
+                return True
+        return self.storing(key)
+
     def claim(self, key: str) -> None:
         """Mark the session (by catalog key) as generating; :class:`SessionBusy` if it already
         is."""
@@ -182,6 +235,7 @@ class SessionStore:
     def release(self, key: str) -> None:
         with self._lock:
             self._busy.discard(key)
+        self.unlease(key)
 
     def _existing(self, key: str) -> SessionEntry:
         """The session stored under ``key``; another tenant's is not found under it."""

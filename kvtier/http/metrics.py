@@ -84,6 +84,18 @@ class EngineCollector(Collector):
                 ("read_seconds", store.read_s, "Engine-thread seconds reading states."),
                 ("write_seconds", store.write_s, "Writer-thread seconds storing.")):
             yield CounterMetricFamily(f"kvtier_store_{name}", text, value=float(value))
+        remote = stats.remote
+        yield GaugeMetricFamily("kvtier_remote_available", "1 while the remote tier answers "
+                                "(0: down, or none configured).", value=float(remote.available))
+        yield GaugeMetricFamily("kvtier_remote_queued", "Blocks and sessions waiting to be sent "
+                                "to the remote tier.", value=float(remote.queued))
+        for name, value, text in (
+                ("errors", remote.errors, "Failed calls to the remote tier."),
+                ("conflicts", remote.conflicts, "Session writes refused by the shared catalog."),
+                ("blocks_sent", remote.blocks_sent, "Blocks sent to the remote tier."),
+                ("blocks_fetched", remote.blocks_fetched, "Blocks read from the remote tier."),
+                ("dropped", remote.dropped, "Blocks given up from a full send queue.")):
+            yield CounterMetricFamily(f"kvtier_remote_{name}", text, value=float(value))
 
 
 class Metrics:

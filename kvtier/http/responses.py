@@ -393,6 +393,25 @@ class ModelCounts(EngineCounts):
     loaded: bool
 
 
+class RemoteCounts(_Response):
+    """The remote tier shared by several servers (docs/remote.md); ``enabled`` false without
+    ``tiers.remote_url``."""
+
+    enabled: bool
+    available: bool
+    """False while Redis fails (its circuit breaker is open)."""
+    errors: int
+    """Redis calls that failed (timeouts, nodes down, cluster down, full memory)."""
+    conflicts: int
+    """Session writes refused: another server held the lease or wrote a newer version."""
+    blocks_sent: int
+    blocks_fetched: int
+    sessions_written: int
+    queued: int
+    dropped: int
+    evictions: int
+
+
 class CacheStats(EngineCounts):
     object: Literal["cache.stats"] = "cache.stats"
     tiers: list[TierStats]
@@ -401,11 +420,15 @@ class CacheStats(EngineCounts):
     """Per served model; the fields above sum them (``throughput``: the model used last)."""
     degraded: dict[str, str] = {}
     """Parts of the store that are damaged or refuse writes, with why (empty: none)."""
+    remote: RemoteCounts
+    remote_errors: int = 0
+    """``remote.errors``: failed calls to the remote tier (0 without one)."""
 
     @classmethod
     def of(cls, stats: api.CacheStats) -> CacheStats:
         body = cls.model_validate(stats, from_attributes=True)
         body.tiers.insert(0, TierStats.hot(stats.hot))
+        body.remote_errors = stats.remote.errors
         return body
 
 

@@ -52,6 +52,7 @@ from kvtier.storage.placement import Placement
 from kvtier.storage.quant import Encoding
 from kvtier.storage.reads import BlockReader, Fetched, RowDestination
 from kvtier.storage.records import WINDOWED, BlockId, ChainHash, LayerKV, Namespace, chain_hash
+from kvtier.storage.remote_link import RemoteLink
 from kvtier.storage.tiers import (LmdbTier, RocksStore, RocksTier, Tier, TierStore, move_aside)
 from kvtier.storage.view import NAMESPACE_META, StoreView
 
@@ -159,6 +160,9 @@ class TierManager:
             # A full disk: serve what can be read; the repair runs when the store next opens
             # with room (it is not marked clean).
             log.error("the store opened on a disk that refuses writes, unrepaired: %s", exc)
+        self.remote: RemoteLink | None = RemoteLink(config, self, background) \
+            if config.tiers.remote_url else None
+        """The remote tier and shared session catalog (``tiers.remote_url``), or None."""
         if background:
             self._balancer.start()
             threading.Thread(target=codec.warm_up, name="kvtier-warm-up", daemon=True).start()
@@ -465,6 +469,8 @@ class TierManager:
                 txn.put_sequence(entry)
                 self._move_refs(txn, old.block_ids() if old else [], list(blocks), tail)
             self.release_fresh(blocks)
+        if self.remote is not None:
+            self.remote.saved(namespace, list(blocks))
         return entry
 
     def get_sequence(self, namespace: Namespace, sequence: int) -> SequenceEntry | None:
@@ -676,6 +682,8 @@ class TierManager:
         if self._closed:
             return
         self._closed = True
+        if self.remote is not None:
+            self.remote.close()
         self._balancer.stop()
         try:
             self.flush_stats()

@@ -99,6 +99,8 @@ class CompactOptions:
     progress: bool = False
     now: float | None = None
     """The time sessions' ages are measured at (default: now)."""
+    remote: bool = False
+    """Also compact the remote tier (:mod:`kvtier.tools.remote`)."""
 
 
 @dataclass(slots=True)
@@ -148,7 +150,7 @@ def compact(manager: TierManager, options: CompactOptions) -> CompactReport:
                manager.view() if options.dry_run else None)
     steps: list[tuple[str, Callable[[_Run], dict[str, Any]]]] = [
         ("scratch", _scratch), ("scrub", _scrub), ("repair", _repair), ("expire", _expire),
-        ("demote", _demote), ("rocksdb", _rocksdb), ("lmdb", _lmdb)]
+        ("demote", _demote), ("rocksdb", _rocksdb), ("lmdb", _lmdb), ("remote", _remote)]
     with tqdm(total=len(steps), desc="compact", unit="step", disable=not options.progress,
               leave=False) as bar:
         for name, step in steps:
@@ -163,6 +165,14 @@ def compact(manager: TierManager, options: CompactOptions) -> CompactReport:
     report.after = _sizes(manager)
     report.remaining_problems = manager.check(fix=False).counts()
     return report
+
+
+def _remote(run: _Run) -> dict[str, Any]:
+    if not run.options.remote or run.manager.remote is None:
+        return {"changed": False}
+    from kvtier.tools import remote
+    return remote.compact(run.manager.remote, run.options.max_age_s, run.options.scrub,
+                          run.dry, run.now)
 
 
 def _sizes(manager: TierManager) -> list[dict[str, Any]]:
@@ -440,6 +450,14 @@ def render(report: CompactReport) -> str:
     elif w.get("would_rewrite"):
         lines.append(f"- would rewrite the warm LMDB file, freeing about "
                      f"{human_bytes(w['free_bytes'])} (more once the steps above free pages)")
+    r = s.get("remote", {})
+    if r.get("error"):
+        lines.append(f"- the remote tier was not compacted: {r['error']}")
+    elif r.get("changed") or "blocks" in r:
+        lines.append(f"- remote tier: {verb}expire {r['expired_sessions']} sessions, drop "
+                     f"{r['damaged_blocks']} damaged blocks, evict {r['evicted_blocks']}"
+                     + (f"; {r['blocks']} blocks, {human_bytes(r['stored_bytes'])} remain"
+                        if "blocks" in r else ""))
     lines += ["", render_sizes(report)]
     if report.remaining_problems:
         lines += ["", "problems compact does not fix (see `kvtier inspect verify`): " + ", ".join(

@@ -154,6 +154,8 @@ def test_no_session_has_an_empty_history(store):
 class Placement:
     """Stands in for the manager where only block placement matters: block b is in tiers[b]."""
 
+    remote = None
+
     def __init__(self, sequence: SequenceEntry, tiers: list[Tier | None]) -> None:
         self.sequence = sequence
         self.tiers = tiers
