@@ -61,9 +61,10 @@ RAW = batch.RAW
 """Encoding of rows that are not f16 (llama.cpp's own quantized cache types): stored as they are."""
 
 
-GROUP_SIZE = {Encoding.F16: 32, Encoding.Q8: 32, Encoding.Q4: 16}
-"""Values per quantization group. Measured on the default model (docs/quantization.md): Q8 at 32
-is already at the model's own noise floor; Q4 needs 16 to stay near it."""
+GROUP_SIZE = {Encoding.F16: 32, Encoding.Q8: 32, Encoding.Q4: 16, Encoding.Q6: 256}
+"""Values per quantization group when a format does not say. Measured on the default model
+(docs/quantization.md): Q8 at 32 is already at the model's own noise floor; Q4 needs 16 to stay
+near it; Q6 keys in whole-block groups beat Q4 in groups of 16 at the same bytes."""
 
 SINK_ROWS = 4
 """Rows of a sequence's first block kept exact (f16) in every encoding: the first tokens are the
@@ -71,11 +72,56 @@ attention sinks, with outliers that would inflate their per-channel key groups' 
 
 
 @dataclass(frozen=True, slots=True)
+class TensorFormat:
+    """How one tensor (K or V) of f16 rows is quantized."""
+
+    encoding: Encoding
+    grouping: Grouping
+    group_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class RecordFormat:
-    """How a tier stores f16 records: the encoding, and a zstd level (0: no compression)."""
+    """How a tier stores f16 records: the encoding, a zstd level (0: no compression), and K's and
+    V's layouts where they are not the encoding's defaults (K per channel, V per token, groups of
+    ``GROUP_SIZE[encoding]``)."""
 
     encoding: Encoding
     zstd_level: int = 0
+    k: TensorFormat | None = None
+    v: TensorFormat | None = None
+
+    @property
+    def key_format(self) -> TensorFormat:
+        return self.k or TensorFormat(self.encoding, quant.KEY_GROUPING,
+                                      GROUP_SIZE[self.encoding])
+
+    @property
+    def value_format(self) -> TensorFormat:
+        return self.v or TensorFormat(self.encoding, quant.VALUE_GROUPING,
+                                      GROUP_SIZE[self.encoding])
+
+
+TIER_FORMATS = {
+    "f16": RecordFormat(Encoding.F16),
+    "q8": RecordFormat(Encoding.Q8),
+    "q4": RecordFormat(Encoding.Q4),
+    "q6q4": RecordFormat(Encoding.Q6, k=TensorFormat(Encoding.Q6, Grouping.PER_CHANNEL, 256),
+                         v=TensorFormat(Encoding.Q4, Grouping.PER_CHANNEL, 128)),
+}
+"""The formats a tier can be configured with (``tiers.warm_format``, ``tiers.cold_format``), by
+name. ``q6q4``: keys as 6-bit codes per channel in groups of 256 tokens, values as 4-bit codes
+per channel in groups of 128 tokens (docs/quantization.md has the table that chose it)."""
+
+
+def tier_format(name: str, zstd_level: int = 0) -> RecordFormat:
+    """The record format called ``name``, with ``zstd_level``."""
+    try:
+        fmt = TIER_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown record format {name!r}; known: {sorted(TIER_FORMATS)}") \
+            from None
+    return RecordFormat(fmt.encoding, zstd_level, fmt.k, fmt.v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,22 +180,20 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def _encode_tensor(t: TensorRows, encoding: Encoding, grouping: Grouping, exact_rows: int
+def _encode_tensor(t: TensorRows, fmt: TensorFormat, exact_rows: int
                    ) -> tuple[TensorHeader, np.ndarray]:
     if not t.is_f16:
         return (TensorHeader(t.ggml_type, RAW, 0, 0, t.row_bytes, t.rows.nbytes),
                 np.ascontiguousarray(t.rows).reshape(-1))
     bits = np.ascontiguousarray(t.rows).view(np.uint16)
+    header = (F16.id, int(fmt.encoding), int(fmt.grouping), fmt.group_size, bits.shape[1])
     if not len(bits):
         # A sliding-window layer holds no rows of a block that left its window.
-        return TensorHeader(F16.id, int(encoding), int(grouping), GROUP_SIZE[encoding],
-                            bits.shape[1], 0), np.empty(0, np.uint8)
-    group = GROUP_SIZE[encoding]
-    payload = quant.encode(bits[exact_rows:], encoding, grouping, group)
+        return TensorHeader(*header, 0), np.empty(0, np.uint8)
+    payload = quant.encode(bits[exact_rows:], fmt.encoding, fmt.grouping, fmt.group_size)
     if exact_rows:
         payload = np.concatenate([bits[:exact_rows].reshape(-1).view(np.uint8), payload])
-    return (TensorHeader(F16.id, int(encoding), int(grouping), group, bits.shape[1],
-                         payload.nbytes), payload)
+    return TensorHeader(*header, payload.nbytes), payload
 
 
 def key_summary(k: TensorRows) -> tuple[bytes, bytes]:
@@ -167,10 +211,11 @@ def encode_record(layer: LayerKV, fmt: RecordFormat, exact_rows: int = 0) -> byt
     """Serialize one layer of one block for a tier, the first ``exact_rows`` rows exactly."""
     if layer.k.n_tokens != layer.v.n_tokens:
         raise ValueError("K and V hold different numbers of tokens")
-    exact_rows = 0 if fmt.encoding == Encoding.F16 \
+    k_fmt, v_fmt = fmt.key_format, fmt.value_format
+    exact_rows = 0 if k_fmt.encoding == v_fmt.encoding == Encoding.F16 \
         else max(0, min(exact_rows, layer.n_tokens - 1))
-    k_head, k_payload = _encode_tensor(layer.k, fmt.encoding, quant.KEY_GROUPING, exact_rows)
-    v_head, v_payload = _encode_tensor(layer.v, fmt.encoding, quant.VALUE_GROUPING, exact_rows)
+    k_head, k_payload = _encode_tensor(layer.k, k_fmt, exact_rows)
+    v_head, v_payload = _encode_tensor(layer.v, v_fmt, exact_rows)
     payload: bytes | bytearray = b"".join((k_payload.data, v_payload.data))
     zstd = bool(fmt.zstd_level) and len(payload) > 0
     if zstd:
