@@ -271,6 +271,20 @@ def _parse_header(view: memoryview) -> tuple[RecordHeader, int]:
     return header, start + hlen
 
 
+def in_format(header: RecordHeader, fmt: RecordFormat) -> bool:
+    """Whether a record is stored as ``fmt`` writes it (records of rows that are not f16, and
+    empty ones, always are): ``kvtier compact`` re-encodes those that are not."""
+    if header.n_tokens == 0:
+        return True
+    for t, want in ((header.k, fmt.key_format), (header.v, fmt.value_format)):
+        if t.encoding == RAW:
+            continue
+        if t.encoding != want.encoding or (want.encoding != Encoding.F16 and (
+                t.grouping != want.grouping or t.group_size != want.group_size)):
+            return False
+    return header.zstd == bool(fmt.zstd_level)
+
+
 def read_header(data: bytes | memoryview) -> RecordHeader:
     """The verified header of a record (the checksum is checked over the whole record)."""
     view = _verify(data)

@@ -45,7 +45,7 @@ from kvtier.storage.balancer import Balancer, Op
 from kvtier.storage.catalog import (BlockEntry, Catalog, CatalogTxn, KeySummary, SequenceEntry,
                                     SessionEntry, salvage)
 from kvtier.storage.checker import CheckReport, check
-from kvtier.storage.codec import tier_format
+from kvtier.storage.codec import RecordFormat, tier_format
 from kvtier.storage.dirlock import DataDirLock
 from kvtier.storage.index import BlockIndex, TailKey
 from kvtier.storage.placement import Placement
@@ -382,6 +382,16 @@ class TierManager:
         """Move a block to tier ``dest`` (re-encoded for it); False if it is gone, pinned or
         there already (or turned out corrupt, and was removed)."""
         return self._balancer.move(block, dest)
+
+    @property
+    def formats(self) -> dict[Tier, RecordFormat]:
+        """The format each tier writes its records in (from ``tiers.*_format``)."""
+        return dict(self._balancer.formats)
+
+    def recode(self, block: BlockId) -> bool:
+        """Re-encode a block in its tier's configured format if it is in another (``kvtier
+        compact``); False if it already is, or is gone, pinned, moving or unreadable."""
+        return self._balancer.recode(block)
 
     # -- content hashes ----------------------------------------------------------------------------
     def find_hash(self, namespace: Namespace, chain: ChainHash) -> BlockId | None:
