@@ -193,7 +193,39 @@ def options() -> list[Option]:
         Option("K Q6 chan g256 / V Q5 chan g128", Q(6, "channel", 256), Q(5, "channel", 128)),
         Option("K Q4 chan g64 / V Q4 tok g64 (rotation check: no H)", Q(4, "channel", 64),
                Q(4, "token", 64, "sym")),
+        Option("warm: K Q8 chan g256 / V Q8 chan g256", Q(8, "channel", 256),
+               Q(8, "channel", 256)),
+        Option("warm: K Q8 chan g256 / V Q8 tok g32", Q(8, "channel", 256), Q(8, "token", 32)),
     ]
+
+
+ERROR_ROWS = [("V", Quant(4, "token", 16)), ("V", Quant(4, "token", 64)),
+              ("V", Quant(4, "token", 64, rotate=True)), ("V", Quant(4, "token", 64, "sym", True)),
+              ("V", Quant(3, "token", 64, "sym")), ("V", Quant(3, "token", 64, "sym", True)),
+              ("V", Quant(3, "channel", 32)), ("V", Quant(4, "channel", 128)),
+              ("V", Quant(2, "token", 64, "sym", True)),
+              ("K", Quant(4, "channel", 16)), ("K", Quant(4, "channel", 64)),
+              ("K", Quant(4, "channel", 128)), ("K", Quant(4, "token", 64, "sym", True)),
+              ("K", Quant(4, "channel", 32, rotate=True)), ("K", Quant(5, "channel", 128)),
+              ("K", Quant(6, "channel", 256))]
+"""Single tensors for ``--errors``: rotation, bits and group sizes one at a time."""
+
+
+def print_errors(blocks: dict) -> None:
+    """Relative RMSE of each of ``ERROR_ROWS`` over a window's blocks (sink rows left out)."""
+    rows = []
+    for role, q in ERROR_ROWS:
+        num = den = 0.0
+        for b, layers in blocks.items():
+            for layer in layers:
+                t = layer.k if role == "K" else layer.v
+                x = t.rows.view(np.float16).astype(np.float32)[codec.SINK_ROWS if b == 0 else 0:]
+                back = qdq(x, q)[0].astype(np.float16).astype(np.float32)
+                num += float(((back - x) ** 2).sum())
+                den += float((x ** 2).sum())
+        bits = q.bits + (32 if q.params == "minmax" else 16) / q.g
+        rows.append([role, q.label(), bits, np.sqrt(num / den)])
+    print_table(["tensor", "quantizer", "bits/value", "rel. RMSE"], rows)
 
 
 def main() -> None:
@@ -202,6 +234,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--continue", dest="cont", type=int, default=64)
     parser.add_argument("--only", default="", help="comma-separated row numbers to run")
+    parser.add_argument("--errors", action="store_true",
+                        help="only print single tensors' relative RMSE on the first window")
+    parser.add_argument("--name", default="compression", help="bench/results/<name>.json")
     args = parser.parse_args()
     opts = options()
     if args.only:
@@ -226,6 +261,9 @@ def main() -> None:
         for i in range(0, len(ctx), hot.n_batch):
             hot.decode([BatchItem(0, ctx[i:i + hot.n_batch], i, False)])
         blocks = sc.split_blocks(sc.parse(sc.read_state(hot.ptr, 0)), 256)
+        if args.errors:
+            print_errors(blocks)
+            return
         ref = log_softmax(decode_with_logits(hot, 0, cont[:-1], len(ctx)))
         nll["live"].extend(-ref[np.arange(len(ref)), cont[1:]])
         for o in opts:
@@ -255,7 +293,7 @@ def main() -> None:
                      r["kl_mean"], r["kl_p95"], 100 * r["top1_agreement"], r["ppl_ratio"]])
     print_table(["option", "x f16", "zstd", "bytes+zstd", "entropy", "KL mean", "KL p95",
                  "top-1 %", "ppl ratio"], rows)
-    path = write_json("compression", {"windows": args.windows, "context": args.context,
+    path = write_json(args.name, {"windows": args.windows, "context": args.context,
                                       "continue": args.cont, "live_perplexity": ppl_live,
                                       "results": results})
     print(f"wrote {path}")
