@@ -469,7 +469,7 @@ def decode_record_into(data: bytes | memoryview, k_out: np.ndarray, v_out: np.nd
 
 
 def transcode(data: bytes | memoryview, fmt: RecordFormat) -> bytes:
-    """Re-encode a record for another tier (e.g. warm Q8 → cool Q4 + zstd); KVB1 records come out
+    """Re-encode a record for another tier (e.g. warm Q8 → cool q6q4 + zstd); KVB1 records come out
     as KVB2."""
     header, layer = decode_record(data)
     return encode_record(layer, fmt, header.exact_rows)

@@ -4,7 +4,7 @@ A payload's layout is fully determined by ``(n_tokens, width, encoding, grouping
 it carries no header of its own. All multi-byte fields are little-endian.
 
 - ``F16``: the f16 bits, row-major, 2 bytes per value (``grouping`` and ``group_size`` are ignored).
-- ``Q8`` / ``Q4`` (asymmetric, ``levels`` = 255 / 15)::
+- ``Q8`` / ``Q4`` / ``Q6`` (asymmetric, ``levels`` = 255 / 15 / 63)::
 
       [min: f16 x n_groups][scale: f16 x n_groups][codes]
 
@@ -14,7 +14,9 @@ it carries no header of its own. All multi-byte fields are little-endian.
   Codes are row-major, one row after the other. Q8: one byte per value. Q4: ``h = ceil(width/2)``
   bytes per row; byte ``j`` holds column ``j`` in its low nibble and column ``j + h`` in its high
   nibble (0 when ``j + h == width``), the split-halves order of ggml's Q4_0 blocks, which packs
-  and unpacks with contiguous vector loads.
+  and unpacks with contiguous vector loads. Q6: ``3 * q`` bytes per row, ``q = ceil(width/4)``,
+  column ``c`` in quarter ``c // q`` at ``c % q``: two planes of low nibbles (quarters 0 | 2 << 4,
+  then 1 | 3 << 4) and a plane of the top two bits (quarter ``k`` at bit ``2k``).
 
   ``min`` is the group's smallest finite value (exact: it is an f16 already); ``scale`` is
   ``(max - min) / levels`` computed in f32 and rounded *up* to the next f16, so every code fits and
