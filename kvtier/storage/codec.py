@@ -11,6 +11,8 @@ them with one ``struct`` call each and decodes them all with one kernel call
     20  2  u16 flags: bit 0, the payload is one zstd frame
     22  2  u16 W, channels of the key summary (0: none, K is not f16)
     24 20  K: i32 ggml type, i8 encoding, u8 grouping, u16 group size, u32 width, u64 bytes
+           (encoding: -1 raw, 0 f16, 1 Q8, 2 Q4, 3 Q6 since issue 13; grouping: 0 per token,
+           1 per channel; K and V each carry their own, e.g. ``q6q4``'s Q6 keys, Q4 values)
     44 20  V: the same
     64 4W  key summary: per-channel min of K (f16 x W), then max (f16 x W)
        ..  zero padding to a multiple of 16 (aligned payloads for the kernels)
@@ -469,8 +471,8 @@ def decode_record_into(data: bytes | memoryview, k_out: np.ndarray, v_out: np.nd
 
 
 def transcode(data: bytes | memoryview, fmt: RecordFormat) -> bytes:
-    """Re-encode a record for another tier (e.g. warm Q8 → cool q6q4 + zstd); KVB1 records come out
-    as KVB2."""
+    """Re-encode a record for another tier (e.g. warm Q8 → cool q6q4 + zstd); KVB1 records come
+    out as KVB2."""
     header, layer = decode_record(data)
     return encode_record(layer, fmt, header.exact_rows)
 

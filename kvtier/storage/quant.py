@@ -213,8 +213,8 @@ def _unpack_q4(body: np.ndarray, t: int, pairs: np.ndarray) -> None:
 
 @njit(cache=True, nogil=True, inline="always")
 def _pack_q6(quads: np.ndarray, body: np.ndarray, t: int) -> None:
-    """Row ``t`` of Q6 codes from ``quads`` (4, q = ceil(width/4)), code ``c`` at ``(c // q, c % q)``:
-    bytes ``[0, q)`` hold the low nibbles of quarters 0 (low) and 2 (high), ``[q, 2q)`` those of
+    """Row ``t`` of Q6 codes from ``quads`` (4, q = ceil(width/4)), code ``c`` at
+    ``(c // q, c % q)``: bytes ``[0, q)`` hold the low nibbles of quarters 0 (low) and 2 (high), ``[q, 2q)`` those of
     quarters 1 and 3, ``[2q, 3q)`` the top two bits of quarter ``k`` at bits ``2k``."""
     q = quads.shape[1]
     for j in range(q):
