@@ -2,8 +2,8 @@
 a context from each tier, against the exact (live) KV.
 
 Each window prefills ``--context`` tokens of ``pydoc_data.topics``, stores its blocks the way each
-tier holds them (warm: Q8; cool: the warm record demoted to Q4 + zstd; cold: the cool record
-demoted again), restores them into a second slot and decodes the next ``--continue`` tokens of the
+tier holds them (warm: Q8; cool: the warm record demoted to the cool format, ``q6q4`` + zstd,
+and the ``q4`` it replaced for comparison; cold: the cool record demoted again), restores them into a second slot and decodes the next ``--continue`` tokens of the
 text in both slots with logits at every position. A "noise floor" row perturbs the exact KV by
 flipping the lowest bit of 1% of the keys: what any lossless-looking change already costs on this
 model. Run from the repository root:
