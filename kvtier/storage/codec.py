@@ -110,10 +110,14 @@ TIER_FORMATS = {
     "q4": RecordFormat(Encoding.Q4),
     "q6q4": RecordFormat(Encoding.Q6, k=TensorFormat(Encoding.Q6, Grouping.PER_CHANNEL, 256),
                          v=TensorFormat(Encoding.Q4, Grouping.PER_CHANNEL, 128)),
+    "q8c": RecordFormat(Encoding.Q8, k=TensorFormat(Encoding.Q8, Grouping.PER_CHANNEL, 256),
+                        v=TensorFormat(Encoding.Q8, Grouping.PER_CHANNEL, 256)),
 }
 """The formats a tier can be configured with (``tiers.warm_format``, ``tiers.cold_format``), by
 name. ``q6q4``: keys as 6-bit codes per channel in groups of 256 tokens, values as 4-bit codes
-per channel in groups of 128 tokens (docs/quantization.md has the table that chose it)."""
+per channel in groups of 128 tokens (docs/quantization.md has the table that chose it). ``q8c``:
+Q8 with K and V per channel in groups of 256 tokens, a warm record of a default block in 25 LMDB
+pages instead of ``q8``'s 28."""
 
 
 def tier_format(name: str, zstd_level: int = 0) -> RecordFormat:

@@ -1,4 +1,5 @@
-"""Restores through the cool tier in each cool/cold format, on the real model (issue 13)."""
+"""Restores through the cool tier in each cool/cold format, and from warm ``q8c``, on the real
+model (issue 13)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from tests.engine.test_snapshot import mean_kl, store_and_restore
 @pytest.fixture
 def cool_setup(tmp_path, model, request):
     overrides = {"data_dir": str(tmp_path), "model.n_slots": 2}
-    if request.param is not None:
+    if isinstance(request.param, dict):
+        overrides.update(request.param)
+    elif request.param is not None:
         overrides["tiers.cold_format"] = request.param
     config = load_config(None, overrides)
     hot = HotContext.for_config(model, config)
@@ -54,3 +57,17 @@ def test_a_restore_from_cool_stays_close_in_each_format(cool_setup, k, v, docume
     assert mean_kl(live, restored) < 0.02
     assert np.sum(live.argmax(axis=1) == restored.argmax(axis=1)) >= 13
 
+
+
+@pytest.mark.parametrize("cool_setup", [{"tiers.warm_format": "q8c"}], indirect=True)
+def test_a_restore_from_warm_q8c_stays_close(cool_setup, document_tokens):
+    hot, manager, snaps = cool_setup
+    live, restored = store_and_restore(hot, manager, snaps, document_tokens)
+    warm = manager.tiers[Tier.WARM]
+    headers = [codec.read_header(warm.get(key)) for key in warm.keys()]
+    assert len(headers) == 3 * 30
+    assert {(h.k.encoding, h.k.grouping, h.k.group_size, h.v.encoding, h.v.grouping,
+             h.v.group_size) for h in headers} == {
+        (Encoding.Q8, Grouping.PER_CHANNEL, 256, Encoding.Q8, Grouping.PER_CHANNEL, 256)}
+    assert mean_kl(live, restored) < 0.01      # test_snapshot's bound for warm q8
+    assert np.sum(live.argmax(axis=1) == restored.argmax(axis=1)) >= 14

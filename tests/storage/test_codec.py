@@ -289,6 +289,23 @@ def test_q6q4_header_names_each_tensors_layout():
     assert np.array_equal(back.k.rows[:4], layer.k.rows[:4])
 
 
+def test_q8c_warm_record_of_a_default_block_fits_25_lmdb_pages():
+    layer = make_layers(16, n_layers=1, n_tokens=256, width=192)[0]
+    record = codec.encode_record(layer, codec.tier_format("q8c"))
+    h = codec.read_header(record)
+    assert (h.k.grouping, h.k.group_size, h.v.grouping, h.v.group_size) == (
+        Grouping.PER_CHANNEL, 256, Grouping.PER_CHANNEL, 256)
+    pages = lambda r: -(-(len(r) + 16) // 4096)  # noqa: E731  (LMDB overflow pages of 4 KiB)
+    assert len(record) == 100_672 and pages(record) == 25
+    assert pages(codec.encode_record(layer, codec.tier_format("q8c"), exact_rows=4)) == 25
+    assert len(codec.encode_record(layer, Q8)) == 111_424 and pages(
+        codec.encode_record(layer, Q8)) == 28
+    _, back = codec.decode_record(record)
+    for a, b in ((layer.k, back.k), (layer.v, back.v)):
+        x, y = f16(a), f16(b)
+        assert np.sqrt(np.mean((x - y) ** 2)) / np.sqrt(np.mean(x ** 2)) < 0.01
+
+
 def test_tier_formats_by_name():
     assert codec.tier_format("q4", 3) == Q4Z
     assert codec.tier_format("q8") == Q8
