@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--tiers", nargs="+", choices=[t.label for t in Tier],
                         default=[t.label for t in Tier])
     parser.add_argument("--out", default="restore", help="results file name (no .json)")
+    parser.add_argument("--flush", action="store_true",
+                        help="flush a RocksDB tier's memtable before its restores, so they read "
+                             "files as after a restart (else some records may be in memory)")
     args = parser.parse_args()
 
     model = Model(args.model or default_model_path(), args.n_gpu_layers)
@@ -159,6 +162,8 @@ def main() -> None:
         for tier in tiers:
             for block in seq.blocks:
                 manager.move(block, tier)
+            if args.flush and hasattr(manager.tiers[tier], "flush"):
+                manager.tiers[tier].flush()     # read from files, as after a restart
 
             def restore() -> None:
                 start = time.perf_counter()
@@ -200,7 +205,7 @@ def main() -> None:
     settings = {"model": Path(args.model or default_model_path()).name,
                 "n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn,
                 "cache_type": args.cache_type, "warm_format": args.warm_format,
-                "block_size": args.block_size,
+                "block_size": args.block_size, "flush": args.flush,
                 "scratch_seq": snaps.scratch_seq, "restore_chunk_mib": args.chunk_mib,
                 "pinned": snaps.restore_buffers.pinned}
     path = write_json(args.out, {"settings": settings, "results": results,

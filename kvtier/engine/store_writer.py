@@ -82,7 +82,7 @@ class StoreJob:
     blocks: list[BlockWrite] = field(default_factory=list)
     sequence: SequenceWrite | None = None
     after: Callable[[], None] | None = None
-    """Runs on the writer thread once the sequence is recorded (e.g. the session's update)."""
+    """Runs on the writer thread once the sequence is recorded, before the job leaves the queue."""
     done: Callable[[BaseException | None], None] | None = None
     """Runs last, with the error the job met or None."""
     session_id: str | None = None
@@ -294,8 +294,8 @@ class StoreWriter:
                 stored_as = write_blocks(self.manager, job.states(), job.blocks, self._encoders)
             except STORAGE_FAULTS as exc:
                 # A full disk or a damaged tier: the sequence is saved with the blocks before
-                # the first that is missing (the rest is recomputed), and the session's turn is
-                # kept; the job still counts as failed.
+                # the first that is missing (the rest is recomputed); the job still counts as
+                # failed.
                 failed = exc
                 stored_as = []
             else:

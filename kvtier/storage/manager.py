@@ -517,7 +517,13 @@ class TierManager:
 
     # -- sessions ----------------------------------------------------------------------------------
     def put_session(self, entry: SessionEntry) -> None:
+        """Record the session (synced before this returns). A session whose sequence is not
+        stored yet (its first turn's KV is still being written) gets it as an empty sequence in
+        the same commit, so the catalog never names a sequence it lacks."""
         with self.catalog.write() as txn:
+            if txn.get_sequence(entry.namespace, entry.sequence) is None:
+                t = time.time()
+                txn.put_sequence(SequenceEntry(entry.namespace, entry.sequence, b"", (), t, t))
             txn.put_session(entry)
 
     def get_session(self, session_id: str) -> SessionEntry | None:

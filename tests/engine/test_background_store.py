@@ -1,5 +1,6 @@
-"""Requests are answered before their KV is stored: on the real default model, a session's next
-turn waits for the previous one to be stored, and a store that fails costs nothing but itself."""
+"""Requests are answered before their KV is stored (but after their session's messages are): on
+the real default model, a session's next turn waits for the previous one to be stored, and a store
+that fails costs nothing but itself."""
 
 from __future__ import annotations
 
@@ -14,16 +15,22 @@ from tests.engine.engines import GREEDY, TURN_1, TURN_2, chat, make_engine
 def test_a_session_turn_being_stored_is_waited_for(tmp_path):
     engine = make_engine(tmp_path)
     gate = threading.Event()
-    save_turn = engine.sessions.save_turn
+    save_sequence = engine.manager.save_sequence
 
-    def slow_save_turn(*args, **kwargs):
+    def slow_save_sequence(*args, **kwargs):
         gate.wait(30)
-        save_turn(*args, **kwargs)
+        return save_sequence(*args, **kwargs)
 
-    engine.sessions.save_turn = slow_save_turn
+    engine.manager.save_sequence = slow_save_sequence
     try:
         first = engine.generate(chat(TURN_1, "s"))          # answered; its store is held
         assert engine.cache_stats().store.queued_jobs == 1
+        # The answered turn is in the catalog already, its KV not yet: the session names an
+        # empty sequence until the writer stores it, so a crash now loses no message.
+        entry = engine.manager.get_session("s")
+        assert [m["role"] for m in entry.data["messages"]] == ["user", "assistant"]
+        assert entry.data["messages"][1]["content"] == first.text
+        assert engine.manager.get_sequence(entry.namespace, entry.sequence).n_tokens == 0
         results: list = []
         second = threading.Thread(target=lambda: results.append(
             engine.generate(chat(TURN_2, "s"))))
@@ -39,6 +46,8 @@ def test_a_session_turn_being_stored_is_waited_for(tmp_path):
         assert turn_2.usage.cached_tokens >= first.usage.prompt_tokens
         info = engine.get_session("s")
         assert [m["role"] for m in info.messages] == ["user", "assistant"] * 2
+        engine.wait_stored()
+        assert engine.manager.check(fix=False).problems == []
     finally:
         gate.set()
         engine.close()
