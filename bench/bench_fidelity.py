@@ -2,8 +2,8 @@
 a context from each tier, against the exact (live) KV.
 
 Each window prefills ``--context`` tokens of ``pydoc_data.topics``, stores its blocks the way each
-tier holds them (warm: Q8; cool: the warm record demoted to Q4 + zstd; cold: the cool record
-demoted again), restores them into a second slot and decodes the next ``--continue`` tokens of the
+tier holds them (warm: Q8; cool: the warm record demoted to the cool format, ``q6q4`` + zstd,
+and the ``q4`` it replaced for comparison; cold: the cool record demoted again), restores them into a second slot and decodes the next ``--continue`` tokens of the
 text in both slots with logits at every position. A "noise floor" row perturbs the exact KV by
 flipping the lowest bit of 1% of the keys: what any lossless-looking change already costs on this
 model. Run from the repository root:
@@ -24,21 +24,22 @@ from kvtier.engine import state_codec as sc
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.model import Model, default_model_path
 from kvtier.storage import codec
-from kvtier.storage.codec import RecordFormat
+from kvtier.storage.codec import RecordFormat, tier_format
 from kvtier.storage.quant import Encoding
 from kvtier.storage.records import LayerKV, TensorRows
 from kvtier.storage.tiers import Tier
 
 WARM_FORMAT = RecordFormat(Encoding.Q8)
-COOL_FORMAT = RecordFormat(Encoding.Q4, zstd_level=3)
+COOL_FORMATS = {"q6q4": tier_format("q6q4", 3), "q4": tier_format("q4", 3)}
+"""Today's cool/cold default and the one before issue 13."""
 
 
-def through_tier(layer: LayerKV, block: int, tier: Tier) -> LayerKV:
+def through_tier(layer: LayerKV, block: int, tier: Tier, cool: str = "q6q4") -> LayerKV:
     """The layer as ``tier`` holds it: written warm, then demoted once per tier below warm."""
     exact = codec.SINK_ROWS if block == 0 else 0
     record = codec.encode_record(layer, WARM_FORMAT, exact)
     for _ in range(tier - Tier.WARM):
-        record = codec.transcode(record, COOL_FORMAT)
+        record = codec.transcode(record, COOL_FORMATS[cool])
     return codec.decode_record(record)[1]
 
 
@@ -76,7 +77,8 @@ def main() -> None:
     tokens = document_tokens(model)
     stride = (len(tokens) - args.context - args.cont) // args.windows
     rng = np.random.default_rng(0)
-    variants = ["exact (f16)", "noise floor", "warm (Q8)", "cool (Q4+zstd)", "cold (Q4+zstd)"]
+    variants = ["exact (f16)", "noise floor", "warm (Q8)", "cool (q6q4+zstd)", "cold (q6q4+zstd)",
+                "cool (q4+zstd)", "cold (q4+zstd)"]
     kls = {v: [] for v in variants}
     agree = {v: [] for v in variants}
     nll = {v: [] for v in variants + ["live"]}
@@ -98,7 +100,8 @@ def main() -> None:
                 new = [(b, [noise_floor(layer, rng) for layer in ls]) for b, ls in blocks.items()]
             else:
                 tier = Tier.from_label(variant.split()[0])
-                new = [(b, [through_tier(layer, b, tier) for layer in ls])
+                cool = variant.split("(")[1].split("+")[0].lower()
+                new = [(b, [through_tier(layer, b, tier, cool) for layer in ls])
                        for b, ls in blocks.items()]
             hot.clear(hot.slots[1])
             sc.write_state(hot.ptr, 1, sc.compose(layout, 1, sc.stream_of(layout, 1), new, 256))

@@ -34,11 +34,16 @@ from kvtier.storage.quant import Encoding, Grouping
 TOKENS, WIDTH, HEAD_DIM = 256, 192, 64
 LAYERS, BLOCKS = 30, 16
 RESULTS = Path(__file__).resolve().parent / "results" / "quant.json"
-LEVELS = {Encoding.Q8: 255, Encoding.Q4: 15}
+LEVELS = {Encoding.Q8: 255, Encoding.Q4: 15, Encoding.Q6: 63}
 NAN_BITS = np.uint16(0x7E00)
-CASES = [(Encoding.F16, Grouping.PER_TOKEN, "f16"),
-         (Encoding.Q8, quant.KEY_GROUPING, "keys"), (Encoding.Q8, quant.VALUE_GROUPING, "values"),
-         (Encoding.Q4, quant.KEY_GROUPING, "keys"), (Encoding.Q4, quant.VALUE_GROUPING, "values")]
+GS = quant.DEFAULT_GROUP_SIZE
+CASES = [(Encoding.F16, Grouping.PER_TOKEN, GS, "f16"),
+         (Encoding.Q8, quant.KEY_GROUPING, GS, "keys"),
+         (Encoding.Q8, quant.VALUE_GROUPING, GS, "values"),
+         (Encoding.Q4, quant.KEY_GROUPING, GS, "keys"),
+         (Encoding.Q4, quant.VALUE_GROUPING, GS, "values"),
+         (Encoding.Q6, Grouping.PER_CHANNEL, 256, "keys"),          # q6q4's keys
+         (Encoding.Q4, Grouping.PER_CHANNEL, 128, "values")]        # q6q4's values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +130,14 @@ def np_encode(bits: np.ndarray, encoding: Encoding, grouping: Grouping, gs: int)
         if width & 1:
             codes = np.concatenate([codes, np.zeros((n_tokens, 1), np.uint8)], axis=1)
         codes = codes[:, :half] | (codes[:, half:] << 4)
+    if encoding == Encoding.Q6:  # quarters of q columns: two nibble planes, then a 2-bit plane
+        q = (width + 3) // 4
+        padded = np.zeros((n_tokens, 4 * q), np.uint8)
+        padded[:, :width] = codes
+        k = [padded[:, i * q:(i + 1) * q] for i in range(4)]
+        codes = np.concatenate([k[0] & 15 | (k[2] & 15) << 4, k[1] & 15 | (k[3] & 15) << 4,
+                                k[0] >> 4 | (k[1] >> 4) << 2 | (k[2] >> 4) << 4
+                                | (k[3] >> 4) << 6], axis=1)
     return np.concatenate([min_bits.reshape(-1).view(np.uint8),
                            scale_bits.reshape(-1).view(np.uint8), codes.reshape(-1)])
 
@@ -148,6 +161,11 @@ def np_decode(payload: np.ndarray, n_tokens: int, width: int, encoding: Encoding
     if encoding == Encoding.Q4:
         packed = body.reshape(n_tokens, -1)
         codes = np.concatenate([packed & 0xF, packed >> 4], axis=1)
+    elif encoding == Encoding.Q6:
+        packed = body.reshape(n_tokens, 3, -1)
+        p0, p1, top = packed[:, 0], packed[:, 1], packed[:, 2]
+        codes = np.concatenate([p0 & 15 | (top & 3) << 4, p1 & 15 | (top >> 2 & 3) << 4,
+                                p0 >> 4 | (top >> 4 & 3) << 4, p1 >> 4 | (top >> 6) << 4], axis=1)
     else:
         codes = body.reshape(n_tokens, width)
     padded = np.zeros((codes_shape[0] * codes_shape[1], width) if grouping == Grouping.PER_CHANNEL
@@ -343,15 +361,14 @@ def _machine() -> dict[str, object]:
 
 
 def _check_same_bytes(keys: list[np.ndarray], values: list[np.ndarray]) -> None:
-    for encoding, grouping, kind in CASES:
+    for encoding, grouping, gs, kind in CASES:
         bits = keys[0] if kind == "keys" else values[0]
-        payload = quant.encode(bits, encoding, grouping, quant.DEFAULT_GROUP_SIZE)
-        reference = np_encode(bits, encoding, grouping, quant.DEFAULT_GROUP_SIZE)
+        payload = quant.encode(bits, encoding, grouping, gs)
+        reference = np_encode(bits, encoding, grouping, gs)
         assert payload.tobytes() == reference.tobytes(), (encoding, grouping)
-        decoded = quant.decode(payload, TOKENS, WIDTH, encoding, grouping,
-                               quant.DEFAULT_GROUP_SIZE)
+        decoded = quant.decode(payload, TOKENS, WIDTH, encoding, grouping, gs)
         np.testing.assert_array_equal(decoded, np_decode(payload, TOKENS, WIDTH, encoding,
-                                                         grouping, quant.DEFAULT_GROUP_SIZE))
+                                                         grouping, gs))
 
 
 def main() -> None:
@@ -362,7 +379,7 @@ def main() -> None:
     repeats, numpy_repeats = (3, 1) if args.quick else (7, 3)
     keys, values = synthetic_kv(np.random.default_rng(0), n_blocks)
     _check_same_bytes(keys, values)  # also compiles (or loads) every kernel
-    gs = quant.DEFAULT_GROUP_SIZE
+    gs = GS
 
     throughput = []
     n_all = numba.config.NUMBA_NUM_THREADS
@@ -373,9 +390,9 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'':25} {'numba':>7} {'numba':>7} {'numba':>7} {'numba':>9} {'numba':>9} "
           f"{'numpy':>7} {'numpy':>7} {'ratio':>6} {'bytes/':>7}")
-    print(f"{'encoding grouping   dir':25} {'1T':>7} {'1T cpu':>7} {'1T best':>7} "
+    print(f"{'enc grouping    g   dir':25} {'1T':>7} {'1T cpu':>7} {'1T best':>7} "
           f"{f'{n_all}T par':>9} {f'{n_all} wkrs':>9} {'':>7} {'cpu':>7} {'cpu':>6} {'value':>7}")
-    for encoding, grouping, kind in CASES:
+    for encoding, grouping, gs, kind in CASES:
         blocks = keys if kind == "keys" else values
         row = _throughput(blocks, encoding, grouping, gs, repeats, numpy_repeats)
         size = quant.encoded_nbytes(TOKENS, WIDTH, encoding, grouping, gs)
@@ -383,7 +400,8 @@ def main() -> None:
                  "group_size": gs, "bytes_per_value": size / (TOKENS * WIDTH), **row}
         for d in ("encode", "decode"):
             entry[f"{d}_ratio_cpu"] = row[f"{d}_numba_1t_cpu"] / row[f"{d}_numpy_cpu"]
-            print(f"{encoding.name:4} {grouping.name:11} {d[:3]:6}  {row[f'{d}_numba_1t']:7.2f} "
+            print(f"{encoding.name:3} {grouping.name:11} {gs:<3} {d[:3]:3} "
+                  f"{row[f'{d}_numba_1t']:7.2f} "
                   f"{row[f'{d}_numba_1t_cpu']:7.2f} {row[f'{d}_numba_1t_cpu_best']:7.2f} "
                   f"{row[f'{d}_numba_parallel']:9.2f} "
                   f"{row[f'{d}_numba_workers']:9.2f} {row[f'{d}_numpy']:7.3f} "

@@ -422,6 +422,44 @@ class Balancer:
             move = self.index.begin_move(block, dest)
         return self._copy(block, move)
 
+    def recode(self, block: BlockId) -> bool:
+        """Re-encode a block's records where they are, in its tier's format (after the format a
+        tier is configured with changed); False if it is gone, pinned, moving, already in that
+        format or unreadable. The records are overwritten in place: each is whole in either
+        format, so a crash midway leaves a block that reads, in a mix of the two."""
+        with self.index.lock:
+            entry = self.index.movable(block)
+            if entry is None:
+                return False
+            move = self.index.begin_move(block, entry.tier)
+        try:
+            tier, fmt = move.source, self.formats[move.source]
+            keys = block.record_keys(move.n_layers)
+            values = self.tiers[tier].get_many(keys)
+            if any(v is None for v in values):
+                return False
+            try:
+                if all(codec.in_format(codec.read_header(v), fmt) for v in values):
+                    return False
+                records = [(k, codec.transcode(v, fmt)) for k, v in zip(keys, values)]
+            except BlockCorrupt:
+                return False    # the scrub step and readers deal with damage
+            stored = sum(self.tiers[tier].stored_bytes(len(v)) for _, v in records)
+            with self.room(tier, max(0, stored - move.stored_bytes)), self.index.lock:
+                entry = self.index.get(block)
+                if entry is None or not self.index.may_commit(block, move):
+                    return False
+                self.write_records(tier, records)
+                recoded = replace(entry, stored_bytes=stored)
+                with self._p.catalog.write() as txn:
+                    txn.put_block(block, recoded)
+                self.index.add(block, recoded)
+            return True
+        except WriteFailed:
+            return False        # counted and logged; the block keeps its records
+        finally:
+            self.index.end_move(block)
+
     def _copy(self, block: BlockId, move: Move) -> bool:
         """Copy a claimed block to ``move.dest`` and commit it there; False if abandoned.
         Ends the move either way."""

@@ -28,7 +28,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kvtier.storage.quant import _decode_units
+from kvtier.storage.quant import _LEVELS, _decode_units
 
 RAW = -1
 """Encoding of rows kept as they are (llama.cpp's own quantized cache types): a copy."""
@@ -167,7 +167,7 @@ def _decode_task(src: int, nbytes: int, dst: int, n: int, width: int, encoding: 
             return TASK_BAD_SIZE
         _copy_bytes(src, dst, nbytes)
         return TASK_OK
-    if encoding < 0 or encoding > 2 or grouping < 0 or grouping > 1:
+    if encoding < 0 or encoding > 3 or grouping < 0 or grouping > 1:
         return TASK_BAD_PARAMS
     exact_bytes = 2 * exact * width
     if nbytes < exact_bytes:
@@ -185,12 +185,13 @@ def _decode_task(src: int, nbytes: int, dst: int, n: int, width: int, encoding: 
     per_channel = grouping == 1
     units = (m + gs - 1) // gs if per_channel else m
     n_groups = units * width if per_channel else m * ((width + gs - 1) // gs)
-    row_bytes = width if encoding == 1 else (width + 1) // 2
+    row_bytes = width if encoding == 1 else (width + 1) // 2 if encoding == 2 \
+        else 3 * ((width + 3) // 4)
     if rest != 4 * n_groups + m * row_bytes:
         return TASK_BAD_SIZE
     payload = carray(_u8_at(src + exact_bytes), rest)
     out = carray(_u16_at(dst + exact_bytes), (m, width))
-    _decode_units(payload, n_groups, 255 if encoding == 1 else 15, per_channel, gs, out, out, m,
+    _decode_units(payload, n_groups, _LEVELS[encoding], per_channel, gs, out, out, m,
                   m, width, 0, units)
     return TASK_OK
 

@@ -11,6 +11,8 @@ them with one ``struct`` call each and decodes them all with one kernel call
     20  2  u16 flags: bit 0, the payload is one zstd frame
     22  2  u16 W, channels of the key summary (0: none, K is not f16)
     24 20  K: i32 ggml type, i8 encoding, u8 grouping, u16 group size, u32 width, u64 bytes
+           (encoding: -1 raw, 0 f16, 1 Q8, 2 Q4, 3 Q6 since issue 13; grouping: 0 per token,
+           1 per channel; K and V each carry their own, e.g. ``q6q4``'s Q6 keys, Q4 values)
     44 20  V: the same
     64 4W  key summary: per-channel min of K (f16 x W), then max (f16 x W)
        ..  zero padding to a multiple of 16 (aligned payloads for the kernels)
@@ -61,9 +63,10 @@ RAW = batch.RAW
 """Encoding of rows that are not f16 (llama.cpp's own quantized cache types): stored as they are."""
 
 
-GROUP_SIZE = {Encoding.F16: 32, Encoding.Q8: 32, Encoding.Q4: 16}
-"""Values per quantization group. Measured on the default model (docs/quantization.md): Q8 at 32
-is already at the model's own noise floor; Q4 needs 16 to stay near it."""
+GROUP_SIZE = {Encoding.F16: 32, Encoding.Q8: 32, Encoding.Q4: 16, Encoding.Q6: 256}
+"""Values per quantization group when a format does not say. Measured on the default model
+(docs/quantization.md): Q8 at 32 is already at the model's own noise floor; Q4 needs 16 to stay
+near it; Q6 keys in whole-block groups beat Q4 in groups of 16 at the same bytes."""
 
 SINK_ROWS = 4
 """Rows of a sequence's first block kept exact (f16) in every encoding: the first tokens are the
@@ -71,11 +74,60 @@ attention sinks, with outliers that would inflate their per-channel key groups' 
 
 
 @dataclass(frozen=True, slots=True)
+class TensorFormat:
+    """How one tensor (K or V) of f16 rows is quantized."""
+
+    encoding: Encoding
+    grouping: Grouping
+    group_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class RecordFormat:
-    """How a tier stores f16 records: the encoding, and a zstd level (0: no compression)."""
+    """How a tier stores f16 records: the encoding, a zstd level (0: no compression), and K's and
+    V's layouts where they are not the encoding's defaults (K per channel, V per token, groups of
+    ``GROUP_SIZE[encoding]``)."""
 
     encoding: Encoding
     zstd_level: int = 0
+    k: TensorFormat | None = None
+    v: TensorFormat | None = None
+
+    @property
+    def key_format(self) -> TensorFormat:
+        return self.k or TensorFormat(self.encoding, quant.KEY_GROUPING,
+                                      GROUP_SIZE[self.encoding])
+
+    @property
+    def value_format(self) -> TensorFormat:
+        return self.v or TensorFormat(self.encoding, quant.VALUE_GROUPING,
+                                      GROUP_SIZE[self.encoding])
+
+
+TIER_FORMATS = {
+    "f16": RecordFormat(Encoding.F16),
+    "q8": RecordFormat(Encoding.Q8),
+    "q4": RecordFormat(Encoding.Q4),
+    "q6q4": RecordFormat(Encoding.Q6, k=TensorFormat(Encoding.Q6, Grouping.PER_CHANNEL, 256),
+                         v=TensorFormat(Encoding.Q4, Grouping.PER_CHANNEL, 128)),
+    "q8c": RecordFormat(Encoding.Q8, k=TensorFormat(Encoding.Q8, Grouping.PER_CHANNEL, 256),
+                        v=TensorFormat(Encoding.Q8, Grouping.PER_CHANNEL, 256)),
+}
+"""The formats a tier can be configured with (``tiers.warm_format``, ``tiers.cold_format``), by
+name. ``q6q4``: keys as 6-bit codes per channel in groups of 256 tokens, values as 4-bit codes
+per channel in groups of 128 tokens (docs/quantization.md has the table that chose it). ``q8c``:
+Q8 with K and V per channel in groups of 256 tokens, a warm record of a default block in 25 LMDB
+pages instead of ``q8``'s 28."""
+
+
+def tier_format(name: str, zstd_level: int = 0) -> RecordFormat:
+    """The record format called ``name``, with ``zstd_level``."""
+    try:
+        fmt = TIER_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown record format {name!r}; known: {sorted(TIER_FORMATS)}") \
+            from None
+    return RecordFormat(fmt.encoding, zstd_level, fmt.k, fmt.v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,22 +186,20 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def _encode_tensor(t: TensorRows, encoding: Encoding, grouping: Grouping, exact_rows: int
+def _encode_tensor(t: TensorRows, fmt: TensorFormat, exact_rows: int
                    ) -> tuple[TensorHeader, np.ndarray]:
     if not t.is_f16:
         return (TensorHeader(t.ggml_type, RAW, 0, 0, t.row_bytes, t.rows.nbytes),
                 np.ascontiguousarray(t.rows).reshape(-1))
     bits = np.ascontiguousarray(t.rows).view(np.uint16)
+    header = (F16.id, int(fmt.encoding), int(fmt.grouping), fmt.group_size, bits.shape[1])
     if not len(bits):
         # A sliding-window layer holds no rows of a block that left its window.
-        return TensorHeader(F16.id, int(encoding), int(grouping), GROUP_SIZE[encoding],
-                            bits.shape[1], 0), np.empty(0, np.uint8)
-    group = GROUP_SIZE[encoding]
-    payload = quant.encode(bits[exact_rows:], encoding, grouping, group)
+        return TensorHeader(*header, 0), np.empty(0, np.uint8)
+    payload = quant.encode(bits[exact_rows:], fmt.encoding, fmt.grouping, fmt.group_size)
     if exact_rows:
         payload = np.concatenate([bits[:exact_rows].reshape(-1).view(np.uint8), payload])
-    return (TensorHeader(F16.id, int(encoding), int(grouping), group, bits.shape[1],
-                         payload.nbytes), payload)
+    return TensorHeader(*header, payload.nbytes), payload
 
 
 def key_summary(k: TensorRows) -> tuple[bytes, bytes]:
@@ -167,10 +217,11 @@ def encode_record(layer: LayerKV, fmt: RecordFormat, exact_rows: int = 0) -> byt
     """Serialize one layer of one block for a tier, the first ``exact_rows`` rows exactly."""
     if layer.k.n_tokens != layer.v.n_tokens:
         raise ValueError("K and V hold different numbers of tokens")
-    exact_rows = 0 if fmt.encoding == Encoding.F16 \
+    k_fmt, v_fmt = fmt.key_format, fmt.value_format
+    exact_rows = 0 if k_fmt.encoding == v_fmt.encoding == Encoding.F16 \
         else max(0, min(exact_rows, layer.n_tokens - 1))
-    k_head, k_payload = _encode_tensor(layer.k, fmt.encoding, quant.KEY_GROUPING, exact_rows)
-    v_head, v_payload = _encode_tensor(layer.v, fmt.encoding, quant.VALUE_GROUPING, exact_rows)
+    k_head, k_payload = _encode_tensor(layer.k, k_fmt, exact_rows)
+    v_head, v_payload = _encode_tensor(layer.v, v_fmt, exact_rows)
     payload: bytes | bytearray = b"".join((k_payload.data, v_payload.data))
     zstd = bool(fmt.zstd_level) and len(payload) > 0
     if zstd:
@@ -224,6 +275,20 @@ def _parse_header(view: memoryview) -> tuple[RecordHeader, int]:
     if header.version != 1:
         raise BlockCorrupt(f"a KVB1 record says format {header.version}")
     return header, start + hlen
+
+
+def in_format(header: RecordHeader, fmt: RecordFormat) -> bool:
+    """Whether a record is stored as ``fmt`` writes it (records of rows that are not f16, and
+    empty ones, always are): ``kvtier compact`` re-encodes those that are not."""
+    if header.n_tokens == 0:
+        return True
+    for t, want in ((header.k, fmt.key_format), (header.v, fmt.value_format)):
+        if t.encoding == RAW:
+            continue
+        if t.encoding != want.encoding or (want.encoding != Encoding.F16 and (
+                t.grouping != want.grouping or t.group_size != want.group_size)):
+            return False
+    return header.zstd == bool(fmt.zstd_level)
 
 
 def read_header(data: bytes | memoryview) -> RecordHeader:
@@ -410,8 +475,8 @@ def decode_record_into(data: bytes | memoryview, k_out: np.ndarray, v_out: np.nd
 
 
 def transcode(data: bytes | memoryview, fmt: RecordFormat) -> bytes:
-    """Re-encode a record for another tier (e.g. warm Q8 → cool Q4 + zstd); KVB1 records come out
-    as KVB2."""
+    """Re-encode a record for another tier (e.g. warm Q8 → cool q6q4 + zstd); KVB1 records come
+    out as KVB2."""
     header, layer = decode_record(data)
     return encode_record(layer, fmt, header.exact_rows)
 

@@ -45,11 +45,10 @@ from kvtier.storage.balancer import Balancer, Op
 from kvtier.storage.catalog import (BlockEntry, Catalog, CatalogTxn, KeySummary, SequenceEntry,
                                     SessionEntry, salvage)
 from kvtier.storage.checker import CheckReport, check
-from kvtier.storage.codec import RecordFormat
+from kvtier.storage.codec import RecordFormat, tier_format
 from kvtier.storage.dirlock import DataDirLock
 from kvtier.storage.index import BlockIndex, TailKey
 from kvtier.storage.placement import Placement
-from kvtier.storage.quant import Encoding
 from kvtier.storage.reads import BlockReader, Fetched, RowDestination
 from kvtier.storage.records import WINDOWED, BlockId, ChainHash, LayerKV, Namespace, chain_hash
 from kvtier.storage.remote_link import RemoteLink
@@ -129,14 +128,13 @@ class TierManager:
         with self.catalog.read() as txn:
             self._index = BlockIndex(txn.iter_blocks(), txn.iter_hashes())
         self._placement = Placement(self.catalog, self._index, self.tiers)
-        cold = Encoding.Q8 if t.cold_format == "q8" else Encoding.Q4
         self._balancer = Balancer(
             self._placement,
             {Tier.WARM: int(t.host_ram_budget * (1 - WARM_MAP_RESERVE)),
              Tier.COOL: t.local_ssd_budget, Tier.COLD: t.nfs_budget},
-            {Tier.WARM: RecordFormat(Encoding.F16 if t.warm_format == "f16" else Encoding.Q8, 0),
-             Tier.COOL: RecordFormat(cold, t.zstd_level),
-             Tier.COLD: RecordFormat(cold, t.zstd_level)},
+            {Tier.WARM: tier_format(t.warm_format),
+             Tier.COOL: tier_format(t.cold_format, t.zstd_level),
+             Tier.COLD: tier_format(t.cold_format, t.zstd_level)},
             policy.Weights(e.alpha, e.beta, e.gamma, e.hit_half_life_s))
         self.capped = self._balancer.cap_budgets(warn=True)
         """Tiers whose budget exceeded the space their disk has, with the budget used."""
@@ -388,6 +386,16 @@ class TierManager:
         """Move a block to tier ``dest`` (re-encoded for it); False if it is gone, pinned or
         there already (or turned out corrupt, and was removed)."""
         return self._balancer.move(block, dest)
+
+    @property
+    def formats(self) -> dict[Tier, RecordFormat]:
+        """The format each tier writes its records in (from ``tiers.*_format``)."""
+        return dict(self._balancer.formats)
+
+    def recode(self, block: BlockId) -> bool:
+        """Re-encode a block in its tier's configured format if it is in another (``kvtier
+        compact``); False if it already is, or is gone, pinned, moving or unreadable."""
+        return self._balancer.recode(block)
 
     # -- content hashes ----------------------------------------------------------------------------
     def find_hash(self, namespace: Namespace, chain: ChainHash) -> BlockId | None:

@@ -4,7 +4,7 @@ A payload's layout is fully determined by ``(n_tokens, width, encoding, grouping
 it carries no header of its own. All multi-byte fields are little-endian.
 
 - ``F16``: the f16 bits, row-major, 2 bytes per value (``grouping`` and ``group_size`` are ignored).
-- ``Q8`` / ``Q4`` (asymmetric, ``levels`` = 255 / 15)::
+- ``Q8`` / ``Q4`` / ``Q6`` (asymmetric, ``levels`` = 255 / 15 / 63)::
 
       [min: f16 x n_groups][scale: f16 x n_groups][codes]
 
@@ -14,7 +14,9 @@ it carries no header of its own. All multi-byte fields are little-endian.
   Codes are row-major, one row after the other. Q8: one byte per value. Q4: ``h = ceil(width/2)``
   bytes per row; byte ``j`` holds column ``j`` in its low nibble and column ``j + h`` in its high
   nibble (0 when ``j + h == width``), the split-halves order of ggml's Q4_0 blocks, which packs
-  and unpacks with contiguous vector loads.
+  and unpacks with contiguous vector loads. Q6: ``3 * q`` bytes per row, ``q = ceil(width/4)``,
+  column ``c`` in quarter ``c // q`` at ``c % q``: two planes of low nibbles (quarters 0 | 2 << 4,
+  then 1 | 3 << 4) and a plane of the top two bits (quarter ``k`` at bit ``2k``).
 
   ``min`` is the group's smallest finite value (exact: it is an f16 already); ``scale`` is
   ``(max - min) / levels`` computed in f32 and rounded *up* to the next f16, so every code fits and
@@ -55,6 +57,8 @@ class Encoding(IntEnum):
     """8-bit codes, asymmetric (min + scale) per group."""
     Q4 = 2
     """4-bit codes, asymmetric (min + scale) per group, two per byte."""
+    Q6 = 3
+    """6-bit codes, asymmetric (min + scale) per group, as a 4-bit and a 2-bit plane per row."""
 
 
 class Grouping(IntEnum):
@@ -74,7 +78,7 @@ PARALLEL_MIN_VALUES = 1 << 15
 """Blocks smaller than this run on one thread even when more are allowed: splitting a block of
 128 x 192 values was a wash or a loss, 256 x 192 gained 1.2-2.9x (docs/quantization.md)."""
 
-_LEVELS = (0, 255, 15)
+_LEVELS = (0, 255, 15, 63)
 _F16_MAX = np.float32(65504.0)
 
 
@@ -207,6 +211,58 @@ def _unpack_q4(body: np.ndarray, t: int, pairs: np.ndarray) -> None:
         pairs[1, j] = body[t, j] >> 4
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _pack_q6(quads: np.ndarray, body: np.ndarray, t: int) -> None:
+    """Row ``t`` of Q6 codes from ``quads`` (4, q = ceil(width/4)), code ``c`` at
+    ``(c // q, c % q)``: bytes ``[0, q)`` hold the low nibbles of quarters 0 (low) and 2 (high), ``[q, 2q)`` those of
+    quarters 1 and 3, ``[2q, 3q)`` the top two bits of quarter ``k`` at bits ``2k``."""
+    q = quads.shape[1]
+    for j in range(q):
+        body[t, j] = (quads[0, j] & 0xF) | ((quads[2, j] & 0xF) << 4)
+    for j in range(q):
+        body[t, q + j] = (quads[1, j] & 0xF) | ((quads[3, j] & 0xF) << 4)
+    for j in range(q):
+        body[t, 2 * q + j] = (quads[0, j] >> 4) | ((quads[1, j] >> 4) << 2) \
+            | ((quads[2, j] >> 4) << 4) | ((quads[3, j] >> 4) << 6)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _unpack_q6(body: np.ndarray, t: int, quads: np.ndarray) -> None:
+    q = quads.shape[1]
+    for j in range(q):
+        lo = body[t, j]
+        mid = body[t, q + j]
+        hi = body[t, 2 * q + j]
+        quads[0, j] = (lo & 0xF) | ((hi & 0x3) << 4)
+        quads[1, j] = (mid & 0xF) | (((hi >> 2) & 0x3) << 4)
+        quads[2, j] = (lo >> 4) | (((hi >> 4) & 0x3) << 4)
+        quads[3, j] = (mid >> 4) | ((hi >> 6) << 4)
+
+
+@njit(cache=True, nogil=True)
+def _scratch(levels: int, width: int) -> np.ndarray:
+    """The zeroed row of codes Q4 (2, ceil(w/2)) and Q6 (4, ceil(w/4)) pack from and unpack to."""
+    if levels == 63:
+        return np.zeros((4, (width + 3) // 4), np.uint8)
+    return np.zeros((2, (width + 1) // 2), np.uint8)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pack(scratch: np.ndarray, body: np.ndarray, t: int, levels: int) -> None:
+    if levels == 63:
+        _pack_q6(scratch, body, t)
+    else:
+        _pack_q4(scratch, body, t)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _unpack(body: np.ndarray, t: int, scratch: np.ndarray, levels: int) -> None:
+    if levels == 63:
+        _unpack_q6(body, t, scratch)
+    else:
+        _unpack_q4(body, t, scratch)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels. Each processes a range of "units" (rows for F16 and PER_TOKEN, blocks of group_size
 # rows for PER_CHANNEL) so that the parallel entry points split the same code across threads.
@@ -243,7 +299,7 @@ def _encode_units(src: np.ndarray, src_last: np.ndarray, n_src: int, n_tokens: i
     scales = payload[2 * n_groups:4 * n_groups].view(np.uint16)
     body = payload[4 * n_groups:].reshape(n_tokens, -1)
     top = np.float32(levels)
-    pairs = np.zeros((2, (width + 1) // 2), np.uint8)
+    pairs = _scratch(levels, width)
     codes = pairs.reshape(1, pairs.size)
     if per_channel:
         kmin = np.empty(width, np.int32)
@@ -283,7 +339,7 @@ def _encode_units(src: np.ndarray, src_last: np.ndarray, n_src: int, n_tokens: i
                 else:
                     for c in range(width):
                         codes[0, c] = _quantize(s[st, c], lo[c], inv[c], top)
-                    _pack_q4(pairs, body, t)
+                    _pack(pairs, body, t, levels)
     else:
         n_col = (width + gs - 1) // gs
         kmin = np.empty(_TILE_ROWS * n_col, np.int32)
@@ -332,7 +388,7 @@ def _encode_units(src: np.ndarray, src_last: np.ndarray, n_src: int, n_tokens: i
                         for c in range(c0, c1):
                             codes[0, c] = _quantize(s[st, c], low, inv, top)
                 if levels != 255:
-                    _pack_q4(pairs, body, t)
+                    _pack(pairs, body, t, levels)
 
 
 @njit(cache=True, nogil=True)
@@ -342,7 +398,7 @@ def _decode_units(payload: np.ndarray, n_groups: int, levels: int, per_channel: 
     mins = payload[:2 * n_groups].view(np.uint16)
     scales = payload[2 * n_groups:4 * n_groups].view(np.uint16)
     body = payload[4 * n_groups:].reshape(n_tokens, -1)
-    pairs = np.zeros((2, (width + 1) // 2), np.uint8)
+    pairs = _scratch(levels, width)
     codes = pairs.reshape(1, pairs.size)
     if per_channel:
         lo = np.empty(width, np.float32)
@@ -360,7 +416,7 @@ def _decode_units(payload: np.ndarray, n_groups: int, levels: int, per_channel: 
                     for c in range(width):
                         d[dt, c] = _dequantize(body[t, c], lo[c], scale[c])
                 else:
-                    _unpack_q4(body, t, pairs)
+                    _unpack(body, t, pairs, levels)
                     for c in range(width):
                         d[dt, c] = _dequantize(codes[0, c], lo[c], scale[c])
     else:
@@ -369,7 +425,7 @@ def _decode_units(payload: np.ndarray, n_groups: int, levels: int, per_channel: 
             d = dst if t < n_dst else dst_last
             dt = t if t < n_dst else t - n_dst
             if levels != 255:
-                _unpack_q4(body, t, pairs)
+                _unpack(body, t, pairs, levels)
             for j in range(n_col):
                 g = t * n_col + j
                 glo = _f16_to_f32(mins[g])
@@ -461,6 +517,12 @@ def float16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return out
 
 
+def code_bytes(width: int, encoding: int) -> int:
+    """Bytes of one row's codes in a quantized encoding."""
+    return width if encoding == Encoding.Q8 else (width + 1) // 2 if encoding == Encoding.Q4 \
+        else 3 * ((width + 3) // 4)
+
+
 _ENCODINGS = {e: e for e in Encoding}  # IntEnum members hash like their ints: 1 finds Q8
 _GROUPINGS = {g: g for g in Grouping}
 
@@ -485,8 +547,7 @@ def _layout(n_tokens: int, width: int, encoding: Encoding, grouping: Grouping,
         n_groups = -(-n_tokens // group_size) * width
     else:
         n_groups = n_tokens * -(-width // group_size)
-    row_bytes = width if encoding == Encoding.Q8 else (width + 1) // 2
-    return n_groups, 4 * n_groups + n_tokens * row_bytes
+    return n_groups, 4 * n_groups + n_tokens * code_bytes(width, int(encoding))
 
 
 def encoded_nbytes(n_tokens: int, width: int, encoding: Encoding, grouping: Grouping,

@@ -11,9 +11,11 @@ Steps, in order (each re-reads the store, so a later step sees what an earlier o
                 sequences no session names that are older than ``--max-age``;
 5. ``demote``   warm → cool → cold in the server's eviction order until the warm and cool tiers
                 are within their targets (the demoted blocks are re-encoded for their new tier);
-6. ``rocksdb``  ``compact_range`` of the cool and cold column families, with blob garbage
+6. ``recode``   cool and cold blocks stored in another format than their tier's (``q4`` records
+                after ``tiers.cold_format`` became ``q6q4``) re-encoded in place;
+7. ``rocksdb``  ``compact_range`` of the cool and cold column families, with blob garbage
                 collection forced when deleted payloads still sit in blob files;
-7. ``lmdb``     a compacted copy of the warm LMDB environment swapped in for the old file.
+8. ``lmdb``     a compacted copy of the warm LMDB environment swapped in for the old file.
 
 Crash safety: every step goes through the tier manager, which writes data before the catalog
 entry naming it and deletes data only after the entry's removal commits, and repairs the store
@@ -34,8 +36,8 @@ from typing import Any
 from tqdm import tqdm
 
 from kvtier.config import parse_size
-from kvtier.errors import KvtierError
-from kvtier.storage import policy
+from kvtier.errors import BlockCorrupt, KvtierError
+from kvtier.storage import codec, policy
 from kvtier.storage.balancer import LOW_WATERMARK
 from kvtier.storage.checker import CheckReport, Kind, Repair, check_records, check_references
 from kvtier.storage.index import candidate
@@ -150,7 +152,8 @@ def compact(manager: TierManager, options: CompactOptions) -> CompactReport:
                manager.view() if options.dry_run else None)
     steps: list[tuple[str, Callable[[_Run], dict[str, Any]]]] = [
         ("scratch", _scratch), ("scrub", _scrub), ("repair", _repair), ("expire", _expire),
-        ("demote", _demote), ("rocksdb", _rocksdb), ("lmdb", _lmdb), ("remote", _remote)]
+        ("demote", _demote), ("recode", _recode), ("rocksdb", _rocksdb), ("lmdb", _lmdb),
+        ("remote", _remote)]
     with tqdm(total=len(steps), desc="compact", unit="step", disable=not options.progress,
               leave=False) as bar:
         for name, step in steps:
@@ -357,6 +360,38 @@ def _simulate_moves(sim: StoreView, blocks: list[BlockId], dest: Tier) -> None:
                                     if raw else e.stored_bytes)
 
 
+def stale_blocks(manager: TierManager, view: StoreView, tier: Tier) -> list[BlockId]:
+    """Blocks of ``tier`` whose first record is not in the tier's format (one header read each;
+    a record that does not read is left to the scrub step and to readers)."""
+    fmt = manager.formats[tier]
+    stale = []
+    for block, entry in view.blocks.items():
+        if entry.tier != tier:
+            continue
+        record = manager.tiers[tier].get(block.record_keys(1)[0])
+        try:
+            if record is not None and not codec.in_format(codec.read_header(record), fmt):
+                stale.append(block)
+        except BlockCorrupt:
+            continue
+    return stale
+
+
+def _recode(run: _Run) -> dict[str, Any]:
+    manager = run.manager
+    out: dict[str, Any] = {}
+    for tier in (Tier.COOL, Tier.COLD):
+        stale = stale_blocks(manager, run.view(), tier)
+        recoded = 0
+        if run.sim is None:
+            for block in tqdm(stale, desc=f"recode {tier.label}", unit="block",
+                              disable=not run.options.progress, leave=False):
+                recoded += manager.recode(block)
+        out[tier.label] = {"stale": len(stale), "recoded": recoded}
+    out["changed"] = any(out[t.label]["recoded"] for t in (Tier.COOL, Tier.COLD))
+    return out
+
+
 def _rocksdb(run: _Run) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tier in run.manager.tiers:
@@ -435,6 +470,11 @@ def render(report: CompactReport) -> str:
                          f"(target {human_bytes(x['target'])})")
     if d.get("dropped"):
         lines.append(f"- dropped {d['dropped']} blocks: the cold tier was full")
+    for name, x in s["recode"].items():
+        if isinstance(x, dict) and x["stale"]:
+            done = f"would re-encode {x['stale']}" if report.dry_run \
+                else f"re-encoded {x['recoded']} of {x['stale']}"
+            lines.append(f"- {done} {name} blocks stored in another format than the tier's")
     for name, x in s["rocksdb"].items():
         if isinstance(x, dict) and x.get("changed"):
             lines.append(f"- compacted RocksDB {name}: files {human_bytes(x['files_bytes'])} → "

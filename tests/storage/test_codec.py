@@ -16,6 +16,7 @@ from tests.factories import WIDTH, f16, make_layers
 
 Q8 = RecordFormat(Encoding.Q8)
 Q4Z = RecordFormat(Encoding.Q4, zstd_level=3)
+Q6Q4Z = codec.tier_format("q6q4", 3)
 
 
 def test_f16_round_trip_is_bit_exact():
@@ -26,7 +27,7 @@ def test_f16_round_trip_is_bit_exact():
     assert np.array_equal(back.v.rows, layer.v.rows)
 
 
-@pytest.mark.parametrize("fmt, rel", [(Q8, 0.01), (Q4Z, 0.15)])
+@pytest.mark.parametrize("fmt, rel", [(Q8, 0.01), (Q4Z, 0.15), (Q6Q4Z, 0.15)])
 def test_quantized_round_trip_within_bounds(fmt, rel):
     layer = make_layers(2, n_layers=1, n_tokens=256)[0]
     _, back = codec.decode_record(codec.encode_record(layer, fmt))
@@ -41,6 +42,7 @@ def test_quantized_records_are_smaller():
     f16_len = len(codec.encode_record(layer, RecordFormat(Encoding.F16)))
     assert len(codec.encode_record(layer, Q8)) < 0.6 * f16_len
     assert len(codec.encode_record(layer, Q4Z)) < 0.4 * f16_len
+    assert len(codec.encode_record(layer, Q6Q4Z)) < 0.35 * f16_len
 
 
 def test_key_summary_is_per_channel_min_max():
@@ -69,7 +71,7 @@ def test_transcode_q8_to_q4():
     assert back.k.rows.shape == layer.k.rows.shape
 
 
-@pytest.mark.parametrize("fmt", [Q8, Q4Z])
+@pytest.mark.parametrize("fmt", [Q8, Q4Z, Q6Q4Z])
 def test_every_flipped_byte_is_detected(fmt):
     data = codec.encode_record(make_layers(6, n_layers=1, n_tokens=32)[0], fmt)
     rng = np.random.default_rng(1)
@@ -84,7 +86,7 @@ def test_every_flipped_byte_is_detected(fmt):
         codec.decode_record(b"KVB")
 
 
-@pytest.mark.parametrize("fmt", [Q8, Q4Z])
+@pytest.mark.parametrize("fmt", [Q8, Q4Z, Q6Q4Z])
 def test_a_batch_detects_every_flipped_byte_before_writing_the_record(fmt):
     # Without zstd the checksum is verified inside the kernel call, just before the record's
     # tensors are decoded: a damaged record fails the batch and writes nothing.
@@ -105,7 +107,7 @@ def test_a_batch_detects_every_flipped_byte_before_writing_the_record(fmt):
         assert not k_out.any() and not v_out.any()
 
 
-@pytest.mark.parametrize("fmt", [Q8, Q4Z])
+@pytest.mark.parametrize("fmt", [Q8, Q4Z, Q6Q4Z])
 @pytest.mark.parametrize("n_tokens", [1, 4, 5, 256])
 def test_exact_rows_survive_quantization_and_transcoding(fmt, n_tokens):
     layer = make_layers(8, n_layers=1, n_tokens=n_tokens)[0]
@@ -184,17 +186,17 @@ def test_a_header_that_lies_about_the_payload_is_corrupt_even_with_a_good_checks
 
 
 def test_decode_batch_fills_many_destinations_with_one_call():
-    layers = make_layers(13, n_layers=6, n_tokens=40)
+    layers = make_layers(13, n_layers=8, n_tokens=40)
     records = [codec.encode_record(kv, fmt, exact_rows=4)
-               for kv, fmt in zip(layers, [Q8, Q4Z, RecordFormat(Encoding.F16)] * 2)]
-    blob = np.full(6 * 2 * 40 * WIDTH * 2 + 16, 0xEE, np.uint8)
+               for kv, fmt in zip(layers, [Q8, Q4Z, RecordFormat(Encoding.F16), Q6Q4Z] * 2)]
+    blob = np.full(8 * 2 * 40 * WIDTH * 2 + 16, 0xEE, np.uint8)
     base = blob.__array_interface__["data"][0]
     batch = codec.DecodeBatch()
     row_bytes = 2 * WIDTH
     for i, record in enumerate(records):
         k_off, v_off = (2 * i) * 40 * row_bytes, (2 * i + 1) * 40 * row_bytes
         batch.add(record, base + k_off, base + v_off, F16.id, F16.id, row_bytes, row_bytes, 40)
-    assert len(batch) == 6
+    assert len(batch) == 8
     batch.run()
     for i, record in enumerate(records):
         _, expected = codec.decode_record(record)
@@ -217,7 +219,7 @@ def test_decode_batch_refuses_a_destination_of_another_shape_or_type():
         codec.decode_record_into(record, rows[:, :WIDTH], rows[:, :WIDTH], F16.id, F16.id)
 
 
-@pytest.mark.parametrize("fmt", [RecordFormat(Encoding.F16), Q8, Q4Z])
+@pytest.mark.parametrize("fmt", [RecordFormat(Encoding.F16), Q8, Q4Z, Q6Q4Z])
 def test_a_layer_without_rows_round_trips(fmt):
     """A sliding-window layer of a block its window has left holds no rows (issue 11: storing one
     raised 'empty block (0 x 256)' and the request failed)."""
@@ -244,3 +246,69 @@ def test_an_empty_record_with_a_payload_is_corrupt():
     record[4:12] = xxhash.xxh3_64_intdigest(bytes(record[12:])).to_bytes(8, "little")
     with pytest.raises(BlockCorrupt):
         codec.DecodeBatch().add(bytes(record), 0, 0, F16.id, F16.id, 2 * WIDTH, 2 * WIDTH, 0)
+
+
+# --- issue 13: per-tensor formats, and records written before them ----------------------------
+
+KVB2_Q4 = Path(__file__).parent / "data" / "kvb2_records.msgpack"
+"""Format-2 records written by kvtier's codec before issue 13 (commit 240a278: Q8 in groups of 32,
+Q4 in groups of 16 with V per token, four exact rows; layers ``make_layers(1313, 1, 40)``) and the
+rows it decoded them to."""
+
+
+@pytest.mark.parametrize("name", ["f16", "q8", "q4_zstd", "q8_0_raw"])
+def test_records_written_before_issue_13_read_the_same(name):
+    golden = msgpack.unpackb(KVB2_Q4.read_bytes())
+    record = golden["records"][name]
+    header, layer = codec.decode_record(record)
+    assert header.version == 2
+    assert layer.k.rows.tobytes() == golden["decoded"][name][0]
+    assert layer.v.rows.tobytes() == golden["decoded"][name][1]
+    if name in ("q8", "q4_zstd"):   # the formats kept by name write the same bytes as then
+        source = make_layers(1313, n_layers=1, n_tokens=40)[0]
+        fmt = codec.tier_format("q8") if name == "q8" else codec.tier_format("q4", 3)
+        assert codec.encode_record(source, fmt, 4) == record
+    upgraded = codec.transcode(record, Q6Q4Z)
+    if name != "q8_0_raw":
+        h = codec.read_header(upgraded)
+        assert (h.k.encoding, h.v.encoding, h.exact_rows) == (Encoding.Q6, Encoding.Q4,
+                                                             header.exact_rows)
+
+
+def test_q6q4_header_names_each_tensors_layout():
+    layer = make_layers(15, n_layers=1, n_tokens=256)[0]
+    record = codec.encode_record(layer, Q6Q4Z, exact_rows=4)
+    h = codec.read_header(record)
+    assert (h.k.encoding, h.k.grouping, h.k.group_size) == (Encoding.Q6, Grouping.PER_CHANNEL,
+                                                              256)
+    assert (h.v.encoding, h.v.grouping, h.v.group_size) == (Encoding.Q4, Grouping.PER_CHANNEL,
+                                                              128)
+    assert h.k.nbytes == 4 * 2 * WIDTH + 4 * WIDTH + 252 * 3 * (WIDTH // 4)
+    assert h.v.nbytes == 4 * 2 * WIDTH + 2 * 4 * WIDTH + 252 * WIDTH // 2
+    _, back = codec.decode_record(record)
+    assert np.array_equal(back.k.rows[:4], layer.k.rows[:4])
+
+
+def test_q8c_warm_record_of_a_default_block_fits_25_lmdb_pages():
+    layer = make_layers(16, n_layers=1, n_tokens=256, width=192)[0]
+    record = codec.encode_record(layer, codec.tier_format("q8c"))
+    h = codec.read_header(record)
+    assert (h.k.grouping, h.k.group_size, h.v.grouping, h.v.group_size) == (
+        Grouping.PER_CHANNEL, 256, Grouping.PER_CHANNEL, 256)
+    pages = lambda r: -(-(len(r) + 16) // 4096)  # noqa: E731  (LMDB overflow pages of 4 KiB)
+    assert len(record) == 100_672 and pages(record) == 25
+    assert pages(codec.encode_record(layer, codec.tier_format("q8c"), exact_rows=4)) == 25
+    assert len(codec.encode_record(layer, Q8)) == 111_424 and pages(
+        codec.encode_record(layer, Q8)) == 28
+    _, back = codec.decode_record(record)
+    for a, b in ((layer.k, back.k), (layer.v, back.v)):
+        x, y = f16(a), f16(b)
+        assert np.sqrt(np.mean((x - y) ** 2)) / np.sqrt(np.mean(x ** 2)) < 0.01
+
+
+def test_tier_formats_by_name():
+    assert codec.tier_format("q4", 3) == Q4Z
+    assert codec.tier_format("q8") == Q8
+    assert codec.tier_format("q6q4", 3).key_format.encoding == Encoding.Q6
+    with pytest.raises(ValueError, match="q5"):
+        codec.tier_format("q5")

@@ -16,8 +16,8 @@ from kvtier.storage import quant
 from kvtier.storage.quant import (Encoding, Grouping, decode, decode_into, encode, encoded_nbytes,
                                   float16_bits_to_float32, float32_to_float16_bits)
 
-QUANTIZED = [Encoding.Q8, Encoding.Q4]
-LEVELS = {Encoding.Q8: 255, Encoding.Q4: 15}
+QUANTIZED = [Encoding.Q8, Encoding.Q4, Encoding.Q6]
+LEVELS = {Encoding.Q8: 255, Encoding.Q4: 15, Encoding.Q6: 63}
 ALL_BITS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 F16_TABLE = ALL_BITS.view(np.float16).astype(np.float32)  # numpy's own f16 -> f32, every pattern
 IS_NAN = np.isnan(F16_TABLE)
@@ -112,6 +112,14 @@ def reference_encode(bits: np.ndarray, encoding: Encoding, grouping: Grouping,
         padded = np.zeros((n_tokens, 2 * half), np.uint8)
         padded[:, :width] = codes
         codes = padded[:, :half] | (padded[:, half:] << 4)
+    if encoding == Encoding.Q6:  # quarters k = 0..3 of q = ceil(width/4) columns
+        q = (width + 3) // 4
+        padded = np.zeros((n_tokens, 4 * q), np.uint8)
+        padded[:, :width] = codes
+        k = [padded[:, i * q:(i + 1) * q] for i in range(4)]
+        codes = np.concatenate([(k[0] & 15) | ((k[2] & 15) << 4), (k[1] & 15) | ((k[3] & 15) << 4),
+                                (k[0] >> 4) | ((k[1] >> 4) << 2) | ((k[2] >> 4) << 4)
+                                | ((k[3] >> 4) << 6)], axis=1)
     return (np.array(mins, "<u2").tobytes() + np.array(scales, "<u2").tobytes()
             + codes.tobytes())
 
@@ -195,6 +203,9 @@ def test_order_keys_sort_like_the_values_and_invert():
     ((5, 7, Encoding.Q4, Grouping.PER_CHANNEL, 4), 4 * 14 + 5 * 4),
     ((5, 7, Encoding.Q8, Grouping.PER_CHANNEL, 4), 4 * 14 + 35),
     ((1, 1, Encoding.Q4, Grouping.PER_TOKEN, 32), 4 + 1),
+    ((256, 192, Encoding.Q6, Grouping.PER_CHANNEL, 256), 4 * 192 + 256 * 144),
+    ((5, 7, Encoding.Q6, Grouping.PER_TOKEN, 4), 4 * 10 + 5 * 6),
+    ((1, 1, Encoding.Q6, Grouping.PER_CHANNEL, 32), 4 + 3),
     ((5, 7, Encoding.F16, Grouping.PER_CHANNEL, 0), 70),
 ])
 def test_encoded_nbytes_exact(args, nbytes):

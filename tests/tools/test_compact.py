@@ -4,7 +4,10 @@ from pathlib import Path
 import lmdb
 import pytest
 
+from kvtier.storage import codec
 from kvtier.storage.manager import TierManager
+from kvtier.storage.quant import Encoding
+from kvtier.storage.records import BlockId
 from kvtier.storage.tiers import Tier, dir_bytes
 from kvtier.tools.compact import CompactOptions, Target, compact
 from kvtier.tools.verify import verify
@@ -128,7 +131,7 @@ def test_demotion_meets_the_targets_by_eviction_priority(cli, built):
     header = records[0]["layers"][0]["header"]
     assert records[0]["tier"] in ("cool", "cold")
     assert (header["k"]["encoding"], header["v"]["encoding"], header["zstd"]) == (
-        "q4", "q4", True)    # re-quantized from warm Q8 on the way down
+        "q6", "q4", True)    # re-quantized from warm Q8 on the way down (q6q4)
     assert_sound(built.path, [session_id(i) for i in range(1, N_SESSIONS + 1)])
 
 
@@ -199,3 +202,36 @@ def test_targets_parse():
     assert Target.parse("1KiB").resolve(10) == 1024
     assert Target.parse("0").resolve(10) == 0
     assert [t.label for t in Tier] == ["warm", "cool", "cold"]
+
+
+def lower_headers(path: Path, **overrides: str) -> dict[BlockId, tuple[int, int]]:
+    """(K, V) encodings of the first record of every cool and cold block."""
+    with TierManager(store_config(path, **overrides), background=False) as m:
+        return {b: (h.k.encoding, h.v.encoding)
+                for b, e in m.blocks().items() if e.tier != Tier.WARM
+                for h in [codec.read_header(m.tiers[e.tier].get(b.record_keys(1)[0]))]}
+
+
+def test_compact_re_encodes_blocks_written_in_an_older_format(cli, built):
+    old = {"tiers.cold_format": "q4"}
+    with TierManager(store_config(built.path, **old), background=False) as m:
+        lower = [b for b, e in m.blocks().items() if e.tier != Tier.WARM]
+        assert lower and all(m.recode(b) for b in lower)   # as a store from before issue 13
+        assert not any(m.recode(b) for b in lower)          # already in the tier's format
+    assert set(lower_headers(built.path).values()) == {(Encoding.Q4, Encoding.Q4)}
+    state = snapshot(built.path)
+    plan = cli.json("compact", "--dry-run")["steps"]["recode"]
+    assert plan["cool"]["stale"] + plan["cold"]["stale"] == len(lower)
+    assert set(lower_headers(built.path).values()) == {(Encoding.Q4, Encoding.Q4)}
+    report = cli.json("compact")["steps"]["recode"]
+    assert report["changed"]
+    assert report["cool"]["recoded"] + report["cold"]["recoded"] == len(lower)
+    assert set(lower_headers(built.path).values()) == {(Encoding.Q6, Encoding.Q4)}
+    after = snapshot(built.path)
+    assert {b: v[0] for b, v in after["blocks"].items()} \
+        == {b: v[0] for b, v in state["blocks"].items()}         # nothing moved
+    assert sum(after["blocks"][b][1] for b in lower) < sum(state["blocks"][b][1] for b in lower)
+    assert {k: v for k, v in after.items() if k != "blocks"} \
+        == {k: v for k, v in state.items() if k != "blocks"}
+    assert not cli.json("compact")["steps"]["recode"]["changed"]
+    assert_sound(built.path, [session_id(i) for i in range(1, N_SESSIONS + 1)])

@@ -20,7 +20,7 @@ from tests.tools.stores import CLI_BUDGETS, FULL_BLOCKS, N_LAYERS, session_id, s
 FLAGS = ["--keep", "3", "--warm-target", "30%", "--cool-target", "40%"]
 OPTIONS = CompactOptions(keep=3, warm_target=Target(fraction=0.3),
                          cool_target=Target(fraction=0.4))
-STEPS = ["scratch", "repair", "expire", "demote", "rocksdb", "lmdb"]
+STEPS = ["scratch", "repair", "expire", "demote", "recode", "rocksdb", "lmdb"]
 
 
 def run_and_kill(path, rng: random.Random, after_step: str | None) -> None:

@@ -1,0 +1,303 @@
+"""Compression options for the cool/cold tiers on real KV (issue 13): bytes per token against
+next-token KL, top-1 agreement and perplexity, each option a row of one table.
+
+The options are prototyped here in numpy (quantize, then dequantize) so that many can be compared
+on the same windows; "today" and the chosen format also go through kvtier's own codec. Method as
+``bench_fidelity``: each window prefills ``--context`` tokens of ``pydoc_data.topics``, its blocks
+are quantized and restored into a second slot, and the next ``--continue`` tokens are decoded in
+both slots with logits at every position. The first ``SINK_ROWS`` rows of block 0 stay exact in
+every option (as the codec does). Bytes are the payload per token against f16 (23,040 bytes per
+token for SmolLM2's 30 layers x 2 x 192 values); "zstd" columns compress the real bytes. Run from
+the repository root:
+
+    python -m bench.bench_compression [--windows 8] [--context 1024] [--continue 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from bench.bench_fidelity import decode_with_logits, log_softmax
+from bench.common import document_tokens, print_table, write_json
+from kvtier.config import load_config
+from kvtier.engine import state_codec as sc
+from kvtier.engine.hot import BatchItem, HotContext
+from kvtier.engine.model import Model, default_model_path
+from kvtier.ggml import F16
+from kvtier.storage import codec
+from kvtier.storage.codec import RecordFormat
+from kvtier.storage.records import LayerKV, TensorRows
+
+HEAD_DIM = 64
+
+
+def hadamard(n: int) -> np.ndarray:
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.float32(np.sqrt(n))
+
+
+H64 = hadamard(HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class Quant:
+    """One tensor's option: ``bits`` per code (16: f16), groups ``per`` "token" (``g`` columns) or
+    "channel" (``g`` rows), parameters "minmax" (f16 min + f16 scale) or "sym" (f16 scale only),
+    an optional Hadamard rotation per head first."""
+
+    bits: int
+    per: str = "token"
+    g: int = 64
+    params: str = "minmax"
+    rotate: bool = False
+
+    def label(self) -> str:
+        if self.bits == 16:
+            return "f16"
+        r = "H+" if self.rotate else ""
+        p = "" if self.params == "minmax" else " sym"
+        return f"{r}Q{self.bits} {self.per[:4]} g{self.g}{p}"
+
+
+def qdq(x: np.ndarray, q: Quant) -> tuple[np.ndarray, np.ndarray, int]:
+    """(dequantized x, codes as uint8 in x's order, parameter bytes)."""
+    n, w = x.shape
+    if q.rotate:
+        x = (x.reshape(n, -1, HEAD_DIM) @ H64).reshape(n, w)
+    if q.per == "token":
+        grp = x.reshape(n, w // q.g, q.g)
+    else:
+        pad = -n % q.g
+        xp = np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
+        grp = xp.reshape(-1, q.g, w).transpose(0, 2, 1)
+    levels = 2 ** q.bits - 1
+    if q.params == "minmax":
+        lo = grp.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
+        step = ((grp.max(-1, keepdims=True) - lo) / levels).astype(np.float32)
+        scale = step.astype(np.float16).astype(np.float32)
+        scale = np.where(scale < step, np.nextafter(scale.astype(np.float16), np.float16(np.inf))
+                         .astype(np.float32), scale)
+        inv = np.where(scale > 0, 1 / np.where(scale > 0, scale, 1), 0)
+        codes = np.clip(np.floor((grp - lo) * inv + 0.5), 0, levels)
+        back = lo + codes * scale
+        nparams = 4
+    else:
+        half = 2 ** (q.bits - 1)
+        scale = (np.abs(grp).max(-1, keepdims=True) / half).astype(np.float16).astype(np.float32)
+        scale = np.where(scale > 0, scale, 1)
+        codes = np.clip(np.floor(grp / scale) + half, 0, levels)
+        back = (codes - half + 0.5) * scale
+        nparams = 2
+    n_groups = grp.shape[0] * grp.shape[1]
+    if q.per == "token":
+        back = back.reshape(n, w)
+        codes = codes.reshape(n, w)
+    else:
+        back = back.transpose(0, 2, 1).reshape(-1, w)[:n]
+        codes = codes.transpose(0, 2, 1).reshape(-1, w)[:n]
+    if q.rotate:
+        back = (back.reshape(n, -1, HEAD_DIM) @ H64.T).reshape(n, w)
+    return back, codes.astype(np.uint8), nparams * n_groups
+
+
+def pack(codes: np.ndarray, bits: int) -> bytes:
+    """Codes bit-packed, ``bits`` each, least significant first."""
+    planes = (codes.reshape(-1, 1) >> np.arange(bits, dtype=np.uint8)) & 1
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    k: Quant | None = None
+    v: Quant | None = None
+    record: RecordFormat | None = None
+    """Through kvtier's codec instead of the prototype."""
+
+
+def entropy_bits(codes: np.ndarray) -> float:
+    counts = np.bincount(codes.reshape(-1), minlength=256).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum() * codes.size)
+
+
+class Sizes:
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.raw = 0
+        self.zstd = 0
+        self.planes = 0
+        self.entropy = 0.0
+
+
+def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc) -> LayerKV:
+    exact = codec.SINK_ROWS if block == 0 else 0
+    if option.record is not None:
+        record = codec.encode_record(layer, option.record, exact)
+        header = codec.read_header(record)
+        payload = header.k.nbytes + header.v.nbytes
+        sizes.raw += payload
+        stored = len(record) - codec._payload_offset(len(header.key_min) // 2)
+        sizes.zstd += stored
+        sizes.planes += stored
+        sizes.entropy += stored
+        sizes.tokens += layer.n_tokens
+        return codec.decode_record(record)[1]
+    out = []
+    for t, q in ((layer.k, option.k), (layer.v, option.v)):
+        bits = t.rows.view(np.uint16)
+        x = bits.view(np.float16).astype(np.float32)
+        head, rest = bits[:exact], x[exact:]
+        back, codes, nparams = qdq(rest, q)
+        packed = pack(codes, q.bits)
+        raw = 2 * head.size + nparams + len(packed)
+        sizes.raw += raw
+        sizes.zstd += 2 * head.size + nparams + len(zc.compress(packed))
+        sizes.planes += 2 * head.size + nparams + len(zc.compress(codes.tobytes()))
+        sizes.entropy += 2 * head.size + nparams + entropy_bits(codes) / 8
+        rows = np.concatenate([head, back.astype(np.float16).view(np.uint16)])
+        out.append(TensorRows(F16.id, np.ascontiguousarray(rows).view(np.uint8)))
+    sizes.tokens += layer.n_tokens
+    return LayerKV(*out)
+
+
+def options() -> list[Option]:
+    from kvtier.storage.quant import Encoding
+    Q = Quant
+    return [
+        Option("today: Q4 K chan g16 / V tok g16 + zstd", record=RecordFormat(Encoding.Q4, 3)),
+        Option("Q8 (warm today)", record=RecordFormat(Encoding.Q8, 0)),
+        Option("K Q5 chan g128 / V Q4 tok g16", Q(5, "channel", 128), Q(4, "token", 16)),
+        Option("K Q6 chan g256 / V Q4 tok g16", Q(6, "channel", 256), Q(4, "token", 16)),
+        Option("K Q4 chan g16 / V Q4 chan g128", Q(4, "channel", 16), Q(4, "channel", 128)),
+        Option("K Q4 chan g16 / V H+Q3 tok g64 sym", Q(4, "channel", 16),
+               Q(3, "token", 64, "sym", rotate=True)),
+        Option("K Q6 chan g256 / V Q4 chan g128", Q(6, "channel", 256), Q(4, "channel", 128)),
+        Option("K Q5 chan g128 / V Q4 chan g128", Q(5, "channel", 128), Q(4, "channel", 128)),
+        Option("K Q5 chan g128 / V H+Q3 tok g64 sym", Q(5, "channel", 128),
+               Q(3, "token", 64, "sym", rotate=True)),
+        Option("K Q5 chan g128 / V Q3 chan g64", Q(5, "channel", 128), Q(3, "channel", 64)),
+        Option("K Q4 chan g64 / V H+Q2 tok g64 sym", Q(4, "channel", 64),
+               Q(2, "token", 64, "sym", rotate=True)),
+        Option("K Q4 chan g128 / V H+Q2 tok g64 sym", Q(4, "channel", 128),
+               Q(2, "token", 64, "sym", rotate=True)),
+        Option("K Q5 chan g256 / V H+Q2 tok g64 sym", Q(5, "channel", 256),
+               Q(2, "token", 64, "sym", rotate=True)),
+        Option("K Q4 chan g128 / V Q2 chan g128", Q(4, "channel", 128), Q(2, "channel", 128)),
+        Option("K Q6 chan g256 / V Q5 chan g128", Q(6, "channel", 256), Q(5, "channel", 128)),
+        Option("K Q4 chan g64 / V Q4 tok g64 (rotation check: no H)", Q(4, "channel", 64),
+               Q(4, "token", 64, "sym")),
+        Option("warm: K Q8 chan g256 / V Q8 chan g256", Q(8, "channel", 256),
+               Q(8, "channel", 256)),
+        Option("warm: K Q8 chan g256 / V Q8 tok g32", Q(8, "channel", 256), Q(8, "token", 32)),
+    ]
+
+
+ERROR_ROWS = [("V", Quant(4, "token", 16)), ("V", Quant(4, "token", 64)),
+              ("V", Quant(4, "token", 64, rotate=True)), ("V", Quant(4, "token", 64, "sym", True)),
+              ("V", Quant(3, "token", 64, "sym")), ("V", Quant(3, "token", 64, "sym", True)),
+              ("V", Quant(3, "channel", 32)), ("V", Quant(4, "channel", 128)),
+              ("V", Quant(2, "token", 64, "sym", True)),
+              ("K", Quant(4, "channel", 16)), ("K", Quant(4, "channel", 64)),
+              ("K", Quant(4, "channel", 128)), ("K", Quant(4, "token", 64, "sym", True)),
+              ("K", Quant(4, "channel", 32, rotate=True)), ("K", Quant(5, "channel", 128)),
+              ("K", Quant(6, "channel", 256))]
+"""Single tensors for ``--errors``: rotation, bits and group sizes one at a time."""
+
+
+def print_errors(blocks: dict) -> None:
+    """Relative RMSE of each of ``ERROR_ROWS`` over a window's blocks (sink rows left out)."""
+    rows = []
+    for role, q in ERROR_ROWS:
+        num = den = 0.0
+        for b, layers in blocks.items():
+            for layer in layers:
+                t = layer.k if role == "K" else layer.v
+                x = t.rows.view(np.float16).astype(np.float32)[codec.SINK_ROWS if b == 0 else 0:]
+                back = qdq(x, q)[0].astype(np.float16).astype(np.float32)
+                num += float(((back - x) ** 2).sum())
+                den += float((x ** 2).sum())
+        bits = q.bits + (32 if q.params == "minmax" else 16) / q.g
+        rows.append([role, q.label(), bits, np.sqrt(num / den)])
+    print_table(["tensor", "quantizer", "bits/value", "rel. RMSE"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--continue", dest="cont", type=int, default=64)
+    parser.add_argument("--only", default="", help="comma-separated row numbers to run")
+    parser.add_argument("--errors", action="store_true",
+                        help="only print single tensors' relative RMSE on the first window")
+    parser.add_argument("--name", default="compression", help="bench/results/<name>.json")
+    args = parser.parse_args()
+    opts = options()
+    if args.only:
+        opts = [opts[int(i)] for i in args.only.split(",")]
+    model = Model(default_model_path())
+    config = load_config(None, {"model.n_slots": 2, "model.n_batch": 512})
+    hot = HotContext.for_config(model, config)
+    layout = sc.layout_of(hot.ptr)
+    tokens = document_tokens(model)
+    stride = (len(tokens) - args.context - args.cont) // args.windows
+    zc = zstandard.ZstdCompressor(level=3)
+    kls = {o.name: [] for o in opts}
+    agree = {o.name: [] for o in opts}
+    nll = {o.name: [] for o in opts + [Option("live")]}
+    sizes = {o.name: Sizes() for o in opts}
+    for w in range(args.windows):
+        start = w * stride
+        ctx = tokens[start:start + args.context]
+        cont = tokens[start + args.context:start + args.context + args.cont + 1]
+        for slot in hot.slots:
+            hot.clear(slot)
+        for i in range(0, len(ctx), hot.n_batch):
+            hot.decode([BatchItem(0, ctx[i:i + hot.n_batch], i, False)])
+        blocks = sc.split_blocks(sc.parse(sc.read_state(hot.ptr, 0)), 256)
+        if args.errors:
+            print_errors(blocks)
+            return
+        ref = log_softmax(decode_with_logits(hot, 0, cont[:-1], len(ctx)))
+        nll["live"].extend(-ref[np.arange(len(ref)), cont[1:]])
+        for o in opts:
+            new = [(b, [apply(o, layer, b, sizes[o.name], zc) for layer in ls])
+                   for b, ls in blocks.items()]
+            hot.clear(hot.slots[1])
+            sc.write_state(hot.ptr, 1, sc.compose(layout, 1, sc.stream_of(layout, 1), new, 256))
+            got = log_softmax(decode_with_logits(hot, 1, cont[:-1], len(ctx)))
+            kls[o.name].extend(np.sum(np.exp(ref) * (ref - got), axis=-1))
+            agree[o.name].extend(ref.argmax(-1) == got.argmax(-1))
+            nll[o.name].extend(-got[np.arange(len(got)), cont[1:]])
+        print(f"window {w + 1}/{args.windows}", flush=True)
+    ppl_live = float(np.exp(np.mean(nll["live"])))
+    f16_per_token = 23040
+    rows, results = [], {}
+    for o in opts:
+        kl = np.array(kls[o.name])
+        s = sizes[o.name]
+        per = {k: getattr(s, k) / s.tokens * 30 for k in ("raw", "zstd", "planes", "entropy")}
+        r = {"kl_mean": float(kl.mean()), "kl_p95": float(np.percentile(kl, 95)),
+             "top1_agreement": float(np.mean(agree[o.name])),
+             "ppl_ratio": float(np.exp(np.mean(nll[o.name]))) / ppl_live,
+             "bytes_per_token": per, "x_f16": {k: v / f16_per_token for k, v in per.items()}}
+        results[o.name] = r
+        rows.append([o.name, per["raw"] / f16_per_token, per["zstd"] / f16_per_token,
+                     per["planes"] / f16_per_token, per["entropy"] / f16_per_token,
+                     r["kl_mean"], r["kl_p95"], 100 * r["top1_agreement"], r["ppl_ratio"]])
+    print_table(["option", "x f16", "zstd", "bytes+zstd", "entropy", "KL mean", "KL p95",
+                 "top-1 %", "ppl ratio"], rows)
+    path = write_json(args.name, {"windows": args.windows, "context": args.context,
+                                      "continue": args.cont, "live_perplexity": ppl_live,
+                                      "results": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

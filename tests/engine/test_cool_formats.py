@@ -1,0 +1,73 @@
+"""Restores through the cool tier in each cool/cold format, and from warm ``q8c``, on the real
+model (issue 13)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvtier.config import load_config
+from kvtier.engine.hot import HotContext
+from kvtier.engine.restore_policy import ThroughputModel
+from kvtier.engine.snapshot import Snapshotter
+from kvtier.storage import codec
+from kvtier.storage.manager import TierManager
+from kvtier.storage.quant import Encoding, Grouping
+from kvtier.storage.tiers import Tier
+from tests.engine.test_snapshot import mean_kl, store_and_restore
+
+
+@pytest.fixture
+def cool_setup(tmp_path, model, request):
+    overrides = {"data_dir": str(tmp_path), "model.n_slots": 2}
+    if isinstance(request.param, dict):
+        overrides.update(request.param)
+    elif request.param is not None:
+        overrides["tiers.cold_format"] = request.param
+    config = load_config(None, overrides)
+    hot = HotContext.for_config(model, config)
+    manager = TierManager(config, background=False)
+    ns = model.fingerprint("f16", "f16", 256).namespace
+    snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel())
+    yield hot, manager, snaps
+    snaps.close()
+    manager.close()
+    hot.close()
+
+
+def cool_headers(manager: TierManager) -> list[codec.RecordHeader]:
+    cool = manager.tiers[Tier.COOL]
+    return [codec.read_header(cool.get(key)) for key in cool.keys()]
+
+
+# None: the default. The bound is the one test_snapshot uses for cool Q8 (3x the measured KL of
+# either format; a broken codec gives a KL above 1).
+@pytest.mark.parametrize("cool_setup, k, v", [
+    (None, (Encoding.Q6, Grouping.PER_CHANNEL, 256), (Encoding.Q4, Grouping.PER_CHANNEL, 128)),
+    ("q4", (Encoding.Q4, Grouping.PER_CHANNEL, 16), (Encoding.Q4, Grouping.PER_TOKEN, 16)),
+], indirect=["cool_setup"])
+def test_a_restore_from_cool_stays_close_in_each_format(cool_setup, k, v, document_tokens):
+    hot, manager, snaps = cool_setup
+    live, restored = store_and_restore(hot, manager, snaps, document_tokens, Tier.COOL)
+    headers = cool_headers(manager)
+    assert len(headers) == 3 * 30 and all(h.zstd for h in headers)  # 2 full blocks + the tail
+    for h in headers:
+        assert (h.k.encoding, h.k.grouping, h.k.group_size) == k
+        assert (h.v.encoding, h.v.grouping, h.v.group_size) == v
+    assert mean_kl(live, restored) < 0.02
+    assert np.sum(live.argmax(axis=1) == restored.argmax(axis=1)) >= 13
+
+
+
+@pytest.mark.parametrize("cool_setup", [{"tiers.warm_format": "q8c"}], indirect=True)
+def test_a_restore_from_warm_q8c_stays_close(cool_setup, document_tokens):
+    hot, manager, snaps = cool_setup
+    live, restored = store_and_restore(hot, manager, snaps, document_tokens)
+    warm = manager.tiers[Tier.WARM]
+    headers = [codec.read_header(warm.get(key)) for key in warm.keys()]
+    assert len(headers) == 3 * 30
+    assert {(h.k.encoding, h.k.grouping, h.k.group_size, h.v.encoding, h.v.grouping,
+             h.v.group_size) for h in headers} == {
+        (Encoding.Q8, Grouping.PER_CHANNEL, 256, Encoding.Q8, Grouping.PER_CHANNEL, 256)}
+    assert mean_kl(live, restored) < 0.01      # test_snapshot's bound for warm q8
+    assert np.sum(live.argmax(axis=1) == restored.argmax(axis=1)) >= 14
