@@ -155,9 +155,9 @@ class TierConfig(_Section):
     remote_budget: ByteSize = 64 * GiB
     """Bytes of blocks this deployment keeps in the remote tier (all servers together); the
     least recently used are evicted beyond it. Redis ``maxmemory`` is only a backstop."""
-    remote_format: Literal["f16", "q8", "q4"] = "q4"
-    """Encoding of remote blocks (always zstd-compressed): ``q4`` as the cool and cold tiers,
-    ``q8``, or ``f16`` (exact)."""
+    remote_format: Literal["f16", "q8", "q8c", "q6q4", "q4"] = "q6q4"
+    """Encoding of remote blocks (always zstd-compressed): ``q6q4`` as the cool and cold tiers'
+    default, or any other tier format (``f16``: exact)."""
     remote_ttl_s: Annotated[float, Field(ge=0)] = 7 * 86400.0
     """Seconds a remote block lives after it was last written or read; 0: no expiry."""
 

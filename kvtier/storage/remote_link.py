@@ -20,8 +20,6 @@ from kvtier.config import Config
 from kvtier.errors import STORAGE_FAULTS, BlockCorrupt, KvtierError, RemoteUnavailable
 from kvtier.storage import codec
 from kvtier.storage.catalog import SessionEntry
-from kvtier.storage.codec import RecordFormat
-from kvtier.storage.quant import Encoding
 from kvtier.storage.records import BlockId, ChainHash, Namespace, chain_hash
 from kvtier.storage.remote import BlockMeta, Redis, RemoteBlock, RemoteTier
 from kvtier.storage.remote_catalog import RemoteCatalog, RemoteSession
@@ -34,7 +32,6 @@ log = logging.getLogger(__name__)
 
 REMOTE_VERSION = "remote_version"
 """The key in a local session's ``data`` of the remote catalog version it matches."""
-_ENCODINGS = {"f16": Encoding.F16, "q8": Encoding.Q8, "q4": Encoding.Q4}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +62,7 @@ class RemoteLink:
         self.catalog = RemoteCatalog(self.redis)
         self.fetched = 0
         self.sync = RemoteSync(self.tier, self.catalog,
-                               RecordFormat(_ENCODINGS[t.remote_format], t.zstd_level),
+                               codec.tier_format(t.remote_format, t.zstd_level),
                                self._read_local) if background else None
         if self.sync is not None:
             self.catalog.needed.append(self.sync.publishing)

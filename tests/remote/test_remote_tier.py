@@ -135,16 +135,21 @@ def test_a_session_written_by_one_server_is_resumed_by_another(tmp_path,
                             tokens[2 * BS:]) == seq.block_ids()[-1]
 
 
-@pytest.mark.parametrize("fmt", ["q4"])
-def test_default_format_is_the_cold_encoding(tmp_path, cluster: Cluster, fmt: str) -> None:
+def test_default_format_is_the_cold_encoding(tmp_path, cluster: Cluster) -> None:
+    from kvtier.config import TierConfig
+    from kvtier.storage import codec
+    default = TierConfig.model_fields["remote_format"].default
+    assert default == TierConfig.model_fields["cold_format"].default
     tokens = tokens_of(BS, seed=9)
-    with TierManager(remote_config(tmp_path, cluster, "a", **{"tiers.remote_format": fmt})) as a:
+    with TierManager(remote_config(tmp_path, cluster, "a",
+                                   **{"tiers.remote_format": default})) as a:
         store_sequence(a, tokens)
         assert a.remote.drain(30)
         (meta, records), = a.remote.tier.get_blocks([RemoteBlock(NS, chain_hash(None, tokens))])
-    from kvtier.storage import codec
     header = codec.read_header(records[1])
-    assert header.zstd and header.k.encoding == codec.Encoding.Q4
+    want = codec.tier_format(default)
+    assert header.zstd and (header.k.encoding, header.v.encoding) == \
+        (want.key_format.encoding, want.value_format.encoding)
 
 
 def test_inspect_and_compact_understand_the_remote_tier(tmp_path, cluster: Cluster,
