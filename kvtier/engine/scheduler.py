@@ -89,7 +89,8 @@ class Scheduler:
                                          self.block_size, self.throughput, self.writer)
             ws = self.config.working_set
             self.windows = WindowedSlots(self.hot, self.sizing, self.manager, self.namespace,
-                                         ws.query_tokens, ws.reselect_tokens, ws.prefetch)
+                                         ws.query_tokens, ws.reselect_tokens, ws.prefetch,
+                                         self.writer)
             self.admission = Admission(self.model, self.hot, self.sizing, self.manager,
                                        self.snapshots, self.windows, self.tokens,
                                        self.block_size)
@@ -298,18 +299,15 @@ class Scheduler:
     def _submit_store(self, job: Job) -> None:
         slot = job.slot
         if job.turn:
-            # A long conversation's blocks were stored as they filled; the rest is stored here.
-            job.seq = self.windows.finish(job.turn)
-            self.admission.slot_seq[slot.index] = job.seq
-            if job.owner is not None:
-                self._session_update(job, job.owner.session_id)()
+            # A long conversation's full blocks were queued as they filled; the rest is here.
+            job.seq, store = self.windows.finish(job.turn)
         else:
             job.seq, store = self.snapshots.prepare(slot, job.seq)
-            self.admission.slot_seq[slot.index] = job.seq
-            if job.owner is not None:
-                store.session_id = job.owner.session_id
-                store.after = self._session_update(job, job.owner.session_id)
-            self.writer.submit(store)
+        self.admission.slot_seq[slot.index] = job.seq
+        if job.owner is not None:
+            store.session_id = job.owner.session_id
+            store.after = self._session_update(job, job.owner.session_id)
+        self.writer.submit(store)
 
     def _session_update(self, job: Job, session_id: str) -> Callable[[], None]:
         """The session's new turn, saved by the store writer once the turn's KV is stored."""

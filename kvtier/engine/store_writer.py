@@ -19,7 +19,9 @@ reads it. A job that fails is logged and counted, and its sequence is reported b
 naming blocks that never arrived.
 
 A job stores blocks from any position range of a state read (``BlockWrite.first_pos``), so the same
-writer serves a working set that stores blocks of a long prompt as they are prefilled.
+writer serves a working set that stores blocks of a long prompt as they are prefilled
+(:mod:`kvtier.engine.paging`): a block that leaves the hot tier before its job is done is waited
+for (:meth:`StoreWriter.wait_blocks`) before it is loaded back.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class BlockWrite:
     n_tokens: int
     part: int = 0
     """Which of the job's state blobs holds it (see :attr:`StoreJob.parts`)."""
+    position: int = -1
+    """Where its first token sat when its keys were computed, if not its own position (a
+    working set's packed block)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +151,7 @@ def write_blocks(manager: TierManager, states: Sequence[SequenceState],
     it is shared)."""
     def put(w: BlockWrite) -> BlockId:
         return manager.put_block(w.block, rows_at(states[w.part], w.first_pos, w.n_tokens),
-                                 w.chain, hold=True)
+                                 w.chain, w.position, hold=True)
     if pool is None or len(blocks) < 2:
         return [put(w) for w in blocks]
     return list(pool.map(put, blocks))
@@ -210,6 +215,12 @@ class StoreWriter:
         """Whether a queued job will store ``block`` (so the id is taken)."""
         with self._cv:
             return block in self._pending_blocks
+
+    def wait_blocks(self, blocks: Sequence[BlockId], timeout: float | None = None) -> bool:
+        """Wait until no queued job stores any of ``blocks``; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not any(b in self._pending_blocks for b in blocks),
+                                     timeout)
 
     def pending_chain(self, namespace: Namespace, chain: ChainHash) -> BlockId | None:
         """The block a queued job stores with this chain hash, if any."""

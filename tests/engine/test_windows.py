@@ -47,6 +47,7 @@ def test_a_long_prompt_runs_on_a_working_set_that_finds_the_key(tmp_path, key):
         stats = engine.cache_stats().working_set
         assert stats.selections > 0 and stats.loads > 0 and stats.drops > 0
         # Every block of the conversation is in the store, the hot tier held four.
+        engine.wait_stored()    # the blocks are written in the background
         n_tokens = done.usage.prompt_tokens + done.usage.completion_tokens
         seqs = engine.manager.sequences()
         assert len(seqs) == 1 and seqs[0].n_tokens == n_tokens
@@ -94,6 +95,7 @@ def test_blocks_the_model_attends_to_stay_in_the_faster_tier(tmp_path, key):
         text = passkey.prompt(N_PROMPT, 0.5, key, count(engine))
         done = engine.generate(GenerationRequest(prompt=text, sampling=ANSWER))
         assert passkey.found(done.text, key), done.text
+        engine.wait_stored()
         engine.manager.drain()
         (seq,) = engine.manager.sequences()
         tokens = np.frombuffer(seq.tokens, dtype="<i4")
