@@ -102,6 +102,24 @@ def test_while_a_job_waits_its_ids_chains_and_session_are_pending(store):
     assert manager.find_hash(NS, chain) == block_id(3, 0)
 
 
+def test_a_block_waited_for_is_readable_when_the_wait_ends(store):
+    # A working set that drops a block before its write is done waits for it before loading
+    # it back; the block keeps the (packed) position its keys were computed at.
+    manager, writer = store
+    gate = threading.Event()
+    blob, layers = state_blob({2: BLOCK})
+    writer.submit(StoreJob(None, 0, after=gate.wait))
+    writer.submit(job_for(writer.pool, blob, [BlockWrite(block_id(4, 9), None, 2 * BLOCK,
+                                                         BLOCK, position=2 * BLOCK)]))
+    assert not writer.wait_blocks([block_id(4, 9)], timeout=0.05)
+    assert writer.wait_blocks([block_id(4, 1)], timeout=0.05)       # not queued: no wait
+    threading.Timer(0.1, gate.set).start()
+    assert writer.wait_blocks([block_id(4, 9)], timeout=10)
+    stored = manager.get_block(block_id(4, 9))
+    assert all(np.array_equal(s.k.rows, e.k.rows) for s, e in zip(stored, layers[2]))
+    assert manager.block_entry(block_id(4, 9)).position == 2 * BLOCK
+
+
 def test_jobs_run_in_order(store):
     manager, writer = store
     seen: list[int] = []

@@ -52,6 +52,10 @@ def test_a_long_prompt_runs_on_a_working_set_that_finds_the_key(tmp_path, key):
         seqs = engine.manager.sequences()
         assert len(seqs) == 1 and seqs[0].n_tokens == n_tokens
         assert len(seqs[0].blocks) == -(-n_tokens // BLOCK)
+        # The blocks were written by the store writer (one job each), not the engine thread.
+        store = engine.cache_stats().store
+        assert store.blocks_written == len(seqs[0].blocks) and store.failures == 0
+        assert store.jobs >= len(seqs[0].blocks)
     finally:
         engine.close()
 
