@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvtier.engine import state_codec, working_set
-from kvtier.engine.block_scores import block_scores
+from kvtier.engine.block_scores import block_scores, representative_scores
 from kvtier.engine.hot import HotContext
 from kvtier.engine.sizing import HotSizing
 from kvtier.engine.slots import Slot
@@ -64,9 +64,13 @@ class StoredBlock:
     position: int
     """Where its first token sat when its keys were computed."""
     chain: ChainHash
-    summary: tuple[np.ndarray, np.ndarray] | None
-    """Per sampled layer, the per-channel (minimum, maximum) of its keys: (layers, kv, dim)."""
+    summary: Summary | None
+    """Per sampled layer, the per-channel (minimum, maximum) of its keys: (layers, kv, dim), and
+    its representative keys (layers, n, kv, dim), if stored."""
 
+
+Summary = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+"""A stored block's key summary in the sampled layers: minima, maxima, representatives."""
 
 PREFETCH_FACTOR = 2
 """A selection prefetches this many times as many of the next-best blocks as it holds."""
@@ -107,6 +111,8 @@ class Window:
     """Promote the next-best blocks of each selection to warm."""
     writer: StoreWriter | None = None
     """Stores the blocks off the engine thread (None: on it)."""
+    score_by: str = "bound"
+    """``working_set.score``: ``bound`` (Quest's, over key ranges) or ``keys`` (mean keys)."""
     stored: list[StoredBlock] = field(default_factory=list)
     """The conversation's full blocks, in order."""
     held: dict[int, int] = field(default_factory=dict)
@@ -275,22 +281,31 @@ class Window:
             block, chain, position, n, position=position)], done=done))
         return block, summary
 
-    def _summary_of(self, layers: Sequence[LayerKV]) -> tuple[np.ndarray, np.ndarray] | None:
+    def _summary_of(self, layers: Sequence[LayerKV]) -> Summary | None:
         """The key summary of the sampled layers (copied out of ``layers``)."""
         from kvtier.storage.summary import key_summary
         summary = key_summary([layers[i] for i in self.layers])
-        if summary is None:
-            return None
-        bounds = summary.bounds.astype(np.float32)
-        shape = (len(self.layers), self.n_kv, self.head_dim)
-        return bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape)
+        return self._shaped(summary)
 
-    def _sampled(self, summary: KeySummary | None) -> tuple[np.ndarray, np.ndarray] | None:
+    def _sampled(self, summary: KeySummary | None) -> Summary | None:
+        """A whole block's key summary (from the catalog) in the sampled layers."""
         if summary is None:
             return None
-        bounds = summary.bounds[self.layers].astype(np.float32)
-        shape = (len(self.layers), self.n_kv, self.head_dim)
-        return bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape)
+        reps = summary.representatives
+        return self._shaped(KeySummary(summary.bounds[self.layers],
+                                       None if reps is None else reps[self.layers]))
+
+    def _shaped(self, summary: KeySummary | None) -> Summary | None:
+        if summary is None:
+            return None
+        layers = summary.bounds.shape[0]
+        bounds = summary.bounds.astype(np.float32)
+        shape = (layers, self.n_kv, self.head_dim)
+        reps = summary.representatives
+        if reps is not None:
+            reps = reps.astype(np.float32).reshape(layers, reps.shape[1], self.n_kv,
+                                                   self.head_dim)
+        return bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape), reps
 
     def load_summaries(self) -> None:
         """Fill in the key summaries of stored blocks that lack them, from the catalog."""
@@ -311,10 +326,13 @@ class Window:
         scored = [b for b, s in enumerate(self.stored) if s.summary is not None]
         if not scored:
             return {}
-        lo = np.stack([self.stored[b].summary[0] for b in scored])
-        hi = np.stack([self.stored[b].summary[1] for b in scored])
-        attention = dict(zip(scored, (float(s) * len(scored)
-                                      for s in block_scores(queries, lo, hi))))
+        summaries = [self.stored[b].summary for b in scored]
+        if self.score_by == "keys" and all(s[2] is not None for s in summaries):
+            shares = representative_scores(queries, np.stack([s[2] for s in summaries]))
+        else:   # blocks stored without representative keys are scored by the bound
+            shares = block_scores(queries, np.stack([s[0] for s in summaries]),
+                                  np.stack([s[1] for s in summaries]))
+        attention = dict(zip(scored, (float(s) * len(scored) for s in shares)))
         self.manager.report_attention({self.block_id(b): a for b, a in attention.items()})
         first_recent = max(shape.sink, self.n_blocks - shape.recent)
         self.scores = {b: a for b, a in attention.items() if shape.sink <= b < first_recent}

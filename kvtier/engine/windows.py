@@ -50,7 +50,8 @@ class WindowedSlots:
 
     def __init__(self, hot: HotContext, sizing: HotSizing, manager: TierManager,
                  namespace: Namespace, query_tokens: int, reselect_tokens: int,
-                 prefetch: bool = True, writer: StoreWriter | None = None) -> None:
+                 prefetch: bool = True, writer: StoreWriter | None = None,
+                 score_by: str = "bound") -> None:
         self.hot = hot
         self.sizing = sizing
         self.manager = manager
@@ -59,6 +60,7 @@ class WindowedSlots:
         self.reselect_tokens = reselect_tokens
         self.prefetch = prefetch
         self.writer = writer
+        self.score_by = score_by
         """Stores the working sets' blocks off the engine thread."""
         self.windows: dict[int, Window] = {}
         self.totals = WindowStats()
@@ -91,7 +93,7 @@ class WindowedSlots:
         self.drop(slot)
         window = Window(self.hot, slot, self.sizing, self.manager, self.namespace, seq_id,
                         self.hot.capture.layers, self._n_kv, self._head_dim, self.prefetch,
-                        self.writer)
+                        self.writer, self.score_by)
         self.windows[slot.index] = window
         return window
 
