@@ -21,8 +21,8 @@ Storing a block, with a :class:`~kvtier.engine.store_writer.StoreWriter` (the en
 engine thread only reads the block's cells out of llama.cpp into one of the writer's buffers (its
 budget, ``tiers.store_queue_budget``, is the back-pressure) and takes the key summary of the
 sampled layers for scoring; the writer encodes and writes the block (held until its sequence is
-saved). A block dropped from the hot tier before its write is done is waited for before it is
-loaded back; one whose write failed is not loaded again (the working set does without it, and the
+saved). A block dropped from the hot tier and wanted back before its write is done is copied
+from the writer's buffer; one whose write failed is not loaded again (the working set does without it, and the
 sequence is saved up to it). Without a writer (benchmarks) the block is stored on the spot.
 
 Every block sits at a multiple of the block size (its own position, or packed), so the block
@@ -91,6 +91,8 @@ class WindowStats:
     """Loads of a prefetched block that found it in warm."""
     prefetch_misses: int = 0
     """Loads that had to read cool or cold (the prefetch was late, or never asked)."""
+    pending_reads: int = 0
+    """Loads of a block still queued for the store writer, copied from its buffer."""
 
 
 @dataclass(slots=True)
@@ -429,31 +431,41 @@ class Window:
         bs = self.block_size
         blocks = [self._block(m.block) for m in group]
         lengths = self.lengths_of([m.block for m in group])
-        if self.writer is not None:
-            # A block dropped from the hot tier may still be on its way into the store.
-            self.writer.wait_blocks([s.block for s in blocks])
-            for m in group:
-                self.block_id(m.block)
         layout = self.hot_layout()
         target = state_codec.allocate(layout, self.hot.scratch, 0,
                                       [(s.position // bs, [n]) for s, n in zip(blocks, lengths)],
                                       bs)
         cache = layout.caches[0]
-        for move, stored in zip(group, blocks):
-            entry = self.manager.block_entry(stored.block)
+
+        def copy_into(stored: StoredBlock) -> Callable[[list[LayerKV]], None]:
+            def copy(layers: list[LayerKV]) -> None:
+                j = target.blocks.index(stored.position // bs)
+                for layer, kv in enumerate(layers):
+                    target.rows(j, layer)[0][...] = kv.k.rows
+                    target.put_v(j, layer, kv.v.rows)
+            return copy
+
+        # A block dropped from the hot tier may still be on its way into the store: its rows
+        # come from the writer's buffer; the others from the store.
+        fetch = [i for i, s in enumerate(blocks)
+                 if self.writer is None or not self.writer.read_pending(s.block, copy_into(s))]
+        self.stats.pending_reads += len(blocks) - len(fetch)
+        ids = [self.block_id(group[i].block) for i in fetch]
+        for i, block in zip(fetch, ids):
+            entry = self.manager.block_entry(block)
             if entry is not None and entry.tier != Tier.WARM:
                 self.stats.prefetch_misses += 1
-            elif move.block in self._prefetched:
+            elif group[i].block in self._prefetched:
                 self.stats.prefetch_hits += 1
-            self._prefetched.discard(move.block)
+        self._prefetched.difference_update(m.block for m in group)
 
         def destination(j: int, layer: int):
-            k, v = target.rows(target.blocks.index(blocks[j].position // bs), layer)
+            k, v = target.rows(target.blocks.index(blocks[fetch[j]].position // bs), layer)
             return k, v, cache.k_types[layer], cache.v_types[layer]
 
-        with self.manager.pinned([s.block for s in blocks]):
-            errors = self.manager.get_blocks_into([s.block for s in blocks], destination)
-        bad = [(m, e) for m, e in zip(group, errors) if e is not None]
+        with self.manager.pinned(ids):
+            errors = self.manager.get_blocks_into(ids, destination)
+        bad = [(group[i], e) for i, e in zip(fetch, errors) if e is not None]
         if bad:
             # The working set does without a block it cannot read (its write failed, or the store
             # lost it): the conversation goes on, and its sequence is saved up to that block.

@@ -20,8 +20,8 @@ naming blocks that never arrived.
 
 A job stores blocks from any position range of a state read (``BlockWrite.first_pos``), so the same
 writer serves a working set that stores blocks of a long prompt as they are prefilled
-(:mod:`kvtier.engine.paging`): a block that leaves the hot tier before its job is done is waited
-for (:meth:`StoreWriter.wait_blocks`) before it is loaded back.
+(:mod:`kvtier.engine.paging`): a block that leaves the hot tier before its job is done is read
+back from the job's buffer (:meth:`StoreWriter.read_pending`), never waited for.
 """
 
 from __future__ import annotations
@@ -177,6 +177,7 @@ class StoreWriter:
         self._queue: deque[StoreJob] = deque()
         self._cv = threading.Condition()
         self._pending_blocks: Counter[BlockId] = Counter()
+        self._pending_rows: dict[BlockId, tuple[StoreJob, BlockWrite]] = {}
         self._pending_chains: dict[bytes, BlockId] = {}
         self._pending_sessions: Counter[str] = Counter()
         self._aliases: dict[BlockId, BlockId] = {}
@@ -202,6 +203,7 @@ class StoreWriter:
                 raise KvtierError("the store writer is closed")
             for w in job.blocks:
                 self._pending_blocks[w.block] += 1
+                self._pending_rows[w.block] = (job, w)
                 if w.chain is not None:
                     self._pending_chains[w.block.namespace + w.chain] = w.block
             if job.session_id is not None:
@@ -216,11 +218,17 @@ class StoreWriter:
         with self._cv:
             return block in self._pending_blocks
 
-    def wait_blocks(self, blocks: Sequence[BlockId], timeout: float | None = None) -> bool:
-        """Wait until no queued job stores any of ``blocks``; False on timeout."""
+    def read_pending(self, block: BlockId, take: Callable[[list[LayerKV]], None]) -> bool:
+        """Call ``take`` with the rows of ``block`` if a queued job is storing it (the job's
+        buffer stays valid meanwhile: copy out of the rows, do not keep them); False if none
+        is, and the block is in the store by then (or its write failed)."""
         with self._cv:
-            return self._cv.wait_for(lambda: not any(b in self._pending_blocks for b in blocks),
-                                     timeout)
+            pending = self._pending_rows.get(block)
+            if pending is None:
+                return False
+            job, w = pending
+            take(rows_at(job.states()[w.part], w.first_pos, w.n_tokens))
+            return True
 
     def pending_chain(self, namespace: Namespace, chain: ChainHash) -> BlockId | None:
         """The block a queued job stores with this chain hash, if any."""
@@ -328,8 +336,6 @@ class StoreWriter:
             raise failed
 
     def _finish(self, job: StoreJob, error: BaseException | None, seconds: float) -> None:
-        if job.buffer is not None:
-            self.pool.release(job.buffer)
         with self._cv:
             self._queue.popleft()
             self._running = 0
@@ -343,6 +349,8 @@ class StoreWriter:
                                                + [self._aliases.get(b, b)
                                                   for b in job.sequence.blocks])
             for w in job.blocks:
+                if self._pending_rows.get(w.block, (None,))[0] is job:
+                    del self._pending_rows[w.block]
                 self._pending_blocks[w.block] -= 1
                 if self._pending_blocks[w.block] <= 0:
                     del self._pending_blocks[w.block]
@@ -354,6 +362,8 @@ class StoreWriter:
                 if self._pending_sessions[job.session_id] <= 0:
                     del self._pending_sessions[job.session_id]
             self._cv.notify_all()
+        if job.buffer is not None:      # after read_pending can no longer reach it
+            self.pool.release(job.buffer)
         if job.done is not None:
             try:
                 job.done(error)
