@@ -22,8 +22,9 @@ engine thread only reads the block's cells out of llama.cpp into one of the writ
 budget, ``tiers.store_queue_budget``, is the back-pressure) and takes the key summary of the
 sampled layers for scoring; the writer encodes and writes the block (held until its sequence is
 saved). A block dropped from the hot tier and wanted back before its write is done is copied
-from the writer's buffer; one whose write failed is not loaded again (the working set does without it, and the
-sequence is saved up to it). Without a writer (benchmarks) the block is stored on the spot.
+from the writer's buffer; one whose write failed is not loaded again (the working set does
+without it, and the sequence is saved up to it). Without a writer (benchmarks) the block is
+stored on the spot.
 
 Every block sits at a multiple of the block size (its own position, or packed), so the block
 convention of :mod:`kvtier.engine.state_codec` places it by the index ``position // block_size``.
@@ -260,11 +261,10 @@ class Window:
         return block
 
     def _submit(self, b: int, chain: ChainHash | None, position: int, n: int,
-                failed: Callable[[int], None] | None = None
-                ) -> tuple[BlockId, tuple[np.ndarray, np.ndarray] | None]:
+                failed: Callable[[int], None] | None = None) -> tuple[BlockId, Summary | None]:
         """Read ``n`` cells of block ``b`` from ``position`` into a writer's buffer and queue
-        their store; returns the id promised and the
-        sampled key summary. ``failed(b)`` runs on the writer's thread if the write fails."""
+        their store; returns the id promised and the sampled key summary. ``failed(b)`` runs on
+        the writer's thread if the write fails."""
         assert self.writer is not None
         buffer, nbytes = self.hot.read_range_into(self.slot.index, position, position + n,
                                                   self.writer.pool)
