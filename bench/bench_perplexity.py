@@ -47,7 +47,8 @@ def run(model: Model, tokens: np.ndarray, method: str, args: argparse.Namespace)
     settings = {"data_dir": tempfile.mkdtemp(prefix="kvtier-bench-ppl-"), "model.n_slots": 1,
                 "model.context_size": len(tokens) + block, "model.block_size": block,
                 "tiers.gpu_vram_budget": share * per_token,
-                "working_set.sink_blocks": args.sink, "working_set.recent_blocks": args.recent}
+                "working_set.sink_blocks": args.sink, "working_set.recent_blocks": args.recent,
+                "working_set.score": args.score}
     if method == "own":
         settings["working_set.positions"] = "own"
     if method == "sinks+recent":
@@ -58,7 +59,8 @@ def run(model: Model, tokens: np.ndarray, method: str, args: argparse.Namespace)
     slot = hot.slots[0]
     window = None if method == "full" else Window(
         hot, slot, hot.sizing, manager, model.fingerprint("f16", "f16", block).namespace,
-        manager.new_sequence(), hot.capture.layers, model.n_head_kv, model.n_embd // model.n_head)
+        manager.new_sequence(), hot.capture.layers, model.n_head_kv, model.n_embd // model.n_head,
+        score_by=config.working_set.score)
     out = []
     try:
         step = hot.n_batch if window is None else block
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--sink", type=int, default=1, help="working_set.sink_blocks")
     parser.add_argument("--recent", type=int, default=2, help="working_set.recent_blocks")
+    parser.add_argument("--score", choices=("bound", "keys"), default="bound",
+                        help="working_set.score: Quest's bound, or the blocks' mean keys")
     parser.add_argument("--own-queries", action="store_true",
                         help="decode each chunk twice, the second time on the blocks its own "
                              "queries chose (InfLLM's order; kvtier does it for the last chunk)")
@@ -116,7 +120,7 @@ def main() -> None:
             base = float(np.exp(by_method[args.methods[0]].mean()))
             results.append({"offset": offset, "method": method, "tokens": args.tokens,
                             "hot": args.hot, "block_size": args.block_size, "sink": args.sink,
-                            "recent": args.recent,
+                            "recent": args.recent, "score": args.score,
                             "own_queries": args.own_queries, "perplexity": ppl, "ratio": ppl / base})
             rows.append([offset, method, f"{ppl:.3f}", f"{ppl / base:.4f}"])
             print(results[-1], flush=True)

@@ -216,6 +216,10 @@ class WorkingSetConfig(_Section):
     max_position: Annotated[int, Field(ge=0)] = 0
     """Highest position the hot tier uses; beyond it, held blocks are always packed. 0: the
     model's trained context."""
+    score: Literal["bound", "keys"] = "bound"
+    """How a stored block is scored for the current queries: Quest's ``bound`` over its keys'
+    per-channel range, or ``keys``: ``q . k`` with its mean key (blocks stored without one are
+    scored by the bound)."""
 
 
 TENANT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"

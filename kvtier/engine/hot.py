@@ -11,6 +11,7 @@ Only the engine thread touches this object (llama.cpp contexts are not thread-sa
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy as np
 
 from kvtier.config import Config, ModelConfig
 from kvtier.engine import state_codec
+from kvtier.engine.host_buffers import BufferPool, HostBuffer
 from kvtier.engine.model import Model
 from kvtier.engine.query_capture import QueryCapture
 from kvtier.engine.sizing import HotSizing, hot_sizing
@@ -167,6 +169,29 @@ class HotContext:
             return state_codec.read_state(self.ptr, self.scratch)
         finally:
             llama_cpp.llama_memory_seq_rm(self.memory, self.scratch, -1, -1)
+
+    def read_range_into(self, seq: int, p0: int, p1: int,
+                        buffers: BufferPool) -> tuple[HostBuffer, int]:
+        """:meth:`read_range` into a buffer of ``buffers`` (waiting while their budget is spent):
+        the buffer and the blob's bytes. The caller releases the buffer."""
+        ctx, memory = self.ptr, self.memory
+        llama_cpp.llama_memory_seq_rm(memory, self.scratch, -1, -1)
+        llama_cpp.llama_memory_seq_cp(memory, seq, self.scratch, p0, p1)
+        try:
+            if llama_cpp.llama_memory_seq_pos_max(memory, self.scratch) < 0:
+                raise StateRejected(f"sequence {seq} holds nothing at [{p0}, {p1})")
+            size = llama_cpp.llama_state_seq_get_size(ctx, self.scratch)
+            buffer = buffers.acquire(size)
+            n = llama_cpp.llama_state_seq_get_data(
+                ctx, ctypes.cast(buffer.address, ctypes.POINTER(ctypes.c_uint8)), size,
+                self.scratch)
+            if n != size:
+                buffers.release(buffer)
+                raise StateRejected(f"llama_state_seq_get_data wrote {n} of {size} bytes for "
+                                    f"sequence {self.scratch}")
+            return buffer, n
+        finally:
+            llama_cpp.llama_memory_seq_rm(memory, self.scratch, -1, -1)
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, items: list[BatchItem]) -> list[int]:

@@ -17,6 +17,15 @@ llama.cpp reads state without applying pending K-shifts, so a block is stored ri
 decode that completed it, and a plan (:meth:`Window.replan`) is applied only just before the
 slot's next decode (:meth:`Window.apply`), never before a state read.
 
+Storing a block, with a :class:`~kvtier.engine.store_writer.StoreWriter` (the engine's case): the
+engine thread only reads the block's cells out of llama.cpp into one of the writer's buffers (its
+budget, ``tiers.store_queue_budget``, is the back-pressure) and takes the key summary of the
+sampled layers for scoring; the writer encodes and writes the block (held until its sequence is
+saved). A block dropped from the hot tier and wanted back before its write is done is copied
+from the writer's buffer; one whose write failed is not loaded again (the working set does
+without it, and the sequence is saved up to it). Without a writer (benchmarks) the block is
+stored on the spot.
+
 Every block sits at a multiple of the block size (its own position, or packed), so the block
 convention of :mod:`kvtier.engine.state_codec` places it by the index ``position // block_size``.
 """
@@ -24,16 +33,17 @@ convention of :mod:`kvtier.engine.state_codec` places it by the index ``position
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvtier.engine import state_codec, working_set
-from kvtier.engine.block_scores import block_scores
+from kvtier.engine.block_scores import block_scores, representative_scores
 from kvtier.engine.hot import HotContext
 from kvtier.engine.sizing import HotSizing
 from kvtier.engine.slots import Slot
+from kvtier.engine.store_writer import BlockWrite, StoreJob, StoreWriter, rows_at
 from kvtier.errors import KvtierError
 from kvtier.storage.catalog import KeySummary
 from kvtier.storage.manager import TierManager
@@ -55,9 +65,13 @@ class StoredBlock:
     position: int
     """Where its first token sat when its keys were computed."""
     chain: ChainHash
-    summary: tuple[np.ndarray, np.ndarray] | None
-    """Per sampled layer, the per-channel (minimum, maximum) of its keys: (layers, kv, dim)."""
+    summary: Summary | None
+    """Per sampled layer, the per-channel (minimum, maximum) of its keys: (layers, kv, dim), and
+    its representative keys (layers, n, kv, dim), if stored."""
 
+
+Summary = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+"""A stored block's key summary in the sampled layers: minima, maxima, representatives."""
 
 PREFETCH_FACTOR = 2
 """A selection prefetches this many times as many of the next-best blocks as it holds."""
@@ -78,6 +92,8 @@ class WindowStats:
     """Loads of a prefetched block that found it in warm."""
     prefetch_misses: int = 0
     """Loads that had to read cool or cold (the prefetch was late, or never asked)."""
+    pending_reads: int = 0
+    """Loads of a block still queued for the store writer, copied from its buffer."""
 
 
 @dataclass(slots=True)
@@ -96,6 +112,10 @@ class Window:
     head_dim: int
     prefetch: bool = True
     """Promote the next-best blocks of each selection to warm."""
+    writer: StoreWriter | None = None
+    """Stores the blocks off the engine thread (None: on it)."""
+    score_by: str = "bound"
+    """``working_set.score``: ``bound`` (Quest's, over key ranges) or ``keys`` (mean keys)."""
     stored: list[StoredBlock] = field(default_factory=list)
     """The conversation's full blocks, in order."""
     held: dict[int, int] = field(default_factory=dict)
@@ -108,6 +128,8 @@ class Window:
     stats: WindowStats = field(default_factory=WindowStats)
     _prefetched: set[int] = field(default_factory=set)
     """Blocks a prefetch asked for since they were last loaded."""
+    _failed: set[int] = field(default_factory=set)
+    """Blocks whose write failed (added by the writer's thread)."""
 
     # -- shape ---------------------------------------------------------------------------------
     @property
@@ -180,16 +202,20 @@ class Window:
             return None
         b = n // bs
         position = self.held[b]
-        blob = self.hot.read_range(self.slot.index, position, position + n % bs)
-        layers = state_codec.split_blocks(state_codec.parse(blob), bs)[position // bs]
-        stored = self.manager.put_block(self._fresh_id(b), layers, None, position)
+        if self.writer is not None:
+            stored, _ = self._submit(b, None, position, n % bs)
+        else:
+            blob = self.hot.read_range(self.slot.index, position, position + n % bs)
+            layers = rows_at(state_codec.parse(blob), position, n % bs)
+            stored = self.manager.put_block(self._fresh_id(b), layers, None, position)
         return StoredBlock(stored, position, ChainHash(b""), None)
 
     def _fresh_id(self, b: int) -> BlockId:
         """An id for block ``b`` that no stored block has (blocks are immutable: a tail that
         grew is a new block)."""
         block = BlockId(self.namespace, self.seq_id, b)
-        if self.manager.has_block(block):
+        if self.manager.has_block(block) or \
+                (self.writer is not None and self.writer.is_pending(block)):
             block = BlockId(self.namespace, self.manager.new_sequence(), b)
         return block
 
@@ -201,6 +227,14 @@ class Window:
             return self.tail
         raise KvtierError(f"block {b} of the conversation is not stored")
 
+    def block_id(self, b: int) -> BlockId:
+        """The id stored block ``b`` has in the store: the one it was promised, or the shared
+        block's once the writer found its chain hash stored."""
+        stored = self._block(b)
+        if self.writer is not None:
+            stored.block = self.writer.resolve(stored.block)
+        return stored.block
+
     # -- storing -------------------------------------------------------------------------------
     def store_block(self, b: int, chain: ChainHash | None = None) -> StoredBlock:
         """Store full block ``b``, hot now and complete since the last decode."""
@@ -208,30 +242,72 @@ class Window:
         if b != len(self.stored):
             raise KvtierError(f"block {b} stored out of order ({len(self.stored)} are stored)")
         position = self.held[b]
-        blob = self.hot.read_range(self.slot.index, position, position + bs)
-        layers = state_codec.split_blocks(state_codec.parse(blob), bs)[position // bs]
         if chain is None:
             parent = self.stored[-1].chain if self.stored else None
             exact = len(self.held) == self.n_blocks and all(
                 self.held.get(i) == i * bs for i in range(b + 1))
             chain = chain_hash(parent, self.slot.tokens[b * bs:(b + 1) * bs],
                                b"" if exact else WINDOWED)
-        stored = self.manager.put_block(self._fresh_id(b), layers, chain, position)
-        block = StoredBlock(stored, position, chain, self._summary_of(layers))
+        if self.writer is None:
+            blob = self.hot.read_range(self.slot.index, position, position + bs)
+            layers = rows_at(state_codec.parse(blob), position, bs)
+            stored = self.manager.put_block(self._fresh_id(b), layers, chain, position)
+            summary = self._summary_of(layers)
+        else:
+            stored, summary = self._submit(b, chain, position, bs, self._failed.add)
+        block = StoredBlock(stored, position, chain, summary)
         self.stored.append(block)
         self.stats.stored += 1
         return block
 
-    def _summary_of(self, layers: Sequence[LayerKV]) -> tuple[np.ndarray, np.ndarray] | None:
-        from kvtier.storage.summary import key_summary
-        return self._sampled(key_summary(layers))
+    def _submit(self, b: int, chain: ChainHash | None, position: int, n: int,
+                failed: Callable[[int], None] | None = None) -> tuple[BlockId, Summary | None]:
+        """Read ``n`` cells of block ``b`` from ``position`` into a writer's buffer and queue
+        their store; returns the id promised and the sampled key summary. ``failed(b)`` runs on
+        the writer's thread if the write fails."""
+        assert self.writer is not None
+        buffer, nbytes = self.hot.read_range_into(self.slot.index, position, position + n,
+                                                  self.writer.pool)
+        try:
+            layers = rows_at(state_codec.parse(buffer.view(nbytes)), position, n)
+            summary = self._summary_of(layers)
+            block = self._fresh_id(b)
+        except BaseException:
+            self.writer.pool.release(buffer)
+            raise
 
-    def _sampled(self, summary: KeySummary | None) -> tuple[np.ndarray, np.ndarray] | None:
+        def done(error: BaseException | None) -> None:
+            if error is not None and failed is not None:
+                failed(b)
+        self.writer.submit(StoreJob(buffer, nbytes, [BlockWrite(
+            block, chain, position, n, position=position)], done=done))
+        return block, summary
+
+    def _summary_of(self, layers: Sequence[LayerKV]) -> Summary | None:
+        """The key summary of the sampled layers (copied out of ``layers``)."""
+        from kvtier.storage.summary import key_summary
+        summary = key_summary([layers[i] for i in self.layers])
+        return self._shaped(summary)
+
+    def _sampled(self, summary: KeySummary | None) -> Summary | None:
+        """A whole block's key summary (from the catalog) in the sampled layers."""
         if summary is None:
             return None
-        bounds = summary.bounds[self.layers].astype(np.float32)
-        shape = (len(self.layers), self.n_kv, self.head_dim)
-        return bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape)
+        reps = summary.representatives
+        return self._shaped(KeySummary(summary.bounds[self.layers],
+                                       None if reps is None else reps[self.layers]))
+
+    def _shaped(self, summary: KeySummary | None) -> Summary | None:
+        if summary is None:
+            return None
+        layers = summary.bounds.shape[0]
+        bounds = summary.bounds.astype(np.float32)
+        shape = (layers, self.n_kv, self.head_dim)
+        reps = summary.representatives
+        if reps is not None:
+            reps = reps.astype(np.float32).reshape(layers, reps.shape[1], self.n_kv,
+                                                   self.head_dim)
+        return bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape), reps
 
     def load_summaries(self) -> None:
         """Fill in the key summaries of stored blocks that lack them, from the catalog."""
@@ -252,11 +328,14 @@ class Window:
         scored = [b for b, s in enumerate(self.stored) if s.summary is not None]
         if not scored:
             return {}
-        lo = np.stack([self.stored[b].summary[0] for b in scored])
-        hi = np.stack([self.stored[b].summary[1] for b in scored])
-        attention = dict(zip(scored, (float(s) * len(scored)
-                                      for s in block_scores(queries, lo, hi))))
-        self.manager.report_attention({self.stored[b].block: a for b, a in attention.items()})
+        summaries = [self.stored[b].summary for b in scored]
+        if self.score_by == "keys" and all(s[2] is not None for s in summaries):
+            shares = representative_scores(queries, np.stack([s[2] for s in summaries]))
+        else:   # blocks stored without representative keys are scored by the bound
+            shares = block_scores(queries, np.stack([s[0] for s in summaries]),
+                                  np.stack([s[1] for s in summaries]))
+        attention = dict(zip(scored, (float(s) * len(scored) for s in shares)))
+        self.manager.report_attention({self.block_id(b): a for b, a in attention.items()})
         first_recent = max(shape.sink, self.n_blocks - shape.recent)
         self.scores = {b: a for b, a in attention.items() if shape.sink <= b < first_recent}
         self.stats.selections += 1
@@ -264,7 +343,7 @@ class Window:
             room = shape.budget - shape.sink - shape.recent
             best = [b for b in sorted(self.scores, key=lambda b: -self.scores[b])
                     [:PREFETCH_FACTOR * room] if b not in self.held]
-            self.stats.prefetches += self.manager.prefetch([self.stored[b].block for b in best])
+            self.stats.prefetches += self.manager.prefetch([self.block_id(b) for b in best])
             self._prefetched.update(best)
         return self.scores
 
@@ -274,7 +353,9 @@ class Window:
         bs = self.block_size
         span = self.n_tokens + n_upcoming
         wanted = working_set.select(-(-span // bs), self.scores, self.sizing.shape)
-        wanted = [b for b in wanted if b < self.n_blocks]      # the new block is not a block yet
+        # The new block is not a block yet; a block whose write failed cannot come back.
+        wanted = [b for b in wanted if b < self.n_blocks and (b in self.held or
+                                                              b not in self._failed)]
         if not self.packed and (self.sizing.packed or span > self.sizing.max_position):
             if not self.hot.can_shift:
                 raise KvtierError("this model's KV cache cannot be shifted, so a conversation "
@@ -355,23 +436,46 @@ class Window:
                                       [(s.position // bs, [n]) for s, n in zip(blocks, lengths)],
                                       bs)
         cache = layout.caches[0]
-        for move, stored in zip(group, blocks):
-            entry = self.manager.block_entry(stored.block)
+
+        def copy_into(stored: StoredBlock) -> Callable[[list[LayerKV]], None]:
+            def copy(layers: list[LayerKV]) -> None:
+                j = target.blocks.index(stored.position // bs)
+                for layer, kv in enumerate(layers):
+                    target.rows(j, layer)[0][...] = kv.k.rows
+                    target.put_v(j, layer, kv.v.rows)
+            return copy
+
+        # A block dropped from the hot tier may still be on its way into the store: its rows
+        # come from the writer's buffer; the others from the store.
+        fetch = [i for i, s in enumerate(blocks)
+                 if self.writer is None or not self.writer.read_pending(s.block, copy_into(s))]
+        self.stats.pending_reads += len(blocks) - len(fetch)
+        ids = [self.block_id(group[i].block) for i in fetch]
+        for i, block in zip(fetch, ids):
+            entry = self.manager.block_entry(block)
             if entry is not None and entry.tier != Tier.WARM:
                 self.stats.prefetch_misses += 1
-            elif move.block in self._prefetched:
+            elif group[i].block in self._prefetched:
                 self.stats.prefetch_hits += 1
-            self._prefetched.discard(move.block)
+        self._prefetched.difference_update(m.block for m in group)
 
         def destination(j: int, layer: int):
-            k, v = target.rows(target.blocks.index(blocks[j].position // bs), layer)
+            k, v = target.rows(target.blocks.index(blocks[fetch[j]].position // bs), layer)
             return k, v, cache.k_types[layer], cache.v_types[layer]
 
-        with self.manager.pinned([s.block for s in blocks]):
-            errors = self.manager.get_blocks_into([s.block for s in blocks], destination)
-        bad = [e for e in errors if e is not None]
+        with self.manager.pinned(ids):
+            errors = self.manager.get_blocks_into(ids, destination)
+        bad = [(group[i], e) for i, e in zip(fetch, errors) if e is not None]
         if bad:
-            raise KvtierError(f"a block of the working set could not be read: {bad[0]}")
+            # The working set does without a block it cannot read (its write failed, or the store
+            # lost it): the conversation goes on, and its sequence is saved up to that block.
+            log.warning("%d blocks of the working set could not be read (the first: %s); it "
+                        "goes on without them", len(bad), bad[0][1])
+            self._failed.update(m.block for m, _ in bad)
+            rest = [m for m in group if m.block not in self._failed]
+            if rest:
+                self._load_group(rest)
+            return
         self.hot.write_scratch(target.blob)
         for move, stored, n in zip(group, blocks, lengths):
             if move.target != stored.position:

@@ -88,7 +88,8 @@ class Scheduler:
                                          self.block_size, self.throughput, self.writer)
             ws = self.config.working_set
             self.windows = WindowedSlots(self.hot, self.sizing, self.manager, self.namespace,
-                                         ws.query_tokens, ws.reselect_tokens, ws.prefetch)
+                                         ws.query_tokens, ws.reselect_tokens, ws.prefetch,
+                                         self.writer, ws.score)
             self.admission = Admission(self.model, self.hot, self.sizing, self.manager,
                                        self.snapshots, self.windows, self.tokens,
                                        self.block_size)
@@ -295,22 +296,20 @@ class Scheduler:
                         job.request.session_id)
 
     def _submit_store(self, job: Job) -> None:
-        """Store the turn's KV (in the background, but for a long conversation's last blocks)
-        and, before the reply goes out, its messages: a turn the client was answered is never
-        lost, while its KV, until stored, is only recomputed on the next turn."""
+        """Queue the turn's KV for the store writer and, before the reply goes out, record its
+        messages: a turn the client was answered is never lost, while its KV, until stored, is
+        only recomputed on the next turn."""
         slot = job.slot
         if job.turn:
-            # A long conversation's blocks were stored as they filled; the rest is stored here.
-            job.seq = self.windows.finish(job.turn)
-            self.admission.slot_seq[slot.index] = job.seq
-            self._save_turn(job)
+            # A long conversation's full blocks were queued as they filled; the rest is here.
+            job.seq, store = self.windows.finish(job.turn)
         else:
             job.seq, store = self.snapshots.prepare(slot, job.seq)
-            self.admission.slot_seq[slot.index] = job.seq
-            if job.owner is not None:
-                store.session_id = job.owner.session_id
-            self.writer.submit(store)
-            self._save_turn(job)
+        self.admission.slot_seq[slot.index] = job.seq
+        if job.owner is not None:
+            store.session_id = job.owner.session_id
+        self.writer.submit(store)
+        self._save_turn(job)
 
     def _save_turn(self, job: Job) -> None:
         """Record a session's new turn now (one synced catalog commit, ~3 ms). Its sequence keeps

@@ -19,7 +19,9 @@ reads it. A job that fails is logged and counted, and its sequence is reported b
 naming blocks that never arrived.
 
 A job stores blocks from any position range of a state read (``BlockWrite.first_pos``), so the same
-writer serves a working set that stores blocks of a long prompt as they are prefilled.
+writer serves a working set that stores blocks of a long prompt as they are prefilled
+(:mod:`kvtier.engine.paging`): a block that leaves the hot tier before its job is done is read
+back from the job's buffer (:meth:`StoreWriter.read_pending`), never waited for.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class BlockWrite:
     n_tokens: int
     part: int = 0
     """Which of the job's state blobs holds it (see :attr:`StoreJob.parts`)."""
+    position: int = -1
+    """Where its first token sat when its keys were computed, if not its own position (a
+    working set's packed block)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +151,7 @@ def write_blocks(manager: TierManager, states: Sequence[SequenceState],
     it is shared)."""
     def put(w: BlockWrite) -> BlockId:
         return manager.put_block(w.block, rows_at(states[w.part], w.first_pos, w.n_tokens),
-                                 w.chain, hold=True)
+                                 w.chain, w.position, hold=True)
     if pool is None or len(blocks) < 2:
         return [put(w) for w in blocks]
     return list(pool.map(put, blocks))
@@ -172,6 +177,7 @@ class StoreWriter:
         self._queue: deque[StoreJob] = deque()
         self._cv = threading.Condition()
         self._pending_blocks: Counter[BlockId] = Counter()
+        self._pending_rows: dict[BlockId, tuple[StoreJob, BlockWrite]] = {}
         self._pending_chains: dict[bytes, BlockId] = {}
         self._pending_sessions: Counter[str] = Counter()
         self._aliases: dict[BlockId, BlockId] = {}
@@ -197,6 +203,7 @@ class StoreWriter:
                 raise KvtierError("the store writer is closed")
             for w in job.blocks:
                 self._pending_blocks[w.block] += 1
+                self._pending_rows[w.block] = (job, w)
                 if w.chain is not None:
                     self._pending_chains[w.block.namespace + w.chain] = w.block
             if job.session_id is not None:
@@ -210,6 +217,18 @@ class StoreWriter:
         """Whether a queued job will store ``block`` (so the id is taken)."""
         with self._cv:
             return block in self._pending_blocks
+
+    def read_pending(self, block: BlockId, take: Callable[[list[LayerKV]], None]) -> bool:
+        """Call ``take`` with the rows of ``block`` if a queued job is storing it (the job's
+        buffer stays valid meanwhile: copy out of the rows, do not keep them); False if none
+        is, and the block is in the store by then (or its write failed)."""
+        with self._cv:
+            pending = self._pending_rows.get(block)
+            if pending is None:
+                return False
+            job, w = pending
+            take(rows_at(job.states()[w.part], w.first_pos, w.n_tokens))
+            return True
 
     def pending_chain(self, namespace: Namespace, chain: ChainHash) -> BlockId | None:
         """The block a queued job stores with this chain hash, if any."""
@@ -317,8 +336,6 @@ class StoreWriter:
             raise failed
 
     def _finish(self, job: StoreJob, error: BaseException | None, seconds: float) -> None:
-        if job.buffer is not None:
-            self.pool.release(job.buffer)
         with self._cv:
             self._queue.popleft()
             self._running = 0
@@ -332,6 +349,8 @@ class StoreWriter:
                                                + [self._aliases.get(b, b)
                                                   for b in job.sequence.blocks])
             for w in job.blocks:
+                if self._pending_rows.get(w.block, (None,))[0] is job:
+                    del self._pending_rows[w.block]
                 self._pending_blocks[w.block] -= 1
                 if self._pending_blocks[w.block] <= 0:
                     del self._pending_blocks[w.block]
@@ -343,6 +362,8 @@ class StoreWriter:
                 if self._pending_sessions[job.session_id] <= 0:
                     del self._pending_sessions[job.session_id]
             self._cv.notify_all()
+        if job.buffer is not None:      # after read_pending can no longer reach it
+            self.pool.release(job.buffer)
         if job.done is not None:
             try:
                 job.done(error)

@@ -26,6 +26,7 @@ from kvtier.engine.query_capture import RowRange
 from kvtier.engine.sizing import HotSizing
 from kvtier.engine.slots import Slot
 from kvtier.engine.snapshot import RestorePlan, StoredSequence
+from kvtier.engine.store_writer import SequenceWrite, StoreJob, StoreWriter
 from kvtier.errors import KvtierError
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import ChainHash, Namespace
@@ -49,7 +50,8 @@ class WindowedSlots:
 
     def __init__(self, hot: HotContext, sizing: HotSizing, manager: TierManager,
                  namespace: Namespace, query_tokens: int, reselect_tokens: int,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, writer: StoreWriter | None = None,
+                 score_by: str = "bound") -> None:
         self.hot = hot
         self.sizing = sizing
         self.manager = manager
@@ -57,6 +59,9 @@ class WindowedSlots:
         self.query_tokens = query_tokens
         self.reselect_tokens = reselect_tokens
         self.prefetch = prefetch
+        self.writer = writer
+        self.score_by = score_by
+        """Stores the working sets' blocks off the engine thread."""
         self.windows: dict[int, Window] = {}
         self.totals = WindowStats()
         model = hot.model
@@ -87,7 +92,8 @@ class WindowedSlots:
     def _new(self, slot: Slot, seq_id: int) -> Window:
         self.drop(slot)
         window = Window(self.hot, slot, self.sizing, self.manager, self.namespace, seq_id,
-                        self.hot.capture.layers, self._n_kv, self._head_dim, self.prefetch)
+                        self.hot.capture.layers, self._n_kv, self._head_dim, self.prefetch,
+                        self.writer, self.score_by)
         self.windows[slot.index] = window
         return window
 
@@ -154,16 +160,19 @@ class WindowedSlots:
         turn.window.completed(queries)
 
     # -- finishing ---------------------------------------------------------------------------
-    def finish(self, turn: WindowedTurn) -> StoredSequence:
-        """Store what is not stored yet and record the sequence; returns what is stored."""
+    def finish(self, turn: WindowedTurn) -> tuple[StoredSequence, StoreJob]:
+        """Queue the store of what is not stored yet (the partial last block); returns the
+        sequence as the store will hold it, and the job that records it, for the writer (it
+        runs after the block writes queued before it)."""
         window = turn.window
         tail = window.store_tail()
-        full = [s.block for s in window.stored]
+        full = [window.block_id(b) for b in range(len(window.stored))]
         blocks = full + ([tail.block] if tail is not None else [])
-        self.manager.save_sequence(self.namespace, window.seq_id, window.slot.tokens, blocks)
         n_tail = window.n_tokens % self.sizing.block_size
-        return StoredSequence(window.seq_id, full, [s.chain for s in window.stored],
-                              tail.block if tail is not None else None, n_tail if tail else 0)
+        saved = StoredSequence(window.seq_id, full, [s.chain for s in window.stored],
+                               tail.block if tail is not None else None, n_tail if tail else 0)
+        return saved, StoreJob(None, 0, sequence=SequenceWrite(
+            self.namespace, window.seq_id, np.array(window.slot.tokens, np.int32), tuple(blocks)))
 
     # -- stats -------------------------------------------------------------------------------
     def _add_stats(self, window: Window) -> None:

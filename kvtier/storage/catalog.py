@@ -132,24 +132,38 @@ class SessionEntry:
 
 @dataclass(frozen=True, slots=True)
 class KeySummary:
-    """Per layer, the per-channel minimum and maximum of a block's keys (f16): what a query-aware
-    working set scores a block by without reading it."""
+    """Per layer, the per-channel minimum and maximum of a block's keys (f16), and a few
+    representative keys: what a query-aware working set scores a block by without reading it."""
 
     bounds: np.ndarray
     """float16, shape (layers, 2, width): ``[:, 0]`` minima, ``[:, 1]`` maxima."""
+    representatives: np.ndarray | None = None
+    """float16, shape (layers, n, width): keys that stand for the block's (see
+    :mod:`kvtier.storage.summary`); None in summaries stored before they were kept."""
 
     _HEAD = struct.Struct("<HI")
+    _REPS = struct.Struct("<H")
 
     def pack(self) -> bytes:
         layers, _, width = self.bounds.shape
-        return self._HEAD.pack(layers, width) + np.ascontiguousarray(
+        data = self._HEAD.pack(layers, width) + np.ascontiguousarray(
             self.bounds, dtype="<f2").tobytes()
+        if self.representatives is not None:
+            data += self._REPS.pack(self.representatives.shape[1]) + np.ascontiguousarray(
+                self.representatives, dtype="<f2").tobytes()
+        return data
 
     @classmethod
     def unpack(cls, data: bytes) -> KeySummary:
         layers, width = cls._HEAD.unpack_from(data)
-        bounds = np.frombuffer(data, dtype="<f2", offset=cls._HEAD.size)
-        return cls(bounds.reshape(layers, 2, width))
+        end = cls._HEAD.size + 2 * layers * 2 * width
+        bounds = np.frombuffer(data, dtype="<f2", count=layers * 2 * width, offset=cls._HEAD.size)
+        representatives = None
+        if len(data) > end:     # older summaries end after the bounds
+            (n,) = cls._REPS.unpack_from(data, end)
+            representatives = np.frombuffer(data, dtype="<f2", count=layers * n * width,
+                                            offset=end + cls._REPS.size).reshape(layers, n, width)
+        return cls(bounds.reshape(layers, 2, width), representatives)
 
 
 def sequence_key(namespace: bytes, sequence: int) -> bytes:

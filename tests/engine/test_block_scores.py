@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kvtier.engine.block_scores import block_scores
+from kvtier.engine.block_scores import block_scores, representative_scores
 
 
 def _reference(q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -49,3 +49,40 @@ def test_no_blocks_and_bad_shapes() -> None:
         block_scores(q, np.zeros((3, 2, 3, 8)), np.zeros((3, 2, 3, 8)))  # 4 heads, 3 KV heads
     with pytest.raises(ValueError):
         block_scores(q, np.zeros((3, 1, 2, 8)), np.zeros((3, 1, 2, 8)))  # layers differ
+
+
+def _representative_reference(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    layers, rows, heads, dim = q.shape
+    group = heads // keys.shape[3]
+    total = np.zeros(keys.shape[0])
+    for s in range(layers):
+        for r in range(rows):
+            for h in range(heads):
+                best = np.array([max(float(q[s, r, h] @ k) for k in keys[b, s, :, h // group])
+                                 for b in range(keys.shape[0])]) / np.sqrt(dim)
+                e = np.exp(best - best.max())
+                total += e / e.sum()
+    return total / (layers * rows * heads)
+
+
+def test_representative_scores_match_the_definition_under_grouped_query_attention() -> None:
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((3, 2, 6, 8)).astype(np.float32)
+    keys = rng.standard_normal((5, 3, 2, 2, 8)).astype(np.float32)    # two per block
+    scores = representative_scores(q, keys)
+    np.testing.assert_allclose(scores, _representative_reference(q, keys), rtol=1e-5)
+    assert scores.sum() == pytest.approx(1.0)
+
+
+def test_a_block_whose_keys_spread_wide_outscores_by_bound_but_not_by_its_mean_key() -> None:
+    # The bound cannot tell a block of keys pointing along the query from one whose keys spread
+    # over every direction; the mean key can.
+    dim = 8
+    q = np.ones((1, 1, 1, dim), np.float32)
+    aligned = np.full((16, dim), 0.5, np.float32)
+    spread = np.concatenate([np.eye(dim), -np.eye(dim)]).astype(np.float32) * 2
+    keys = np.stack([aligned, spread])
+    lo, hi = keys.min(axis=1)[:, None, None], keys.max(axis=1)[:, None, None]
+    assert np.argmax(block_scores(q, lo, hi)) == 1
+    means = keys.mean(axis=1)[:, None, None, None]
+    assert np.argmax(representative_scores(q, means)) == 0

@@ -102,6 +102,29 @@ def test_while_a_job_waits_its_ids_chains_and_session_are_pending(store):
     assert manager.find_hash(NS, chain) == block_id(3, 0)
 
 
+def test_a_queued_block_is_read_from_its_buffer_then_from_the_store(store):
+    # A working set that drops a block before its write is done and wants it back reads it from
+    # the writer; once written, from the store, at the (packed) position its keys were computed.
+    manager, writer = store
+    gate = threading.Event()
+    blob, layers = state_blob({2: BLOCK})
+    writer.submit(StoreJob(None, 0, after=gate.wait))
+    writer.submit(job_for(writer.pool, blob, [BlockWrite(block_id(4, 9), None, 2 * BLOCK,
+                                                         BLOCK, position=2 * BLOCK)]))
+    copied: list = []
+    assert writer.read_pending(block_id(4, 9), lambda rows: copied.append(
+        [(r.k.rows.copy(), r.v.rows.copy()) for r in rows]))
+    assert all(np.array_equal(k, e.k.rows) and np.array_equal(v, e.v.rows)
+               for (k, v), e in zip(copied[0], layers[2]))
+    assert not writer.read_pending(block_id(4, 1), copied.append)     # not queued
+    gate.set()
+    assert writer.drain(10)
+    assert not writer.read_pending(block_id(4, 9), copied.append) and len(copied) == 1
+    stored = manager.get_block(block_id(4, 9))
+    assert all(np.array_equal(s.k.rows, e.k.rows) for s, e in zip(stored, layers[2]))
+    assert manager.block_entry(block_id(4, 9)).position == 2 * BLOCK
+
+
 def test_jobs_run_in_order(store):
     manager, writer = store
     seen: list[int] = []

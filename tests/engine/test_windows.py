@@ -4,12 +4,15 @@ without it), resumed from the store after a restart, attended blocks kept in the
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from bench import passkey
 from kvtier.engine.api import GenerationRequest, SamplingParams
 from kvtier.engine.engine import Engine
+from kvtier.engine.store_writer import StoreJob
 from kvtier.storage.tiers import Tier
 from tests.engine.engines import make_engine
 
@@ -47,11 +50,40 @@ def test_a_long_prompt_runs_on_a_working_set_that_finds_the_key(tmp_path, key):
         stats = engine.cache_stats().working_set
         assert stats.selections > 0 and stats.loads > 0 and stats.drops > 0
         # Every block of the conversation is in the store, the hot tier held four.
+        engine.wait_stored()    # the blocks are written in the background
         n_tokens = done.usage.prompt_tokens + done.usage.completion_tokens
         seqs = engine.manager.sequences()
         assert len(seqs) == 1 and seqs[0].n_tokens == n_tokens
         assert len(seqs[0].blocks) == -(-n_tokens // BLOCK)
+        # The blocks were written by the store writer (one job each), not the engine thread.
+        store = engine.cache_stats().store
+        assert store.blocks_written == len(seqs[0].blocks) and store.failures == 0
+        assert store.jobs >= len(seqs[0].blocks)
     finally:
+        engine.close()
+
+
+def test_blocks_still_queued_for_the_store_come_back_from_the_writer(tmp_path, key):
+    # The store writer is held up for the whole prompt: every block the working set drops and
+    # wants back is copied from the writer's buffer, and the key is found all the same; once the
+    # writer goes on, the whole conversation is stored.
+    engine = long_engine(tmp_path)
+    gate = threading.Event()
+    try:
+        engine._scheduler.writer.submit(StoreJob(None, 0, after=gate.wait))
+        text = passkey.prompt(N_PROMPT, 0.3, key, count(engine))
+        done = engine.generate(GenerationRequest(prompt=text, sampling=ANSWER))
+        assert passkey.found(done.text, key), done.text
+        windows = engine._scheduler.windows.stats()
+        assert windows.loads > 0 and windows.pending_reads > 0
+        assert engine.manager.sequences() == []
+        gate.set()
+        engine.wait_stored()
+        (seq,) = engine.manager.sequences()
+        n_tokens = done.usage.prompt_tokens + done.usage.completion_tokens
+        assert seq.n_tokens == n_tokens and len(seq.blocks) == -(-n_tokens // BLOCK)
+    finally:
+        gate.set()
         engine.close()
 
 
@@ -94,6 +126,7 @@ def test_blocks_the_model_attends_to_stay_in_the_faster_tier(tmp_path, key):
         text = passkey.prompt(N_PROMPT, 0.5, key, count(engine))
         done = engine.generate(GenerationRequest(prompt=text, sampling=ANSWER))
         assert passkey.found(done.text, key), done.text
+        engine.wait_stored()
         engine.manager.drain()
         (seq,) = engine.manager.sequences()
         tokens = np.frombuffer(seq.tokens, dtype="<i4")
