@@ -2,12 +2,16 @@
 takes, measured inside the engine while it serves a long prompt and then generates.
 
     python -m bench.bench_window_ops [--tokens 16384] [--hot 1024] [--generate 256]
+    python3 -m bench.bench_window_ops --model /tmp/kvtier-8b.gguf --hot 8192 --tokens 40000 \
+        --generate 32 --out window_ops_8b        # on a GPU machine
 
 Steps (``kvtier.engine.paging.Window``): ``score`` (the queries against every stored block's key
 summary), ``replan`` (which blocks, where), ``apply`` (drops, K-shift moves, and loads from the
 store through the scratch sequence; ``load`` is that last part alone), ``store_block`` (a filled
-block read out and stored). Each is timed around the call (engine thread, wall clock) and
-reported as a count, a median and a total. Writes bench/results/window_ops.json.
+block read out and handed to the store writer), and ``decode`` (every ``llama_decode`` of the
+engine, prefill chunks and generated tokens, the query capture included). Each is timed around the
+call (engine thread, wall clock) and reported as a count, a median and a total, beside the
+request's wall time. Writes bench/results/window_ops.json (``--out``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from collections import defaultdict
 
 from bench import passkey
@@ -24,6 +29,7 @@ from kvtier.config import load_config
 from kvtier.engine import paging
 from kvtier.engine.api import GenerationRequest, SamplingParams
 from kvtier.engine.engine import Engine
+from kvtier.engine.hot import HotContext
 from kvtier.engine.model import Model, default_model_path
 
 TIMES: dict[str, list[float]] = defaultdict(list)
@@ -47,12 +53,17 @@ def main() -> None:
     parser.add_argument("--hot", type=int, default=1024)
     parser.add_argument("--generate", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--model", default=None, help="GGUF file (default: the default model)")
+    parser.add_argument("--out", default="window_ops", help="results file name (no .json)")
     args = parser.parse_args()
     for name in ("score", "replan", "apply", "_load", "store_block"):
         timed(paging.Window, name, name.strip("_"))
-    model = Model(default_model_path())
+    timed(HotContext, "decode", "decode")
+    path = str(args.model or default_model_path())
+    model = Model(path)
     engine = Engine(load_config(None, {
         "data_dir": tempfile.mkdtemp(prefix="kvtier-bench-window-"), "model.n_slots": 1,
+        "model.model_path": path,
         "model.context_size": args.tokens + 4096, "model.block_size": args.block_size,
         "tiers.gpu_vram_budget": args.hot * model.kv_bytes_per_token("f16", "f16")}))
     model.close()
@@ -60,9 +71,12 @@ def main() -> None:
     try:
         # Filler text without a question: the model keeps writing it (no early end token).
         text = passkey.document(args.tokens, 0.5, passkey.keys(1, seed=3)[0], count)
+        start = time.perf_counter()
         done = engine.generate(GenerationRequest(prompt=text, sampling=SamplingParams(
             temperature=0.0, max_tokens=args.generate)))
-        print(f"prompt {done.usage.prompt_tokens} tokens, generated {done.usage.completion_tokens}")
+        wall = time.perf_counter() - start
+        print(f"prompt {done.usage.prompt_tokens} tokens, generated "
+              f"{done.usage.completion_tokens}, {wall:.2f} s")
         stats = engine.cache_stats().working_set
     finally:
         engine.close()
@@ -73,7 +87,8 @@ def main() -> None:
         rows.append([label, len(values), results[label]["median_ms"], sum(values)])
     print_table(["step", "calls", "median ms", "total s"], rows)
     print(stats)
-    write_json("window_ops", {"tokens": args.tokens, "hot_tokens": args.hot,
+    write_json(args.out, {"tokens": args.tokens, "hot_tokens": args.hot, "wall_s": wall,
+                          "model": Path(path).name,
                               "block_size": args.block_size, "steps": results,
                               "working_set": {n: getattr(stats, n) for n in stats.__slots__}})
 
