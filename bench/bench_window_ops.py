@@ -29,6 +29,7 @@ from kvtier.config import load_config
 from kvtier.engine import paging
 from kvtier.engine.api import GenerationRequest, SamplingParams
 from kvtier.engine.engine import Engine
+from kvtier.engine.host_buffers import BufferPool
 from kvtier.engine.hot import HotContext
 from kvtier.engine.model import Model, default_model_path
 
@@ -59,6 +60,10 @@ def main() -> None:
     for name in ("score", "replan", "apply", "_load", "store_block"):
         timed(paging.Window, name, name.strip("_"))
     timed(HotContext, "decode", "decode")
+    # The parts of store_block (and of loads: the pool's acquire waits while the writer is behind).
+    timed(HotContext, "read_range_into", "store_block.read_out")
+    timed(paging.Window, "_summary_of", "store_block.summary")
+    timed(BufferPool, "acquire", "buffer_acquire")
     path = str(args.model or default_model_path())
     model = Model(path)
     engine = Engine(load_config(None, {
