@@ -156,7 +156,11 @@ class Process:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvtier.cli", "serve", "--data-dir", str(data_dir),
              "--listen", f"127.0.0.1:{port}", "--set", "model.context_size=1024",
-             "--set", "model.n_slots=2", "--set", "model.n_threads=2"],
+             "--set", "model.n_slots=2", "--set", "model.n_threads=2",
+             # A stream running at SIGTERM must finish within the grace; on a loaded 2-core
+             # machine 24 tokens took longer than the default 10 s (the stream was ended
+             # with shutting_down). What is tested is that it finishes, not how fast.
+             "--set", "server.shutdown_grace_s=120"],
             stdout=self._log_file, stderr=subprocess.STDOUT,
             env={**os.environ, "KVTIER_API_KEY": ""})
         self.server = Server(self.url, "", None)  # type: ignore[arg-type]
