@@ -153,8 +153,9 @@ class TierConfig(_Section):
     servers: the remote tier below cold and the shared session catalog. Empty: no remote tier,
     the embedded stores alone (docs/remote.md)."""
     remote_budget: ByteSize = 64 * GiB
-    """Bytes of blocks this deployment keeps in the remote tier (all servers together); the
-    least recently used are evicted beyond it. Redis ``maxmemory`` is only a backstop."""
+    """Bytes of blocks this deployment keeps in the remote tier (all servers together); beyond
+    it blocks are evicted by the eviction priority (the servers' measured attention and age)
+    among the least recently used. Redis ``maxmemory`` is only a backstop."""
     remote_format: Literal["f16", "q8", "q8c", "q6q4", "q4"] = "q6q4"
     """Encoding of remote blocks (always zstd-compressed): ``q6q4`` as the cool and cold tiers'
     default, or any other tier format (``f16``: exact)."""

@@ -354,6 +354,8 @@ class TierManager:
         """Add measured attention (a block's share of a selection's queries, about 1 for an
         average block): the eviction priority's attention term (:mod:`.policy`)."""
         self._index.add_attention(scores, time.time(), self.weights.hit_half_life_s)
+        if self.remote is not None:
+            self.remote.report_attention(scores)
 
     def prefetch(self, blocks: Sequence[BlockId]) -> int:
         """Promote these blocks (best first) to warm in the background, those below it, as far

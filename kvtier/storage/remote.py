@@ -9,10 +9,13 @@ means a block is read or written with one command on one node; a batch goes as o
 node (redis-py's cluster pipeline), never as a cross-slot command.
 
 Budget: ``kvt:bytes`` counts the bytes of stored blocks, ``kvt:lru`` scores each block by when it
-was last written or read; beyond ``tiers.remote_budget`` the least recently used are deleted (the
-eviction priority's age term: one shared tier has no tier term, and attention is measured per
-server). Blocks also expire ``tiers.remote_ttl_s`` after their last use. Redis ``maxmemory`` is a
-backstop only: a write it refuses is counted, never retried in a loop.
+was last written or read, and each block's hash holds the attention servers measured for it
+(fields ``a``, decayed as of time ``at``; every server's working set adds to it, in the
+background). Beyond ``tiers.remote_budget`` blocks are evicted by the tiers' own priority
+(:func:`~kvtier.storage.policy.rank_victims`: ``α/attention + β·age``; one shared tier has no tier
+term) among the :data:`EVICT_SAMPLE` least recently used, as Redis samples its own LRU. Blocks
+also expire ``tiers.remote_ttl_s`` after their last use. Redis ``maxmemory`` is a backstop only: a
+write it refuses is counted, never retried in a loop.
 
 Faults: every call has a short socket timeout (:data:`SOCKET_TIMEOUT_S`) and goes through a
 :class:`Breaker`; while it is open, calls fail at once with :class:`RemoteUnavailable` and the
@@ -37,6 +40,7 @@ from redis.exceptions import (OutOfMemoryError, RedisClusterException, RedisErro
 from redis.retry import Retry
 
 from kvtier.errors import RemoteUnavailable
+from kvtier.storage import policy
 from kvtier.storage.records import HASH_BYTES, NAMESPACE_BYTES, Namespace
 from kvtier.storage.tiers import TierStore
 
@@ -54,7 +58,12 @@ BYTES_KEY = PREFIX + b"bytes"
 LRU_KEY = PREFIX + b"lru"
 BLOCK_PREFIX = PREFIX + b"b:"
 META_FIELD = b"m"
+ATTENTION_FIELD = b"a"
+"""Measured attention, summed over servers and decayed as of :data:`ATTENTION_AT_FIELD`."""
+ATTENTION_AT_FIELD = b"at"
 EVICT_BATCH = 64
+EVICT_SAMPLE = 4 * EVICT_BATCH
+"""The least recently used blocks that eviction ranks by priority at a time."""
 T = TypeVar("T")
 
 
@@ -210,11 +219,12 @@ class Redis:
 class RemoteTier(TierStore):
     """Blocks in the cluster (see the module). Record keys are :meth:`RemoteBlock.record_key`."""
 
-    def __init__(self, redis: Redis, budget: int, ttl_s: float = 0.0, name: str = "remote"
-                 ) -> None:
+    def __init__(self, redis: Redis, budget: int, ttl_s: float = 0.0, name: str = "remote",
+                 weights: policy.Weights = policy.Weights()) -> None:
         self.name = name
         self.redis = redis
         self.budget = budget
+        self.weights = weights
         self.ttl_ms = int(ttl_s * 1000)
         self.hits = 0
         self.misses = 0
@@ -337,26 +347,51 @@ class RemoteTier(TierStore):
         """Bytes of blocks stored (all servers' together)."""
         return int(self.redis.call(lambda c: c.get(BYTES_KEY)) or 0)
 
+    def add_attention(self, scores: dict[RemoteBlock, float], now: float | None = None) -> None:
+        """Add measured attention to stored blocks (decaying what they held with the eviction
+        weights' half-life). Two servers adding to one block at once may lose one addition:
+        attention steers eviction, it is never data."""
+        blocks = [b for b in scores if scores[b] > 0]
+        if not blocks:
+            return
+        now = time.time() if now is None else now
+        half_life = self.weights.hit_half_life_s
+        keys = [b.redis_key for b in blocks]
+
+        def add(client: RedisCluster) -> None:
+            held = _pipelined(client, keys, lambda p, k: p.hmget(
+                k, META_FIELD, ATTENTION_FIELD, ATTENTION_AT_FIELD))
+            pipe = client.pipeline(transaction=False)
+            for block, key, (meta, a, at) in zip(blocks, keys, held):
+                if meta is None:       # evicted or expired meanwhile
+                    continue
+                value = policy.decayed_hits(float(a or 0.0), float(at or now), now, half_life)
+                pipe.hset(key, mapping={ATTENTION_FIELD: repr(value + scores[block]),
+                                        ATTENTION_AT_FIELD: repr(now)})
+            pipe.execute()
+        self.redis.call(add)
+
     def enforce_budget(self, budget: int | None = None) -> int:
-        """Evict the least recently used blocks until the stored bytes fit ``budget`` (the
-        configured one by default); returns how many were evicted."""
+        """Evict blocks until the stored bytes fit ``budget`` (the configured one by default),
+        ranked by the eviction priority among the least recently used; returns how many were
+        evicted."""
         budget = self.budget if budget is None else budget
         evicted = 0
         while (excess := self.stored() - budget) > 0:
-            oldest = self.redis.call(lambda c: c.zrange(LRU_KEY, 0, EVICT_BATCH - 1))
+            oldest = self.redis.call(
+                lambda c: c.zrange(LRU_KEY, 0, EVICT_SAMPLE - 1, withscores=True))
             if not oldest:
                 # Counted bytes with no block left to evict: the count drifted (two servers
                 # stored one block at once); recount it.
                 self.recount()
                 break
-            metas = self.redis.call(
-                lambda c: _pipelined(c, oldest, lambda p, k: p.hget(k, META_FIELD)))
-            victims = []
-            for key, meta in zip(oldest, metas):
-                victims.append(key)
-                excess -= BlockMeta.unpack(meta).stored_bytes if meta else 0
-                if excess <= 0:
-                    break
+            keys = [key for key, _ in oldest]
+            held = self.redis.call(lambda c: _pipelined(c, keys, lambda p, k: p.hmget(
+                k, META_FIELD, ATTENTION_FIELD, ATTENTION_AT_FIELD)))
+            victims = policy.rank_victims(
+                [_candidate(key, used, *fields, self.weights.hit_half_life_s)
+                 for (key, used), fields in zip(oldest, held)],
+                excess, time.time(), self.weights)[:EVICT_BATCH]
             self._delete_keys(victims)
             evicted += len(victims)
         self.evictions += evicted
@@ -426,6 +461,21 @@ class RemoteTier(TierStore):
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _candidate(key: bytes, last_used: float, meta: bytes | None, attention: bytes | None,
+               attention_at: bytes | None, half_life_s: float) -> policy.Candidate[bytes]:
+    """What the eviction policy knows of a remote block: its bytes, when it was last used, and
+    its measured attention (as of its last use; a block never measured counts as used once
+    then, so that among those recency decides, and a fresh block is not the first to go)."""
+    size = BlockMeta.unpack(meta).stored_bytes if meta else 0
+    measured = -1.0
+    if attention is not None:
+        # As of ``last_used``: the policy decays it from there to now.
+        measured = float(attention) * 0.5 ** ((last_used - float(attention_at or last_used))
+                                              / half_life_s)
+    return policy.Candidate(key, size, tier=0, position=0, attention=measured, hits=1.0,
+                            last_access=last_used)
 
 
 def _pipelined(client: RedisCluster, keys: Sequence[bytes],

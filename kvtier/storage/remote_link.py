@@ -58,7 +58,8 @@ class RemoteLink:
         t = config.tiers
         self.manager = manager
         self.redis = Redis(t.remote_url)
-        self.tier = RemoteTier(self.redis, t.remote_budget, t.remote_ttl_s)
+        self.tier = RemoteTier(self.redis, t.remote_budget, t.remote_ttl_s,
+                               weights=manager.weights)
         self.catalog = RemoteCatalog(self.redis)
         self.fetched = 0
         self.sync = RemoteSync(self.tier, self.catalog,
@@ -89,6 +90,18 @@ class RemoteLink:
                 break
             uploads.append(Upload(block, RemoteBlock(namespace, found[0])))
         self.sync.push(uploads)
+
+    def report_attention(self, scores: dict[BlockId, float]) -> None:
+        """Measured attention of local blocks, for the remote copies' eviction priority (sent
+        in the background)."""
+        if self.sync is None:
+            return
+        remote = {}
+        for block, value in scores.items():
+            found = self.content(block)
+            if found is not None:
+                remote[RemoteBlock(block.namespace, found[0])] = value
+        self.sync.attention(remote)
 
     def _read_local(self, block: BlockId) -> tuple[BlockMeta, list[bytes | None]] | None:
         entry = self.manager.block_entry(block)

@@ -72,6 +72,8 @@ class RemoteSync:
         self._blocks_queued = 0
         self._sent: OrderedDict[RemoteBlock, None] = OrderedDict()
         self._publishing: set[str] = set()
+        self._attention: dict[RemoteBlock, float] = {}
+        """Measured attention not sent yet, summed per block."""
         self.sent = 0
         self.dropped = 0
         self.sessions_written = 0
@@ -95,6 +97,14 @@ class RemoteSync:
                 del self._queue[oldest]
                 self._blocks_queued -= 1
                 self.dropped += 1
+            self._cv.notify_all()
+
+    def attention(self, scores: dict[RemoteBlock, float]) -> None:
+        """Queue measured attention for the remote blocks' shared eviction priority (sent with
+        the next wake-up; lost if Redis is down then: it is a hint)."""
+        with self._cv:
+            for block, value in scores.items():
+                self._attention[block] = self._attention.get(block, 0.0) + value
             self._cv.notify_all()
 
     def publish(self, item: Publish) -> None:
@@ -121,7 +131,8 @@ class RemoteSync:
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything queued is sent (or given up); False on timeout."""
         with self._cv:
-            return self._cv.wait_for(lambda: not self._queue and not self._busy, timeout)
+            return self._cv.wait_for(
+                lambda: not self._queue and not self._attention and not self._busy, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (for at most ``timeout`` seconds), then stop."""
@@ -142,9 +153,23 @@ class RemoteSync:
     def _work(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._queue or self._stopping)
+                self._cv.wait_for(lambda: self._queue or self._attention or self._stopping)
                 if self._stopping:
                     return
+                attention, self._attention = self._attention, {}
+                self._busy = bool(attention)
+            if attention:
+                try:
+                    self.tier.add_attention(attention)
+                except RemoteUnavailable:
+                    pass        # counted by the client; attention is a hint
+                except Exception:   # a bug must not stop the thread
+                    log.exception("sending attention to the remote tier failed")
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+                if not self._queue:
+                    continue
                 head = self._queue[0]
                 if isinstance(head, Publish) and not head.ready():
                     # Its sequence is not saved yet: let the blocks queued after it go first.

@@ -74,6 +74,39 @@ def test_budget_evicts_least_recently_used(cluster: Cluster) -> None:
         tier.close()
 
 
+def test_budget_evicts_by_measured_attention_before_recency(cluster: Cluster) -> None:
+    tier = RemoteTier(Redis(cluster.url), budget=250)
+    try:
+        blocks = [RemoteBlock(NS, bytes([0x10 + i]) * 16) for i in range(3)]
+        for b in blocks[:2]:
+            tier.put_blocks([(b, BlockMeta(1, 1, 1, 100), [b"x"])])
+        # Block 0 is the least recently used, but the queries attended to it and hardly to
+        # block 1: by the tiers' priority (alpha/attention + beta*age) block 1 goes.
+        tier.add_attention({blocks[0]: 8.0, blocks[1]: 0.1})
+        tier.put_blocks([(blocks[2], BlockMeta(1, 1, 1, 100), [b"x"])])
+        assert [r is not None for r in tier.get_blocks(blocks)] == [True, False, True]
+        assert tier.stored() == 200 and tier.evictions == 1
+        tier.delete_blocks([blocks[0], blocks[2]])
+    finally:
+        tier.close()
+
+
+def test_a_servers_measured_attention_reaches_the_remote_blocks(tmp_path,
+                                                                cluster: Cluster) -> None:
+    tokens = tokens_of(2 * BS, seed=13)
+    with TierManager(remote_config(tmp_path, cluster, "a")) as a:
+        stored = store_sequence(a, tokens)
+        assert a.remote.drain(30)
+        a.report_attention({stored[0]: 3.0, stored[1]: 0.5})
+        assert a.remote.drain(30)
+        first = RemoteBlock(NS, chain_hash(None, tokens[:BS])).redis_key
+        second = RemoteBlock(NS, chain_hash(chain_hash(None, tokens[:BS]),
+                                            tokens[BS:2 * BS])).redis_key
+        values = a.remote.tier.redis.call(lambda c: [
+            float(c.hget(k, b"a")) for k in (first, second)])
+    assert values[0] == pytest.approx(3.0, rel=1e-3) and values[1] == pytest.approx(0.5, rel=1e-3)
+
+
 def test_a_prefix_stored_by_one_server_is_read_by_another(tmp_path, cluster: Cluster) -> None:
     tokens = tokens_of(3 * BS + 10)
     with TierManager(remote_config(tmp_path, cluster, "a")) as a:
