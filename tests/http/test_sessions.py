@@ -149,7 +149,9 @@ def test_completion_sessions(server: Server) -> None:
 # -- across a restart of the real ``kvtier serve`` process ---------------------------------------
 
 class Process:
-    def __init__(self, data_dir: Path, port: int) -> None:
+    """A ``kvtier serve`` process on a loopback port (``sets``: more ``--set KEY=VALUE``)."""
+
+    def __init__(self, data_dir: Path, port: int, sets: tuple[str, ...] = ()) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log = data_dir.parent / f"serve-{port}-{time.monotonic_ns()}.log"
         self._log_file = open(self.log, "wb")
@@ -160,7 +162,7 @@ class Process:
              # A stream running at SIGTERM must finish within the grace; on a loaded 2-core
              # machine 24 tokens took longer than the default 10 s (the stream was ended
              # with shutting_down). What is tested is that it finishes, not how fast.
-             "--set", "server.shutdown_grace_s=120"],
+             "--set", "server.shutdown_grace_s=120", *(a for kv in sets for a in ("--set", kv))],
             stdout=self._log_file, stderr=subprocess.STDOUT,
             env={**os.environ, "KVTIER_API_KEY": ""})
         self.server = Server(self.url, "", None)  # type: ignore[arg-type]
