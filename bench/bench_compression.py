@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from bench.bench_fidelity import decode_with_logits, log_softmax
+from bench.bench_fidelity import live_window, restored_log_probs
 from bench.common import document_tokens, print_table, write_json
 from kvtier.config import load_config
 from kvtier.engine import state_codec as sc
-from kvtier.engine.hot import BatchItem, HotContext
+from kvtier.engine.hot import HotContext
 from kvtier.engine.model import Model, default_model_path
 from kvtier.ggml import F16
 from kvtier.storage import codec
@@ -253,25 +253,15 @@ def main() -> None:
     nll = {o.name: [] for o in opts + [Option("live")]}
     sizes = {o.name: Sizes() for o in opts}
     for w in range(args.windows):
-        start = w * stride
-        ctx = tokens[start:start + args.context]
-        cont = tokens[start + args.context:start + args.context + args.cont + 1]
-        for slot in hot.slots:
-            hot.clear(slot)
-        for i in range(0, len(ctx), hot.n_batch):
-            hot.decode([BatchItem(0, ctx[i:i + hot.n_batch], i, False)])
-        blocks = sc.split_blocks(sc.parse(sc.read_state(hot.ptr, 0)), 256)
+        cont, blocks, ref = live_window(hot, tokens, w * stride, args.context, args.cont)
         if args.errors:
             print_errors(blocks)
             return
-        ref = log_softmax(decode_with_logits(hot, 0, cont[:-1], len(ctx)))
         nll["live"].extend(-ref[np.arange(len(ref)), cont[1:]])
         for o in opts:
             new = [(b, [apply(o, layer, b, sizes[o.name], zc) for layer in ls])
                    for b, ls in blocks.items()]
-            hot.clear(hot.slots[1])
-            sc.write_state(hot.ptr, 1, sc.compose(layout, 1, sc.stream_of(layout, 1), new, 256))
-            got = log_softmax(decode_with_logits(hot, 1, cont[:-1], len(ctx)))
+            got = restored_log_probs(hot, layout, new, cont, args.context)
             kls[o.name].extend(np.sum(np.exp(ref) * (ref - got), axis=-1))
             agree[o.name].extend(ref.argmax(-1) == got.argmax(-1))
             nll[o.name].extend(-got[np.arange(len(got)), cont[1:]])

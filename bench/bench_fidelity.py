@@ -64,6 +64,32 @@ def decode_with_logits(hot: HotContext, slot: int, tokens: np.ndarray, pos: int)
     return np.stack([hot.logits(i) for i in range(len(tokens))])
 
 
+def live_window(hot: HotContext, tokens: np.ndarray, start: int, context: int, n_cont: int
+                ) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Prefill ``context`` tokens from ``start`` into slot 0 (every slot cleared first): the
+    ``n_cont + 1`` tokens that follow, the state's rows split into 256-token blocks, and the live
+    model's log-probabilities over the continuation (the reference every variant is scored
+    against)."""
+    ctx = tokens[start:start + context]
+    cont = tokens[start + context:start + context + n_cont + 1]
+    for slot in hot.slots:
+        hot.clear(slot)
+    for i in range(0, len(ctx), hot.n_batch):
+        hot.decode([BatchItem(0, ctx[i:i + hot.n_batch], i, False)])
+    blocks = sc.split_blocks(sc.parse(sc.read_state(hot.ptr, 0)), 256)
+    ref = log_softmax(decode_with_logits(hot, 0, cont[:-1], len(ctx)))
+    return cont, blocks, ref
+
+
+def restored_log_probs(hot: HotContext, layout, blocks: list, cont: np.ndarray, context: int
+                       ) -> np.ndarray:
+    """Log-probabilities over the continuation with ``blocks`` (block index, layers) written
+    into slot 1 as its state: the variant being scored."""
+    hot.clear(hot.slots[1])
+    sc.write_state(hot.ptr, 1, sc.compose(layout, 1, sc.stream_of(layout, 1), blocks, 256))
+    return log_softmax(decode_with_logits(hot, 1, cont[:-1], context))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=16)
@@ -83,15 +109,7 @@ def main() -> None:
     agree = {v: [] for v in variants}
     nll = {v: [] for v in variants + ["live"]}
     for w in range(args.windows):
-        start = w * stride
-        ctx = tokens[start:start + args.context]
-        cont = tokens[start + args.context:start + args.context + args.cont + 1]
-        for slot in hot.slots:
-            hot.clear(slot)
-        for i in range(0, len(ctx), hot.n_batch):
-            hot.decode([BatchItem(0, ctx[i:i + hot.n_batch], i, False)])
-        blocks = sc.split_blocks(sc.parse(sc.read_state(hot.ptr, 0)), 256)
-        ref = log_softmax(decode_with_logits(hot, 0, cont[:-1], len(ctx)))
+        cont, blocks, ref = live_window(hot, tokens, w * stride, args.context, args.cont)
         nll["live"].extend(-ref[np.arange(len(ref)), cont[1:]])
         for variant in variants:
             if variant.startswith("exact"):
@@ -103,9 +121,7 @@ def main() -> None:
                 cool = variant.split("(")[1].split("+")[0].lower()
                 new = [(b, [through_tier(layer, b, tier, cool) for layer in ls])
                        for b, ls in blocks.items()]
-            hot.clear(hot.slots[1])
-            sc.write_state(hot.ptr, 1, sc.compose(layout, 1, sc.stream_of(layout, 1), new, 256))
-            got = log_softmax(decode_with_logits(hot, 1, cont[:-1], len(ctx)))
+            got = restored_log_probs(hot, layout, new, cont, args.context)
             kls[variant].extend(np.sum(np.exp(ref) * (ref - got), axis=-1))
             agree[variant].extend(ref.argmax(-1) == got.argmax(-1))
             nll[variant].extend(-got[np.arange(len(got)), cont[1:]])

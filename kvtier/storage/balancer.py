@@ -189,8 +189,7 @@ class Balancer:
             self._p.flush_stats()
             if time.monotonic() - self._last_recheck > BUDGET_RECHECK_S:
                 self.cap_budgets()
-                self.enforce(self.watermarks())
-                self.bound_files()
+                self.enforce(self.watermarks())     # and bound_files, unless it just ran
 
     # -- the disk ----------------------------------------------------------------------------------
     def cap_budgets(self, warn: bool = False) -> dict[Tier, int]:
