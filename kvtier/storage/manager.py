@@ -480,7 +480,7 @@ class TierManager:
                 self._move_refs(txn, old.block_ids() if old else [], list(blocks), tail)
             self.release_fresh(blocks)
         if self.remote is not None:
-            self.remote.saved(namespace, list(blocks))
+            self.remote.saved(list(blocks))
         return entry
 
     def get_sequence(self, namespace: Namespace, sequence: int) -> SequenceEntry | None:

@@ -64,7 +64,7 @@ class RemoteLink:
         self.fetched = 0
         self.sync = RemoteSync(self.tier, self.catalog,
                                codec.tier_format(t.remote_format, t.zstd_level),
-                               self._read_local) if background else None
+                               self._read_local, self.address) if background else None
         if self.sync is not None:
             self.catalog.needed.append(self.sync.publishing)
 
@@ -79,29 +79,28 @@ class RemoteLink:
             return entry.chain, True
         return (entry.tail_chain, False) if entry.tail_chain else None
 
-    def saved(self, namespace: Namespace, blocks: list[BlockId]) -> None:
+    def saved(self, blocks: list[BlockId]) -> None:
         """A sequence was saved: queue its blocks the remote tier may lack."""
         if self.sync is None:
             return
         uploads = []
         for block in blocks:
-            found = self.content(block)
-            if found is None:
+            address = self.address(block)
+            if address is None:
                 break
-            uploads.append(Upload(block, RemoteBlock(namespace, found[0])))
+            uploads.append(Upload(block, address))
         self.sync.push(uploads)
 
+    def address(self, block: BlockId) -> RemoteBlock | None:
+        """Where the remote tier keeps a local block (None: it has no content address)."""
+        found = self.content(block)
+        return RemoteBlock(block.namespace, found[0]) if found is not None else None
+
     def report_attention(self, scores: dict[BlockId, float]) -> None:
-        """Measured attention of local blocks, for the remote copies' eviction priority (sent
-        in the background)."""
-        if self.sync is None:
-            return
-        remote = {}
-        for block, value in scores.items():
-            found = self.content(block)
-            if found is not None:
-                remote[RemoteBlock(block.namespace, found[0])] = value
-        self.sync.attention(remote)
+        """Measured attention of local blocks, for the remote copies' eviction priority
+        (addressed and sent by the write-behind thread: the engine thread only queues it)."""
+        if self.sync is not None:
+            self.sync.attention(scores)
 
     def _read_local(self, block: BlockId) -> tuple[BlockMeta, list[bytes | None]] | None:
         entry = self.manager.block_entry(block)

@@ -60,20 +60,23 @@ class RemoteSync:
     """The write-behind thread (see the module)."""
 
     def __init__(self, tier: RemoteTier, catalog: RemoteCatalog, fmt: RecordFormat,
-                 read: Callable[[BlockId], tuple[BlockMeta, list[bytes | None]] | None]) -> None:
+                 read: Callable[[BlockId], tuple[BlockMeta, list[bytes | None]] | None],
+                 address: Callable[[BlockId], RemoteBlock | None]) -> None:
         """``read(block)``: the block's shape and its records as a local tier holds them
-        (None: no longer stored)."""
+        (None: no longer stored); ``address(block)``: where the remote tier keeps a local block
+        (None: it has no content address)."""
         self.tier = tier
         self.catalog = catalog
         self.format = fmt
         self._read = read
+        self._address = address
         self._cv = threading.Condition()
         self._queue: deque[Upload | Publish] = deque()
         self._blocks_queued = 0
         self._sent: OrderedDict[RemoteBlock, None] = OrderedDict()
         self._publishing: set[str] = set()
-        self._attention: dict[RemoteBlock, float] = {}
-        """Measured attention not sent yet, summed per block."""
+        self._attention: dict[BlockId, float] = {}
+        """Measured attention not sent yet, summed per local block."""
         self.sent = 0
         self.dropped = 0
         self.sessions_written = 0
@@ -99,9 +102,9 @@ class RemoteSync:
                 self.dropped += 1
             self._cv.notify_all()
 
-    def attention(self, scores: dict[RemoteBlock, float]) -> None:
-        """Queue measured attention for the remote blocks' shared eviction priority (sent with
-        the next wake-up; lost if Redis is down then: it is a hint)."""
+    def attention(self, scores: dict[BlockId, float]) -> None:
+        """Queue measured attention of local blocks for their remote copies' shared eviction
+        priority (addressed and sent by the thread; lost if Redis is down then: a hint)."""
         with self._cv:
             for block, value in scores.items():
                 self._attention[block] = self._attention.get(block, 0.0) + value
@@ -144,6 +147,14 @@ class RemoteSync:
         self._thread.join()
 
     # -- the thread ------------------------------------------------------------------------------
+    def _addressed(self, scores: dict[BlockId, float]) -> dict[RemoteBlock, float]:
+        remote: dict[RemoteBlock, float] = {}
+        for block, value in scores.items():
+            address = self._address(block)
+            if address is not None:
+                remote[address] = remote.get(address, 0.0) + value
+        return remote
+
     def _remember(self, block: RemoteBlock) -> None:
         self._sent[block] = None
         self._sent.move_to_end(block)
@@ -160,7 +171,7 @@ class RemoteSync:
                 self._busy = bool(attention)
             if attention:
                 try:
-                    self.tier.add_attention(attention)
+                    self.tier.add_attention(self._addressed(attention))
                 except RemoteUnavailable:
                     pass        # counted by the client; attention is a hint
                 except Exception:   # a bug must not stop the thread
