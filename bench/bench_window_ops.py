@@ -11,7 +11,10 @@ store through the scratch sequence; ``load`` is that last part alone), ``store_b
 block read out and handed to the store writer), and ``decode`` (every ``llama_decode`` of the
 engine, prefill chunks and generated tokens, the query capture included). Each is timed around the
 call (engine thread, wall clock) and reported as a count, a median and a total, beside the
-request's wall time. Writes bench/results/window_ops.json (``--out``).
+request's wall time; ``score.*``, ``load.*`` and ``store_block.*`` are parts of those steps.
+``--baseline`` serves the same prompt again with the whole conversation hot (full attention, no
+working set) and prints the ratio of the two wall times. Writes bench/results/window_ops.json
+(``--out``).
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from bench import passkey
 from bench.common import print_table, write_json
 from kvtier.config import load_config
 from kvtier.engine import paging
+from kvtier.engine.block_scores import SummaryStack
 from kvtier.engine.api import GenerationRequest, SamplingParams
 from kvtier.engine.engine import Engine
 from kvtier.engine.host_buffers import BufferPool
 from kvtier.engine.hot import HotContext
 from kvtier.engine.model import Model, default_model_path
+from kvtier.storage.manager import TierManager
 
 TIMES: dict[str, list[float]] = defaultdict(list)
 
@@ -56,6 +61,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--model", default=None, help="GGUF file (default: the default model)")
     parser.add_argument("--out", default="window_ops", help="results file name (no .json)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also serve the prompt with all of it hot (full attention)")
     args = parser.parse_args()
     for name in ("score", "replan", "apply", "_load", "store_block"):
         timed(paging.Window, name, name.strip("_"))
@@ -64,27 +71,45 @@ def main() -> None:
     timed(HotContext, "read_range_into", "store_block.read_out")
     timed(paging.Window, "_summary_of", "store_block.summary")
     timed(BufferPool, "acquire", "buffer_acquire")
+    timed(SummaryStack, "shares", "score.shares")
+    timed(paging.Window, "_stacked", "score.stack")
+    timed(TierManager, "report_attention", "score.report")
+    timed(TierManager, "prefetch", "score.prefetch")
+    timed(TierManager, "get_blocks_into", "load.decode")
+    timed(HotContext, "write_scratch", "load.write")
     path = str(args.model or default_model_path())
     model = Model(path)
-    engine = Engine(load_config(None, {
-        "data_dir": tempfile.mkdtemp(prefix="kvtier-bench-window-"), "model.n_slots": 1,
-        "model.model_path": path,
-        "model.context_size": args.tokens + 4096, "model.block_size": args.block_size,
-        "tiers.gpu_vram_budget": args.hot * model.kv_bytes_per_token("f16", "f16")}))
+    kv_bytes = model.kv_bytes_per_token("f16", "f16")
     model.close()
-    count = lambda text: len(engine.model.tokenize(text, add_special=False))  # noqa: E731
-    try:
-        # Filler text without a question: the model keeps writing it (no early end token).
-        text = passkey.document(args.tokens, 0.5, passkey.keys(1, seed=3)[0], count)
-        start = time.perf_counter()
-        done = engine.generate(GenerationRequest(prompt=text, sampling=SamplingParams(
-            temperature=0.0, max_tokens=args.generate)))
-        wall = time.perf_counter() - start
-        print(f"prompt {done.usage.prompt_tokens} tokens, generated "
-              f"{done.usage.completion_tokens}, {wall:.2f} s")
-        stats = engine.cache_stats().working_set
-    finally:
-        engine.close()
+
+    def serve(hot_tokens: int):
+        engine = Engine(load_config(None, {
+            "data_dir": tempfile.mkdtemp(prefix="kvtier-bench-window-"), "model.n_slots": 1,
+            "model.model_path": path,
+            "model.context_size": args.tokens + 4096, "model.block_size": args.block_size,
+            "tiers.gpu_vram_budget": hot_tokens * kv_bytes}))
+        count = lambda text: len(engine.model.tokenize(text, add_special=False))  # noqa: E731
+        try:
+            # Filler text without a question: the model keeps writing it (no early end token).
+            text = passkey.document(args.tokens, 0.5, passkey.keys(1, seed=3)[0], count)
+            start = time.perf_counter()
+            done = engine.generate(GenerationRequest(prompt=text, sampling=SamplingParams(
+                temperature=0.0, max_tokens=args.generate)))
+            wall = time.perf_counter() - start
+            print(f"hot {hot_tokens} tokens: prompt {done.usage.prompt_tokens} tokens, generated "
+                  f"{done.usage.completion_tokens}, {wall:.2f} s")
+            stats = engine.cache_stats()
+            return wall, stats.working_set, stats.store
+        finally:
+            engine.close()
+
+    baseline = None
+    if args.baseline:
+        baseline, _, _ = serve(args.tokens + 4096)
+        TIMES.clear()
+    wall, stats, store = serve(args.hot)
+    if baseline is not None:
+        print(f"working set / full attention: {wall / baseline:.2f}x the wall time")
     rows, results = [], {}
     for label, values in TIMES.items():
         results[label] = {"count": len(values), "median_ms": 1e3 * statistics.median(values),
@@ -92,10 +117,12 @@ def main() -> None:
         rows.append([label, len(values), results[label]["median_ms"], sum(values)])
     print_table(["step", "calls", "median ms", "total s"], rows)
     print(stats)
+    print(store)
     write_json(args.out, {"tokens": args.tokens, "hot_tokens": args.hot, "wall_s": wall,
-                          "model": Path(path).name,
+                          "full_attention_wall_s": baseline, "model": Path(path).name,
                               "block_size": args.block_size, "steps": results,
-                              "working_set": {n: getattr(stats, n) for n in stats.__slots__}})
+                              "working_set": {n: getattr(stats, n) for n in stats.__slots__},
+                              "store_writer": {n: getattr(store, n) for n in store.__slots__}})
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class HotContext:
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self.slots = [Slot(i) for i in range(cfg.n_slots)]
         self._batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
+        self._layout: state_codec.StateLayout | None = None
         self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
         """Whether llama.cpp can move cells to other positions (re-rotating K): not for every
         model; without it a working set keeps every block at its own position."""
@@ -103,6 +104,14 @@ class HotContext:
         sizing = hot_sizing(config, model.kv_bytes_per_token(*config.model.cache_types),
                             model.n_ctx_train, model.n_swa)
         return cls(model, config.model, sizing, config.working_set.query_layer_stride)
+
+    @property
+    def layout(self) -> state_codec.StateLayout:
+        """The layout of this context's state blobs, read once (by a one-token probe decode when
+        nothing is held yet: it cost 3 s on the loaded 2-core machine, so never per use)."""
+        if self._layout is None:
+            self._layout = state_codec.layout_of(self.ptr)
+        return self._layout
 
     # -- KV of a slot ----------------------------------------------------------------------------
     def truncate(self, slot: Slot, keep: int) -> None:

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvtier.engine import state_codec, working_set
-from kvtier.engine.block_scores import block_scores, representative_scores
+from kvtier.engine.block_scores import SummaryStack
+from kvtier.engine.host_buffers import BufferPool
 from kvtier.engine.hot import HotContext
 from kvtier.engine.sizing import HotSizing
 from kvtier.engine.slots import Slot
@@ -47,6 +48,7 @@ from kvtier.engine.store_writer import BlockWrite, StoreJob, StoreWriter, rows_a
 from kvtier.errors import KvtierError
 from kvtier.storage.catalog import KeySummary
 from kvtier.storage.manager import TierManager
+from kvtier.storage.reads import RowTargets
 from kvtier.storage.records import WINDOWED, BlockId, ChainHash, LayerKV, Namespace, chain_hash
 from kvtier.storage.tiers import Tier
 
@@ -116,6 +118,9 @@ class Window:
     """Stores the blocks off the engine thread (None: on it)."""
     score_by: str = "bound"
     """``working_set.score``: ``bound`` (Quest's, over key ranges) or ``keys`` (mean keys)."""
+    buffers: BufferPool | None = None
+    """Host buffers (pinned on a GPU build) that loads compose their state blobs in; None: a
+    fresh blob each load."""
     stored: list[StoredBlock] = field(default_factory=list)
     """The conversation's full blocks, in order."""
     held: dict[int, int] = field(default_factory=dict)
@@ -130,6 +135,8 @@ class Window:
     """Blocks a prefetch asked for since they were last loaded."""
     _failed: set[int] = field(default_factory=set)
     """Blocks whose write failed (added by the writer's thread)."""
+    _stack: SummaryStack | None = None
+    """The summaries of the stored blocks, as scoring reads them."""
 
     # -- shape ---------------------------------------------------------------------------------
     @property
@@ -188,6 +195,7 @@ class Window:
         """Start from stored blocks holding ``tokens``: full ones, and maybe a partial tail; the
         slot is empty. Its sinks and recent blocks are brought in (the rest when queries ask)."""
         self.stored, self.tail, self.held = list(full), tail, {}
+        self._stack = None
         self.slot.tokens = np.asarray(tokens, dtype=np.int32)
         self.load_summaries()
         self.replan(0)
@@ -203,11 +211,12 @@ class Window:
         b = n // bs
         position = self.held[b]
         if self.writer is not None:
-            stored, _ = self._submit(b, None, position, n % bs)
-        else:
-            blob = self.hot.read_range(self.slot.index, position, position + n % bs)
-            layers = rows_at(state_codec.parse(blob), position, n % bs)
-            stored = self.manager.put_block(self._fresh_id(b), layers, None, position)
+            tail = StoredBlock(self._fresh_id(b), position, ChainHash(b""), None)
+            self._submit(tail, n % bs)
+            return tail
+        blob = self.hot.read_range(self.slot.index, position, position + n % bs)
+        layers = rows_at(state_codec.parse(blob), position, n % bs)
+        stored = self.manager.put_block(self._fresh_id(b), layers, None, position)
         return StoredBlock(stored, position, ChainHash(b""), None)
 
     def _fresh_id(self, b: int) -> BlockId:
@@ -252,36 +261,37 @@ class Window:
             blob = self.hot.read_range(self.slot.index, position, position + bs)
             layers = rows_at(state_codec.parse(blob), position, bs)
             stored = self.manager.put_block(self._fresh_id(b), layers, chain, position)
-            summary = self._summary_of(layers)
+            block = StoredBlock(stored, position, chain, self._summary_of(layers))
         else:
-            stored, summary = self._submit(b, chain, position, bs, self._failed.add)
-        block = StoredBlock(stored, position, chain, summary)
+            block = StoredBlock(self._fresh_id(b), position, chain, None)
+            self._submit(block, bs, lambda error: self._written(b, block, error))
         self.stored.append(block)
         self.stats.stored += 1
         return block
 
-    def _submit(self, b: int, chain: ChainHash | None, position: int, n: int,
-                failed: Callable[[int], None] | None = None) -> tuple[BlockId, Summary | None]:
-        """Read ``n`` cells of block ``b`` from ``position`` into a writer's buffer and queue
-        their store; returns the id promised and the sampled key summary. ``failed(b)`` runs on
-        the writer's thread if the write fails."""
+    def _written(self, b: int, block: StoredBlock, error: BaseException | None) -> None:
+        """On the writer's thread, once block ``b`` is stored (or failed): its key summary,
+        which the store computed from all its rows, is read back for scoring. The engine thread
+        computes one itself only for a block a selection may choose before the writer got to it
+        (a summary cost an 8B block 20-29 ms on one core of an H200 host)."""
+        if error is not None:
+            self._failed.add(b)
+            return
         assert self.writer is not None
+        summary = self.manager.key_summaries([self.writer.resolve(block.block)])[0]
+        block.summary = self._sampled(summary)
+
+    def _submit(self, block: StoredBlock, n: int,
+                done: Callable[[BaseException | None], None] | None = None) -> None:
+        """Read ``n`` cells of ``block`` from its position into a writer's buffer and queue their
+        store under its id; ``done(error)`` runs on the writer's thread when it is stored."""
+        assert self.writer is not None
+        position = block.position
         buffer, nbytes = self.hot.read_range_into(self.slot.index, position, position + n,
                                                   self.writer.pool)
-        try:
-            layers = rows_at(state_codec.parse(buffer.view(nbytes)), position, n)
-            summary = self._summary_of(layers)
-            block = self._fresh_id(b)
-        except BaseException:
-            self.writer.pool.release(buffer)
-            raise
-
-        def done(error: BaseException | None) -> None:
-            if error is not None and failed is not None:
-                failed(b)
+        chain = block.chain if n == self.block_size else None
         self.writer.submit(StoreJob(buffer, nbytes, [BlockWrite(
-            block, chain, position, n, position=position)], done=done))
-        return block, summary
+            block.block, chain, position, n, position=position)], done=done))
 
     def _summary_of(self, layers: Sequence[LayerKV]) -> Summary | None:
         """The key summary of the sampled layers (copied out of ``layers``)."""
@@ -325,18 +335,14 @@ class Window:
         that may be selected (not sinks, not recent) are remembered for the next selections, and
         the best of them that sit below warm are prefetched there."""
         shape = self.sizing.shape
-        scored = [b for b, s in enumerate(self.stored) if s.summary is not None]
-        if not scored:
-            return {}
-        summaries = [self.stored[b].summary for b in scored]
-        if self.score_by == "keys" and all(s[2] is not None for s in summaries):
-            shares = representative_scores(queries, np.stack([s[2] for s in summaries]))
-        else:   # blocks stored without representative keys are scored by the bound
-            shares = block_scores(queries, np.stack([s[0] for s in summaries]),
-                                  np.stack([s[1] for s in summaries]))
-        attention = dict(zip(scored, (float(s) * len(scored) for s in shares)))
-        self.manager.report_attention({self.block_id(b): a for b, a in attention.items()})
         first_recent = max(shape.sink, self.n_blocks - shape.recent)
+        stack = self._stacked(range(shape.sink, first_recent))
+        if not len(stack):
+            return {}
+        # Blocks stored without representative keys make every block scored by the bound.
+        shares = stack.shares(queries, self.score_by)
+        attention = dict(zip(stack.blocks, (float(s) * len(stack) for s in shares)))
+        self.manager.report_attention({self.block_id(b): a for b, a in attention.items()})
         self.scores = {b: a for b, a in attention.items() if shape.sink <= b < first_recent}
         self.stats.selections += 1
         if self.prefetch:
@@ -346,6 +352,34 @@ class Window:
             self.stats.prefetches += self.manager.prefetch([self.block_id(b) for b in best])
             self._prefetched.update(best)
         return self.scores
+
+    def _stacked(self, candidates: range) -> SummaryStack:
+        """The scoring stack, with every stored block whose summary is known by now (the store
+        writer reads a block's back once it is written) and every block of ``candidates`` (those
+        a selection may choose): one still queued for the writer is summarized from the
+        writer's buffer."""
+        if self._stack is None:
+            self._stack = SummaryStack(len(self.layers), self.n_kv, self.head_dim)
+        stack = self._stack
+        if len(stack) < len(self.stored):
+            for b, stored in enumerate(self.stored):
+                if b in stack:
+                    continue
+                if stored.summary is None and b in candidates and b not in self._failed:
+                    self._summarize(b)
+                if stored.summary is not None:
+                    stack.add(b, *stored.summary)
+        return stack
+
+    def _summarize(self, b: int) -> None:
+        """Fill in the summary of stored block ``b``, which the writer has not reported on yet:
+        from the writer's buffer while it is queued, else from the store."""
+        stored = self.stored[b]
+
+        def take(layers: list[LayerKV]) -> None:
+            stored.summary = self._summary_of(layers)
+        if self.writer is None or not self.writer.read_pending(stored.block, take):
+            stored.summary = self._sampled(self.manager.key_summaries([self.block_id(b)])[0])
 
     def replan(self, n_upcoming: int = 0) -> working_set.Plan:
         """Choose the working set for the slot's next decode (of ``n_upcoming`` tokens, which
@@ -419,36 +453,57 @@ class Window:
             self._load(plan.load)
 
     def _load(self, loads: Sequence[working_set.Move]) -> None:
-        """Bring stored blocks in: those that land where they were computed in one blob, each
-        other one alone (it is shifted inside the scratch sequence)."""
-        in_place = [m for m in loads if self._block(m.block).position == m.target]
-        shifted = [m for m in loads if self._block(m.block).position != m.target]
-        groups = ([in_place] if in_place else []) + [[m] for m in shifted]
+        """Bring stored blocks in, in as few state blobs as their positions allow: each block is
+        written into the scratch sequence at the position it was computed at, then moved to its
+        place, so blocks computed at the same position (a packed conversation's) need separate
+        blobs."""
+        groups: list[list[working_set.Move]] = []
+        for move in loads:
+            at = self._block(move.block).position
+            group = next((g for g in groups
+                          if all(self._block(m.block).position != at for m in g)), None)
+            if group is None:
+                groups.append([move])
+            else:
+                group.append(move)
         for group in groups:
             self._load_group(group)
 
     def _load_group(self, group: Sequence[working_set.Move]) -> None:
+        held = []
+
+        def memory(nbytes: int) -> np.ndarray:
+            assert self.buffers is not None
+            held.append(self.buffers.acquire(nbytes))
+            return held[-1].view(nbytes)
+        try:
+            self._load_blob(group, memory if self.buffers is not None else None)
+        finally:
+            for buffer in held:
+                self.buffers.release(buffer)
+
+    def _load_blob(self, group: Sequence[working_set.Move],
+                   memory: Callable[[int], np.ndarray] | None) -> None:
         bs = self.block_size
         blocks = [self._block(m.block) for m in group]
         lengths = self.lengths_of([m.block for m in group])
-        layout = self.hot_layout()
+        layout = self.hot.layout
         target = state_codec.allocate(layout, self.hot.scratch, 0,
                                       [(s.position // bs, [n]) for s, n in zip(blocks, lengths)],
-                                      bs)
-        cache = layout.caches[0]
+                                      bs, out=memory)
+        row_of = [target.blocks.index(s.position // bs) for s in blocks]
 
-        def copy_into(stored: StoredBlock) -> Callable[[list[LayerKV]], None]:
+        def copy_into(i: int) -> Callable[[list[LayerKV]], None]:
             def copy(layers: list[LayerKV]) -> None:
-                j = target.blocks.index(stored.position // bs)
                 for layer, kv in enumerate(layers):
-                    target.rows(j, layer)[0][...] = kv.k.rows
-                    target.put_v(j, layer, kv.v.rows)
+                    target.rows(row_of[i], layer)[0][...] = kv.k.rows
+                    target.put_v(row_of[i], layer, kv.v.rows)
             return copy
 
         # A block dropped from the hot tier may still be on its way into the store: its rows
         # come from the writer's buffer; the others from the store.
         fetch = [i for i, s in enumerate(blocks)
-                 if self.writer is None or not self.writer.read_pending(s.block, copy_into(s))]
+                 if self.writer is None or not self.writer.read_pending(s.block, copy_into(i))]
         self.stats.pending_reads += len(blocks) - len(fetch)
         ids = [self.block_id(group[i].block) for i in fetch]
         for i, block in zip(fetch, ids):
@@ -458,13 +513,9 @@ class Window:
             elif group[i].block in self._prefetched:
                 self.stats.prefetch_hits += 1
         self._prefetched.difference_update(m.block for m in group)
-
-        def destination(j: int, layer: int):
-            k, v = target.rows(target.blocks.index(blocks[fetch[j]].position // bs), layer)
-            return k, v, cache.k_types[layer], cache.v_types[layer]
-
         with self.manager.pinned(ids):
-            errors = self.manager.get_blocks_into(ids, destination)
+            errors = self.manager.get_blocks_into(ids, self._destination(
+                target, [row_of[i] for i in fetch], [lengths[i] for i in fetch]))
         bad = [(group[i], e) for i, e in zip(fetch, errors) if e is not None]
         if bad:
             # The working set does without a block it cannot read (its write failed, or the store
@@ -474,20 +525,36 @@ class Window:
             self._failed.update(m.block for m, _ in bad)
             rest = [m for m in group if m.block not in self._failed]
             if rest:
-                self._load_group(rest)
+                self._load_blob(rest, memory)
             return
         self.hot.write_scratch(target.blob)
-        for move, stored, n in zip(group, blocks, lengths):
-            if move.target != stored.position:
-                self.hot.shift(self.hot.scratch, stored.position, stored.position + n,
-                               move.target - stored.position)
+        # Every block goes to its place by way of a far position, so that no range moved holds
+        # another block of the blob (llama.cpp moves every cell of the sequence in the range).
+        shifted = [(m, s, n) for m, s, n in zip(group, blocks, lengths) if m.target != s.position]
+        scratch = self.hot.scratch
+        for move, stored, n in shifted:
+            self.hot.shift(scratch, stored.position, stored.position + n,
+                           _FAR + move.target - stored.position)
+        for move, stored, n in shifted:
+            self.hot.shift(scratch, _FAR + move.target, _FAR + move.target + n, -_FAR)
         self.hot.adopt_scratch(self.slot.index)
         for move in group:
             self.held[move.block] = move.target
             self.stats.loads += 1
 
-    def hot_layout(self) -> state_codec.StateLayout:
-        layout = getattr(self.hot, "layout", None)
-        if layout is None:
-            layout = self.hot.layout = state_codec.layout_of(self.hot.ptr, self.hot.scratch)
-        return layout
+    def _destination(self, target: state_codec.ComposedState, rows: list[int],
+                     lengths: list[int]) -> RowTargets | Callable:
+        """Where the store decodes the blocks fetched (``rows``: their places in the blob): by
+        address where V is stored per token, so no Python runs per record; else through
+        :meth:`~state_codec.ComposedState.rows` (a transposed V is written by ``put_v``)."""
+        cache = self.hot.layout.caches[0]
+        if not cache.v_trans:
+            base = np.frombuffer(target.blob, np.uint8).__array_interface__["data"][0]
+            return RowTargets(base + target.k_offsets[rows], base + target.v_offsets[rows],
+                              cache.k_types, cache.v_types, cache.k_row_bytes,
+                              cache.v_row_bytes, tuple(lengths))
+
+        def destination(j: int, layer: int):
+            k, v = target.rows(rows[j], layer)
+            return k, v, cache.k_types[layer], cache.v_types[layer]
+        return destination

@@ -89,7 +89,8 @@ class Scheduler:
             ws = self.config.working_set
             self.windows = WindowedSlots(self.hot, self.sizing, self.manager, self.namespace,
                                          ws.query_tokens, ws.reselect_tokens, ws.prefetch,
-                                         self.writer, ws.score)
+                                         self.writer, ws.score,
+                                         self.snapshots.restore_buffers)
             self.admission = Admission(self.model, self.hot, self.sizing, self.manager,
                                        self.snapshots, self.windows, self.tokens,
                                        self.block_size)

@@ -36,7 +36,8 @@ from kvtier.engine.store_writer import (BlockWrite, SequenceWrite, StoreJob, Sto
 from kvtier.errors import STORAGE_FAULTS, KvtierError, StateRejected
 from kvtier.storage.catalog import BlockEntry, SequenceEntry
 from kvtier.storage.manager import TierManager
-from kvtier.storage.reads import RowTargets, decode_threads
+from kvtier.storage.reads import RowTargets
+from kvtier.storage.workers import n_cores
 from kvtier.storage.records import (BlockId, ChainHash, LayerKV, Namespace, TensorRows,
                                     chain_hash)
 from kvtier.storage.tiers import Tier
@@ -111,7 +112,7 @@ class Snapshotter:
         self.writer = writer
         """Where :meth:`prepare`'s jobs go; its pending ids and chains are taken into account."""
         self.restore_chunk_bytes = restore_chunk_bytes
-        self.layout = state_codec.layout_of(hot.ptr)
+        self.layout = hot.layout
         self._window: tuple[int, int] | None = None
         """(first layer, n_swa) of the sliding-window cache, for models that have one."""
         if hot.model.n_swa > 0 and len(self.layout.caches) == 2:
@@ -408,7 +409,7 @@ class Snapshotter:
         if self.scratch_seq is None:
             return [range(len(entries))]
         limit = max(self.restore_chunk_bytes,
-                    BLOCKS_PER_THREAD * decode_threads() * max(e.raw_bytes for e in entries))
+                    BLOCKS_PER_THREAD * n_cores() * max(e.raw_bytes for e in entries))
         chunks, start, size = [], 0, 0
         for j, entry in enumerate(entries):
             if j > start and size + entry.raw_bytes > limit:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvtier.engine.host_buffers import BufferPool
 from kvtier.engine.hot import HotContext
 from kvtier.engine.paging import StoredBlock, Window, WindowStats
 from kvtier.engine.query_capture import RowRange
@@ -51,7 +52,7 @@ class WindowedSlots:
     def __init__(self, hot: HotContext, sizing: HotSizing, manager: TierManager,
                  namespace: Namespace, query_tokens: int, reselect_tokens: int,
                  prefetch: bool = True, writer: StoreWriter | None = None,
-                 score_by: str = "bound") -> None:
+                 score_by: str = "bound", buffers: BufferPool | None = None) -> None:
         self.hot = hot
         self.sizing = sizing
         self.manager = manager
@@ -60,8 +61,10 @@ class WindowedSlots:
         self.reselect_tokens = reselect_tokens
         self.prefetch = prefetch
         self.writer = writer
-        self.score_by = score_by
         """Stores the working sets' blocks off the engine thread."""
+        self.score_by = score_by
+        self.buffers = buffers
+        """Host buffers that loads compose their blobs in (the restores' pinned ones)."""
         self.windows: dict[int, Window] = {}
         self.totals = WindowStats()
         model = hot.model
@@ -93,7 +96,7 @@ class WindowedSlots:
         self.drop(slot)
         window = Window(self.hot, slot, self.sizing, self.manager, self.namespace, seq_id,
                         self.hot.capture.layers, self._n_kv, self._head_dim, self.prefetch,
-                        self.writer, self.score_by)
+                        self.writer, self.score_by, self.buffers)
         self.windows[slot.index] = window
         return window
 

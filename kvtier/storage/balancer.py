@@ -36,7 +36,7 @@ from dataclasses import replace
 from enum import Enum
 
 from kvtier.errors import STORAGE_FAULTS, BlockCorrupt, TierFull, WriteFailed
-from kvtier.storage import codec, policy
+from kvtier.storage import codec, policy, workers
 from kvtier.storage.codec import RecordFormat
 from kvtier.storage.index import Move
 from kvtier.storage.placement import Placement
@@ -440,7 +440,8 @@ class Balancer:
             try:
                 if all(codec.in_format(codec.read_header(v), fmt) for v in values):
                     return False
-                records = [(k, codec.transcode(v, fmt)) for k, v in zip(keys, values)]
+                records = list(zip(keys, workers.STORE.map_in_parts(
+                    lambda v: codec.transcode(v, fmt), values)))
             except BlockCorrupt:
                 return False    # the scrub step and readers deal with damage
             stored = sum(self.tiers[tier].stored_bytes(len(v)) for _, v in records)
@@ -470,8 +471,10 @@ class Balancer:
                     return False
                 if any(v is None for v in values):
                     raise BlockCorrupt(f"{block}: layers missing from {move.source.label}")
-                records = [(k, codec.transcode(v, self.formats[move.dest]))
-                           for k, v in zip(keys, values)]
+                fmt = self.formats[move.dest]
+                # A part of the layers per worker thread: the kernels and zstd hold no GIL.
+                records = list(zip(keys, workers.STORE.map_in_parts(
+                    lambda v: codec.transcode(v, fmt), values)))
             except BlockCorrupt:
                 with self.index.lock:
                     # Removed meanwhile, its records went with it; pinned, its reader meets

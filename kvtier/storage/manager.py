@@ -40,7 +40,7 @@ import numpy as np
 
 from kvtier.config import Config
 from kvtier.errors import BlockCorrupt, KvtierError, TierDamaged, TierFull, WriteFailed
-from kvtier.storage import codec, policy, summary
+from kvtier.storage import codec, policy, summary, workers
 from kvtier.storage.balancer import Balancer, Op
 from kvtier.storage.catalog import (BlockEntry, Catalog, CatalogTxn, KeySummary, SequenceEntry,
                                     SessionEntry, salvage)
@@ -252,8 +252,11 @@ class TierManager:
                 raise ValueError(f"{block} is already stored")
         exact = codec.SINK_ROWS if block.block == 0 else 0
         warm = self._balancer.formats[Tier.WARM]
-        records = [(key, codec.encode_record(layer, warm, exact))
-                   for key, layer in zip(block.record_keys(len(layers)), layers)]
+        # Encoded (and re-encoded below) a part of the layers per worker thread: the kernels
+        # and zstd hold no GIL.
+        keys = block.record_keys(len(layers))
+        records = list(zip(keys, workers.STORE.map_in_parts(
+            lambda layer: codec.encode_record(layer, warm, exact), layers)))
         tier = Tier.WARM
         stored = sum(self.tiers[tier].stored_bytes(len(v)) for _, v in records)
         while stored > self._balancer.budgets[tier]:
@@ -262,7 +265,8 @@ class TierManager:
                 raise TierFull(f"a block of {stored} bytes is larger than every tier's budget")
             tier = Tier(tier + 1)
             fmt = self._balancer.formats[tier]
-            records = [(key, codec.transcode(value, fmt)) for key, value in records]
+            records = list(zip(keys, workers.STORE.map_in_parts(
+                lambda value: codec.transcode(value, fmt), [v for _, v in records])))
             stored = sum(self.tiers[tier].stored_bytes(len(v)) for _, v in records)
         t = time.time()
         entry = BlockEntry(tier=tier, stored_bytes=stored,
@@ -270,7 +274,7 @@ class TierManager:
                            n_layers=len(layers), n_tokens=layers[0].n_tokens if layers else 0,
                            refs=0, chain=chain or b"", created=t, last_access=t, hits=0.0,
                            position=position)
-        key_summary = summary.key_summary(layers)
+        key_summary = summary.key_summary(layers, workers.STORE)
         with self._balancer.room(tier, stored):
             self._balancer.write_records(tier, records)
             try:

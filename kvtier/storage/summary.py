@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
+from kvtier.storage import workers
 from kvtier.storage.catalog import KeySummary
 from kvtier.storage.records import LayerKV
 
@@ -75,7 +76,8 @@ def key_min_max(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def key_summary(layers: Sequence[LayerKV]) -> KeySummary | None:
+def key_summary(layers: Sequence[LayerKV], pool: workers.Workers = workers.ENGINE
+                ) -> KeySummary | None:
     """A block's key summary over all its layers; None unless every layer's K is f16 rows of one
     width (llama.cpp's quantized caches, or layers of several widths, are not summarized)."""
     if not layers or any(not layer.k.is_f16 or layer.n_tokens == 0 for layer in layers):
@@ -83,8 +85,9 @@ def key_summary(layers: Sequence[LayerKV]) -> KeySummary | None:
     width = layers[0].k.rows.shape[1] // 2
     if any(layer.k.rows.shape[1] != 2 * width for layer in layers):
         return None
-    bounds = np.empty((len(layers), 2, width), dtype=np.uint16)
-    means = np.empty((len(layers), 1, width), dtype=np.float32)
-    for i, layer in enumerate(layers):
-        bounds[i, 0], bounds[i, 1], means[i, 0] = _summarize(layer.k.rows.view(np.uint16))
+    # The layers in parts on the worker threads (the kernel holds no GIL): an 8B block's 32
+    # layers took 20-29 ms on one core of an H200 host.
+    parts = pool.map_in_parts(lambda layer: _summarize(layer.k.rows.view(np.uint16)), layers)
+    bounds = np.stack([np.stack([lo, hi]) for lo, hi, _ in parts])
+    means = np.stack([mean[None] for _, _, mean in parts])
     return KeySummary(bounds.view(np.float16), means.astype(np.float16))

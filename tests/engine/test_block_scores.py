@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kvtier.engine.block_scores import block_scores, representative_scores
+from kvtier.engine.block_scores import SummaryStack, block_scores, representative_scores
 
 
 def _reference(q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -86,3 +86,26 @@ def test_a_block_whose_keys_spread_wide_outscores_by_bound_but_not_by_its_mean_k
     assert np.argmax(block_scores(q, lo, hi)) == 1
     means = keys.mean(axis=1)[:, None, None, None]
     assert np.argmax(representative_scores(q, means)) == 0
+
+
+def test_a_summary_stack_grown_block_by_block_scores_as_the_stacked_arrays_do() -> None:
+    # 40 blocks added out of order (as the store writer reports them), past two growths.
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((3, 2, 6, 8)).astype(np.float32)
+    lo = rng.standard_normal((40, 3, 2, 8)).astype(np.float32)
+    hi = lo + rng.random((40, 3, 2, 8)).astype(np.float32)
+    reps = rng.standard_normal((40, 3, 1, 2, 8)).astype(np.float32)
+    order = rng.permutation(40)
+    stack = SummaryStack(3, 2, 8)
+    for b in order:
+        stack.add(int(b), lo[b], hi[b], reps[b])
+    assert stack.blocks == order.tolist() and 7 in stack and len(stack) == 40
+    np.testing.assert_allclose(stack.shares(q), block_scores(q, lo[order], hi[order]), rtol=1e-6)
+    np.testing.assert_allclose(stack.shares(q, "keys"), representative_scores(q, reps[order]),
+                               rtol=1e-6)
+    # One block without representatives: every block is scored by the bound.
+    stack.add(40, lo[0], hi[0], None)
+    both = np.concatenate([order, [0]])
+    np.testing.assert_allclose(stack.shares(q, "keys"), block_scores(q, lo[both], hi[both]),
+                               rtol=1e-6)
+    assert SummaryStack(3, 2, 8).shares(q).shape == (0,)

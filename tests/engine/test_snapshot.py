@@ -201,7 +201,7 @@ def test_a_restore_chunk_gives_every_decoding_thread_two_blocks(unified, documen
                                                                   monkeypatch):
     hot, manager, snaps = unified
     monkeypatch.setattr(snapshot, "BLOCKS_PER_THREAD", 2)
-    monkeypatch.setattr(snapshot, "decode_threads", lambda: 3)
+    monkeypatch.setattr(snapshot, "n_cores", lambda: 3)
     prefill(hot, 0, document_tokens[:256 * 9])
     seq = snaps.save(hot.slots[0], StoredSequence(manager.new_sequence()))
     entries = [manager.block_entry(b) for b in seq.blocks]

@@ -163,3 +163,60 @@ def test_a_new_long_prompt_sharing_the_start_of_the_last_one_is_served(tmp_path)
         assert done.usage.cached_tokens < 1024
     finally:
         engine.close()
+
+
+def test_blocks_loaded_together_land_at_their_places_with_their_rows(tmp_path):
+    # Twelve blocks computed at their own positions, then brought back as a packed working set
+    # of eight (the sink and the seven latest, every one but the sink moved down): they are
+    # loaded in one blob, each moved through a far position. The slot then holds each block's
+    # stored rows at exactly the position its place says (K rotation is applied at the next
+    # decode, so the rows read back equal the stored ones), and decoding goes on.
+    from kvtier.config import load_config
+    from kvtier.engine.hot import BatchItem, HotContext
+    from kvtier.engine.model import Model, default_model_path
+    from kvtier.engine.paging import Window
+    from kvtier.engine.state_codec import parse
+    from kvtier.engine.store_writer import rows_at
+    from kvtier.storage.manager import TierManager
+
+    model = Model(str(default_model_path()))
+    config = load_config(None, {"data_dir": str(tmp_path), "model.block_size": BLOCK,
+                                "model.n_slots": 1, "model.context_size": 4096,
+                                "tiers.gpu_vram_budget": 8 * BLOCK * KV_BYTES_PER_TOKEN,
+                                "working_set.positions": "own"})
+    hot = HotContext.for_config(model, config)
+    manager = TierManager(config, background=False)
+    slot = hot.slots[0]
+
+    def window() -> Window:
+        return Window(hot, slot, hot.sizing, manager, model.fingerprint("f16", "f16", BLOCK)
+                      .namespace, 1, hot.capture.layers, model.n_head_kv,
+                      model.n_embd // model.n_head)
+    try:
+        tokens = np.array(model.tokenize(passkey.document(14 * BLOCK, 0.5, 1234,
+                                                          lambda t: len(model.tokenize(t))),
+                                         add_special=False)[:12 * BLOCK], np.int32)
+        assert len(tokens) == 12 * BLOCK
+        first = window()
+        for start in range(0, len(tokens), BLOCK):
+            position = first.prepare(BLOCK)
+            hot.decode([BatchItem(0, tokens[start:start + BLOCK], position, False)])
+            first.completed()
+        assert [s.position for s in first.stored] == [b * BLOCK for b in range(12)]
+        hot.clear(slot)
+        second = window()
+        second.packed = True
+        second.restore(tokens, first.stored, None)
+        assert second.held == {0: 0, **{b: (b - 4) * BLOCK for b in range(5, 12)}}
+        state = parse(hot.read_range(0, 0, 8 * BLOCK))
+        for b, place in second.held.items():
+            want = manager.get_block(second.stored[b].block)
+            got = rows_at(state, place, BLOCK)
+            assert all(np.array_equal(w.k.rows, g.k.rows) and np.array_equal(w.v.rows, g.v.rows)
+                       for w, g in zip(want, got)), b
+        position = second.prepare(1)
+        hot.decode([BatchItem(0, tokens[:1], position, True)])
+    finally:
+        manager.close()
+        hot.close()
+        model.close()
