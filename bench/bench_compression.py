@@ -31,6 +31,7 @@ from kvtier.ggml import F16
 from kvtier.storage import codec
 from kvtier.storage.codec import RecordFormat
 from kvtier.storage.records import LayerKV, TensorRows
+from kvtier.storage.rope import Rope, rotate
 
 HEAD_DIM = 64
 
@@ -49,25 +50,54 @@ H64 = hadamard(HEAD_DIM)
 class Quant:
     """One tensor's option: ``bits`` per code (16: f16), groups ``per`` "token" (``g`` columns) or
     "channel" (``g`` rows), parameters "minmax" (f16 min + f16 scale) or "sym" (f16 scale only),
-    an optional Hadamard rotation per head first."""
+    an optional Hadamard rotation per head first, keys before RoPE (``prerope``: rotated back
+    by their positions first, RoPE re-applied after), and non-uniform levels (``nuq``: a codebook
+    of ``2^bits`` levels over the groups' normalized [min, max], fit to the tensor by k-means,
+    KVQuant's nuq fit per record)."""
 
     bits: int
     per: str = "token"
     g: int = 64
     params: str = "minmax"
     rotate: bool = False
+    prerope: bool = False
+    nuq: bool = False
 
     def label(self) -> str:
         if self.bits == 16:
             return "f16"
-        r = "H+" if self.rotate else ""
+        r = ("P+" if self.prerope else "") + ("H+" if self.rotate else "")
         p = "" if self.params == "minmax" else " sym"
-        return f"{r}Q{self.bits} {self.per[:4]} g{self.g}{p}"
+        kind = "NUQ" if self.nuq else "Q"
+        return f"{r}{kind}{self.bits} {self.per[:4]} g{self.g}{p}"
 
 
-def qdq(x: np.ndarray, q: Quant) -> tuple[np.ndarray, np.ndarray, int]:
+ROPE: Rope | None = None
+"""The model's RoPE, set by :func:`main` (pre-RoPE options need it)."""
+
+
+def codebook(t: np.ndarray, levels: int, iters: int = 20) -> np.ndarray:
+    """``levels`` points in [0, 1] fit to the values ``t`` (in [0, 1]) by Lloyd's k-means on a
+    4,096-bin histogram, starting from uniform levels; rounded to f16 as stored."""
+    hist, edges = np.histogram(t, 4096, (0.0, 1.0))
+    mid = (edges[:-1] + edges[1:]) / 2
+    c = np.linspace(0.0, 1.0, levels)
+    for _ in range(iters):
+        cut = np.searchsorted((c[1:] + c[:-1]) / 2, mid)
+        w = np.bincount(cut, hist, levels)
+        s = np.bincount(cut, hist * mid, levels)
+        c = np.where(w > 0, s / np.maximum(w, 1), c)
+        c[0], c[-1] = 0.0, 1.0      # the group's min and max stay exact
+        c = np.sort(c)
+    return c.astype(np.float16).astype(np.float32)
+
+
+def qdq(x: np.ndarray, q: Quant, positions: np.ndarray | None = None
+        ) -> tuple[np.ndarray, np.ndarray, int]:
     """(dequantized x, codes as uint8 in x's order, parameter bytes)."""
     n, w = x.shape
+    if q.prerope:
+        x = rotate(x, ROPE, positions, inverse=True)
     if q.rotate:
         x = (x.reshape(n, -1, HEAD_DIM) @ H64).reshape(n, w)
     if q.per == "token":
@@ -77,7 +107,16 @@ def qdq(x: np.ndarray, q: Quant) -> tuple[np.ndarray, np.ndarray, int]:
         xp = np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
         grp = xp.reshape(-1, q.g, w).transpose(0, 2, 1)
     levels = 2 ** q.bits - 1
-    if q.params == "minmax":
+    if q.nuq:
+        lo = grp.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
+        span = (grp.max(-1, keepdims=True) - lo).astype(np.float16).astype(np.float32)
+        inv = np.where(span > 0, 1 / np.where(span > 0, span, 1), 0)
+        t = np.clip((grp - lo) * inv, 0, 1)
+        c = codebook(t.reshape(-1), levels + 1)
+        codes = np.abs(t[..., None] - c).argmin(-1)
+        back = lo + c[codes] * span
+        nparams = 4
+    elif q.params == "minmax":
         lo = grp.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
         step = ((grp.max(-1, keepdims=True) - lo) / levels).astype(np.float32)
         scale = step.astype(np.float16).astype(np.float32)
@@ -103,7 +142,9 @@ def qdq(x: np.ndarray, q: Quant) -> tuple[np.ndarray, np.ndarray, int]:
         codes = codes.transpose(0, 2, 1).reshape(-1, w)[:n]
     if q.rotate:
         back = (back.reshape(n, -1, HEAD_DIM) @ H64.T).reshape(n, w)
-    return back, codes.astype(np.uint8), nparams * n_groups
+    if q.prerope:
+        back = rotate(back, ROPE, positions)
+    return back, codes.astype(np.uint8), nparams * n_groups + (2 << q.bits if q.nuq else 0)
 
 
 def pack(codes: np.ndarray, bits: int) -> bytes:
@@ -154,7 +195,8 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc) -> Layer
         bits = t.rows.view(np.uint16)
         x = bits.view(np.float16).astype(np.float32)
         head, rest = bits[:exact], x[exact:]
-        back, codes, nparams = qdq(rest, q)
+        positions = np.arange(block * 256 + exact, block * 256 + layer.n_tokens)
+        back, codes, nparams = qdq(rest, q, positions)
         packed = pack(codes, q.bits)
         raw = 2 * head.size + nparams + len(packed)
         sizes.raw += raw
@@ -170,6 +212,10 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc) -> Layer
 def options() -> list[Option]:
     from kvtier.storage.quant import Encoding
     Q = Quant
+
+    def P(bits: int, g: int, nuq: bool = False) -> Quant:
+        return Quant(bits, "channel", g, prerope=True, nuq=nuq)
+
     return [
         Option("today: Q4 K chan g16 / V tok g16 + zstd", record=RecordFormat(Encoding.Q4, 3)),
         Option("Q8 (warm today)", record=RecordFormat(Encoding.Q8, 0)),
@@ -196,6 +242,27 @@ def options() -> list[Option]:
         Option("warm: K Q8 chan g256 / V Q8 chan g256", Q(8, "channel", 256),
                Q(8, "channel", 256)),
         Option("warm: K Q8 chan g256 / V Q8 tok g32", Q(8, "channel", 256), Q(8, "token", 32)),
+        # 18-: keys before RoPE (KVQuant), with today's q6q4 through the codec as the reference.
+        Option("q6q4 (codec) + zstd", record=codec.tier_format("q6q4", 3)),
+        Option("K P+Q6 chan g256 / V Q4 chan g128", P(6, 256), Q(4, "channel", 128)),
+        Option("K P+Q5 chan g256 / V Q4 chan g128", P(5, 256), Q(4, "channel", 128)),
+        Option("K P+Q5 chan g128 / V Q4 chan g128", P(5, 128), Q(4, "channel", 128)),
+        Option("K P+Q4 chan g256 / V Q4 chan g128", P(4, 256), Q(4, "channel", 128)),
+        Option("K P+Q4 chan g128 / V Q4 chan g128", P(4, 128), Q(4, "channel", 128)),
+        Option("K P+Q4 chan g64 / V Q4 chan g128", P(4, 64), Q(4, "channel", 128)),
+        Option("K P+Q3 chan g64 / V Q4 chan g128", P(3, 64), Q(4, "channel", 128)),
+        Option("K P+Q4 chan g128 / V Q3 chan g64", P(4, 128), Q(3, "channel", 64)),
+        Option("K P+Q4 chan g128 / V H+Q3 tok g64 sym", P(4, 128),
+               Q(3, "token", 64, "sym", rotate=True)),
+        Option("K P+Q5 chan g128 / V H+Q3 tok g64 sym", P(5, 128),
+               Q(3, "token", 64, "sym", rotate=True)),
+        Option("K P+NUQ4 chan g128 / V Q4 chan g128", P(4, 128, nuq=True), Q(4, "channel", 128)),
+        Option("K P+NUQ4 chan g128 / V NUQ3 chan g64", P(4, 128, nuq=True),
+               Q(3, "channel", 64, nuq=True)),
+        Option("K P+NUQ3 chan g64 / V NUQ3 chan g64", P(3, 64, nuq=True),
+               Q(3, "channel", 64, nuq=True)),
+        Option("K P+Q4 chan g128 / V H+Q2 tok g64 sym", P(4, 128),
+               Q(2, "token", 64, "sym", rotate=True)),
     ]
 
 
@@ -207,7 +274,14 @@ ERROR_ROWS = [("V", Quant(4, "token", 16)), ("V", Quant(4, "token", 64)),
               ("K", Quant(4, "channel", 16)), ("K", Quant(4, "channel", 64)),
               ("K", Quant(4, "channel", 128)), ("K", Quant(4, "token", 64, "sym", True)),
               ("K", Quant(4, "channel", 32, rotate=True)), ("K", Quant(5, "channel", 128)),
-              ("K", Quant(6, "channel", 256))]
+              ("K", Quant(6, "channel", 256)), ("K", Quant(6, "channel", 256, prerope=True)),
+              ("K", Quant(5, "channel", 128, prerope=True)),
+              ("K", Quant(4, "channel", 128, prerope=True)),
+              ("K", Quant(4, "channel", 128, prerope=True, nuq=True)),
+              ("K", Quant(4, "channel", 64, prerope=True)),
+              ("K", Quant(3, "channel", 64, prerope=True)),
+              ("K", Quant(3, "channel", 64, prerope=True, nuq=True)),
+              ("V", Quant(3, "channel", 64, nuq=True)), ("V", Quant(4, "channel", 128, nuq=True))]
 """Single tensors for ``--errors``: rotation, bits and group sizes one at a time."""
 
 
@@ -219,8 +293,10 @@ def print_errors(blocks: dict) -> None:
         for b, layers in blocks.items():
             for layer in layers:
                 t = layer.k if role == "K" else layer.v
-                x = t.rows.view(np.float16).astype(np.float32)[codec.SINK_ROWS if b == 0 else 0:]
-                back = qdq(x, q)[0].astype(np.float16).astype(np.float32)
+                skip = codec.SINK_ROWS if b == 0 else 0
+                x = t.rows.view(np.float16).astype(np.float32)[skip:]
+                positions = np.arange(256 * b + skip, 256 * b + skip + len(x))
+                back = qdq(x, q, positions)[0].astype(np.float16).astype(np.float32)
                 num += float(((back - x) ** 2).sum())
                 den += float((x ** 2).sum())
         bits = q.bits + (32 if q.params == "minmax" else 16) / q.g
@@ -242,6 +318,8 @@ def main() -> None:
     if args.only:
         opts = [opts[int(i)] for i in args.only.split(",")]
     model = Model(default_model_path())
+    global ROPE
+    ROPE = Rope(float(model.meta("llama.rope.freq_base")), HEAD_DIM)
     config = load_config(None, {"model.n_slots": 2, "model.n_batch": 512})
     hot = HotContext.for_config(model, config)
     layout = sc.layout_of(hot.ptr)
