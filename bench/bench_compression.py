@@ -263,6 +263,10 @@ def options() -> list[Option]:
                Q(3, "channel", 64, nuq=True)),
         Option("K P+Q4 chan g128 / V H+Q2 tok g64 sym", P(4, 128),
                Q(2, "token", 64, "sym", rotate=True)),
+        Option("K P+NUQ5 chan g128 / V Q4 chan g128", P(5, 128, nuq=True), Q(4, "channel", 128)),
+        Option("K P+Q5 chan g128 / V NUQ4 chan g128", P(5, 128), Q(4, "channel", 128, nuq=True)),
+        Option("K P+NUQ5 chan g128 / V NUQ4 chan g128", P(5, 128, nuq=True),
+               Q(4, "channel", 128, nuq=True)),
     ]
 
 

@@ -2,9 +2,10 @@
 a context from each tier, against the exact (live) KV.
 
 Each window prefills ``--context`` tokens of ``pydoc_data.topics``, stores its blocks the way each
-tier holds them (warm: Q8; cool: the warm record demoted to the cool format, ``q6q4`` + zstd,
-and the ``q4`` it replaced for comparison; cold: the cool record demoted again), restores them into a second slot and decodes the next ``--continue`` tokens of the
-text in both slots with logits at every position. A "noise floor" row perturbs the exact KV by
+tier holds them (warm: ``q8``, and ``q8c`` beside it; cool: the warm record demoted to the cool
+format, ``q6q4`` + zstd, and the ``q4`` it replaced for comparison; cold: the cool record demoted
+again), restores them into a second slot and decodes the next ``--continue`` tokens of the text
+in both slots with logits at every position. A "noise floor" row perturbs the exact KV by
 flipping the lowest bit of 1% of the keys: what any lossless-looking change already costs on this
 model. Run from the repository root:
 
@@ -29,15 +30,17 @@ from kvtier.storage.quant import Encoding
 from kvtier.storage.records import LayerKV, TensorRows
 from kvtier.storage.tiers import Tier
 
-WARM_FORMAT = RecordFormat(Encoding.Q8)
+WARM_FORMATS = {"q8": RecordFormat(Encoding.Q8), "q8c": tier_format("q8c")}
+"""The warm default and the per-channel option (issue 13)."""
 COOL_FORMATS = {"q6q4": tier_format("q6q4", 3), "q4": tier_format("q4", 3)}
 """Today's cool/cold default and the one before issue 13."""
 
 
-def through_tier(layer: LayerKV, block: int, tier: Tier, cool: str = "q6q4") -> LayerKV:
+def through_tier(layer: LayerKV, block: int, tier: Tier, cool: str = "q6q4", warm: str = "q8"
+                 ) -> LayerKV:
     """The layer as ``tier`` holds it: written warm, then demoted once per tier below warm."""
     exact = codec.SINK_ROWS if block == 0 else 0
-    record = codec.encode_record(layer, WARM_FORMAT, exact)
+    record = codec.encode_record(layer, WARM_FORMATS[warm], exact)
     for _ in range(tier - Tier.WARM):
         record = codec.transcode(record, COOL_FORMATS[cool])
     return codec.decode_record(record)[1]
@@ -103,8 +106,8 @@ def main() -> None:
     tokens = document_tokens(model)
     stride = (len(tokens) - args.context - args.cont) // args.windows
     rng = np.random.default_rng(0)
-    variants = ["exact (f16)", "noise floor", "warm (Q8)", "cool (q6q4+zstd)", "cold (q6q4+zstd)",
-                "cool (q4+zstd)", "cold (q4+zstd)"]
+    variants = ["exact (f16)", "noise floor", "warm (q8)", "cool (q6q4+zstd)", "cold (q6q4+zstd)",
+                "cool (q4+zstd)", "cold (q4+zstd)", "warm (q8c)", "cool (q6q4+zstd from q8c)"]
     kls = {v: [] for v in variants}
     agree = {v: [] for v in variants}
     nll = {v: [] for v in variants + ["live"]}
@@ -118,8 +121,10 @@ def main() -> None:
                 new = [(b, [noise_floor(layer, rng) for layer in ls]) for b, ls in blocks.items()]
             else:
                 tier = Tier.from_label(variant.split()[0])
-                cool = variant.split("(")[1].split("+")[0].lower()
-                new = [(b, [through_tier(layer, b, tier, cool) for layer in ls])
+                fmt = variant.split("(")[1].rstrip(")")
+                warm = fmt.split()[-1] if tier == Tier.WARM or " from " in fmt else "q8"
+                cool = fmt.split("+")[0]
+                new = [(b, [through_tier(layer, b, tier, cool, warm) for layer in ls])
                        for b, ls in blocks.items()]
             got = restored_log_probs(hot, layout, new, cont, args.context)
             kls[variant].extend(np.sum(np.exp(ref) * (ref - got), axis=-1))
