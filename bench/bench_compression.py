@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import llama_cpp
 import numpy as np
 import zstandard
 
@@ -31,7 +32,6 @@ from kvtier.ggml import F16
 from kvtier.storage import codec
 from kvtier.storage.codec import RecordFormat
 from kvtier.storage.records import LayerKV, TensorRows
-from kvtier.storage.rope import Rope, rotate
 
 HEAD_DIM = 64
 
@@ -44,6 +44,35 @@ def hadamard(n: int) -> np.ndarray:
 
 
 H64 = hadamard(HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """The rotary embedding llama.cpp applied to the stored keys: pairs ``(2i, 2i + 1)`` of each
+    head (``LLAMA_ROPE_TYPE_NORM``, the llama architecture's; ``neox`` pairs ``(i, i + d/2)``)
+    rotated by ``pos * freq_base^(-2i/d)``, all ``d`` channels, no frequency scaling."""
+
+    freq_base: float
+    head_dim: int = HEAD_DIM
+    neox: bool = False
+
+
+def rotate(x: np.ndarray, rope: Rope, positions: np.ndarray, inverse: bool = False
+           ) -> np.ndarray:
+    """Keys ``x`` (tokens, heads x head_dim) rotated by RoPE at ``positions`` (or back), float32:
+    the pre-RoPE options undo it before quantizing and redo it after (KVQuant)."""
+    n, width = x.shape
+    d = rope.head_dim
+    h = np.asarray(x, np.float64).reshape(n, width // d, d)
+    a, b = (h[..., :d // 2], h[..., d // 2:]) if rope.neox else (h[..., 0::2], h[..., 1::2])
+    inv = rope.freq_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = np.asarray(positions, np.float64)[:, None, None] * inv
+    c, s = np.cos(ang), np.sin(ang) * (-1 if inverse else 1)
+    out = np.empty_like(h)
+    lo, hi = (slice(0, d // 2), slice(d // 2, d)) if rope.neox else (slice(0, d, 2),
+                                                                      slice(1, d, 2))
+    out[..., lo], out[..., hi] = a * c - b * s, a * s + b * c
+    return out.reshape(n, width).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -308,6 +337,37 @@ def print_errors(blocks: dict) -> None:
     print_table(["tensor", "quantizer", "bits/value", "rel. RMSE"], rows)
 
 
+def print_rope_check(blocks: dict, model: Model) -> None:
+    """What pre-RoPE quantization rests on, on a window's real keys: llama.cpp's rope type and
+    base, that RoPE(RoPE^-1(k)) gives k back to f16 rounding, and the per-channel spread of the
+    keys after RoPE (as stored), before it, and with the other pairing (NEOX) as a control."""
+    rope_type = llama_cpp.llama_model_rope_type(model.ptr)
+    print(f"rope type {rope_type} (LLAMA_ROPE_TYPE_NORM = {llama_cpp.LLAMA_ROPE_TYPE_NORM}), "
+          f"freq_base {ROPE.freq_base:g}, dimension count {model.meta('llama.rope.dimension_count')}"
+          f", freq scale {llama_cpp.llama_model_rope_freq_scale_train(model.ptr):g}")
+    neox = Rope(ROPE.freq_base, ROPE.head_dim, neox=True)
+    same = total = worst = 0
+    spread = {"post-RoPE (stored)": [], "pre-RoPE": [], "pre-RoPE, NEOX pairing (control)": []}
+    for b, layers in blocks.items():
+        skip = codec.SINK_ROWS if b == 0 else 0
+        positions = np.arange(256 * b + skip, 256 * b + 256)
+        for layer in layers:
+            k16 = layer.k.rows.view(np.float16)[skip:]
+            k = k16.astype(np.float32)
+            pre = rotate(k, ROPE, positions, inverse=True)
+            back = rotate(pre, ROPE, positions).astype(np.float16)
+            same += int((back == k16).sum())
+            total += k.size
+            ulps = np.abs(back.astype(np.float32) - k) / np.spacing(np.abs(k16)).astype(np.float32)
+            worst = max(worst, float(ulps.max()))
+            for name, x in zip(spread, (k, pre, rotate(k, neox, positions, inverse=True))):
+                spread[name].append((x.std(0).mean(), (x.max(0) - x.min(0)).mean()))
+    print(f"RoPE(RoPE^-1(k)) == k for {100 * same / total:.4f}% of key values, "
+          f"at most {worst:g} f16 ULPs off")
+    print_table(["keys", "per-channel std (mean)", "per-channel range (mean)"],
+                [[name, *np.mean(v, axis=0)] for name, v in spread.items()])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
@@ -316,6 +376,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated row numbers to run")
     parser.add_argument("--errors", action="store_true",
                         help="only print single tensors' relative RMSE on the first window")
+    parser.add_argument("--rope", action="store_true",
+                        help="only check the RoPE inversion on the first window's keys")
     parser.add_argument("--name", default="compression", help="bench/results/<name>.json")
     args = parser.parse_args()
     opts = options()
@@ -338,6 +400,9 @@ def main() -> None:
         cont, blocks, ref = live_window(hot, tokens, w * stride, args.context, args.cont)
         if args.errors:
             print_errors(blocks)
+            return
+        if args.rope:
+            print_rope_check(blocks, model)
             return
         nll["live"].extend(-ref[np.arange(len(ref)), cont[1:]])
         for o in opts:
