@@ -82,7 +82,9 @@ class Quant:
     an optional Hadamard rotation per head first, keys before RoPE (``prerope``: rotated back
     by their positions first, RoPE re-applied after), and non-uniform levels (``nuq``: a codebook
     of ``2^bits`` levels over the groups' normalized [min, max], fit to the tensor by k-means,
-    KVQuant's nuq fit per record)."""
+    KVQuant's nuq fit per record), and a ``sparse`` fraction of each group's most extreme values
+    kept exact outside the quantized range (KVQuant's dense-and-sparse; 4 bytes each: an f16 and
+    a 16-bit index)."""
 
     bits: int
     per: str = "token"
@@ -91,6 +93,7 @@ class Quant:
     rotate: bool = False
     prerope: bool = False
     nuq: bool = False
+    sparse: float = 0.0
 
     def label(self) -> str:
         if self.bits == 16:
@@ -98,7 +101,8 @@ class Quant:
         r = ("P+" if self.prerope else "") + ("H+" if self.rotate else "")
         p = "" if self.params == "minmax" else " sym"
         kind = "NUQ" if self.nuq else "Q"
-        return f"{r}{kind}{self.bits} {self.per[:4]} g{self.g}{p}"
+        sp = f" +{100 * self.sparse:g}% sparse" if self.sparse else ""
+        return f"{r}{kind}{self.bits} {self.per[:4]} g{self.g}{p}{sp}"
 
 
 ROPE: Rope | None = None
@@ -146,8 +150,14 @@ def qdq(x: np.ndarray, q: Quant, positions: np.ndarray | None = None
         back = lo + c[codes] * span
         nparams = 4
     elif q.params == "minmax":
-        lo = grp.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
-        step = ((grp.max(-1, keepdims=True) - lo) / levels).astype(np.float32)
+        if q.sparse:
+            bottom = np.quantile(grp, q.sparse / 2, axis=-1, keepdims=True)
+            top = np.quantile(grp, 1 - q.sparse / 2, axis=-1, keepdims=True)
+            outliers = (grp < bottom) | (grp > top)
+        else:
+            bottom, top = grp.min(-1, keepdims=True), grp.max(-1, keepdims=True)
+        lo = bottom.astype(np.float16).astype(np.float32)
+        step = ((top - lo) / levels).astype(np.float32)
         scale = step.astype(np.float16).astype(np.float32)
         scale = np.where(scale < step, np.nextafter(scale.astype(np.float16), np.float16(np.inf))
                          .astype(np.float32), scale)
@@ -155,6 +165,9 @@ def qdq(x: np.ndarray, q: Quant, positions: np.ndarray | None = None
         codes = np.clip(np.floor((grp - lo) * inv + 0.5), 0, levels)
         back = lo + codes * scale
         nparams = 4
+        if q.sparse:
+            back = np.where(outliers, grp.astype(np.float16).astype(np.float32), back)
+            n_sparse = int(outliers.sum())
     else:
         half = 2 ** (q.bits - 1)
         scale = (np.abs(grp).max(-1, keepdims=True) / half).astype(np.float16).astype(np.float32)
@@ -163,6 +176,7 @@ def qdq(x: np.ndarray, q: Quant, positions: np.ndarray | None = None
         back = (codes - half + 0.5) * scale
         nparams = 2
     n_groups = grp.shape[0] * grp.shape[1]
+    extra = (2 << q.bits if q.nuq else 0) + (4 * n_sparse if q.sparse else 0)
     if q.per == "token":
         back = back.reshape(n, w)
         codes = codes.reshape(n, w)
@@ -173,7 +187,7 @@ def qdq(x: np.ndarray, q: Quant, positions: np.ndarray | None = None
         back = (back.reshape(n, -1, HEAD_DIM) @ H64.T).reshape(n, w)
     if q.prerope:
         back = rotate(back, ROPE, positions)
-    return back, codes.astype(np.uint8), nparams * n_groups + (2 << q.bits if q.nuq else 0)
+    return back, codes.astype(np.uint8), nparams * n_groups + extra
 
 
 def pack(codes: np.ndarray, bits: int) -> bytes:
@@ -314,7 +328,13 @@ ERROR_ROWS = [("V", Quant(4, "token", 16)), ("V", Quant(4, "token", 64)),
               ("K", Quant(4, "channel", 64, prerope=True)),
               ("K", Quant(3, "channel", 64, prerope=True)),
               ("K", Quant(3, "channel", 64, prerope=True, nuq=True)),
-              ("V", Quant(3, "channel", 64, nuq=True)), ("V", Quant(4, "channel", 128, nuq=True))]
+              ("K", Quant(4, "channel", 128, prerope=True, sparse=0.01)),
+              ("K", Quant(4, "channel", 128, prerope=True, sparse=0.02)),
+              ("K", Quant(5, "channel", 256, prerope=True, sparse=0.01)),
+              ("K", Quant(4, "channel", 128, sparse=0.01)),
+              ("V", Quant(3, "channel", 64, nuq=True)), ("V", Quant(4, "channel", 128, nuq=True)),
+              ("V", Quant(4, "channel", 128, sparse=0.01)),
+              ("V", Quant(3, "channel", 64, sparse=0.01))]
 """Single tensors for ``--errors``: rotation, bits and group sizes one at a time."""
 
 
@@ -332,12 +352,12 @@ def print_errors(blocks: dict) -> None:
                 back = qdq(x, q, positions)[0].astype(np.float16).astype(np.float32)
                 num += float(((back - x) ** 2).sum())
                 den += float((x ** 2).sum())
-        bits = q.bits + (32 if q.params == "minmax" else 16) / q.g
+        bits = q.bits + (32 if q.params == "minmax" else 16) / q.g + 32 * q.sparse
         rows.append([role, q.label(), bits, np.sqrt(num / den)])
     print_table(["tensor", "quantizer", "bits/value", "rel. RMSE"], rows)
 
 
-def print_rope_check(blocks: dict, model: Model) -> None:
+def print_rope_check(blocks: dict, model: Model, tokens: np.ndarray) -> None:
     """What pre-RoPE quantization rests on, on a window's real keys: llama.cpp's rope type and
     base, that RoPE(RoPE^-1(k)) gives k back to f16 rounding, and the per-channel spread of the
     keys after RoPE (as stored), before it, and with the other pairing (NEOX) as a control."""
@@ -364,6 +384,26 @@ def print_rope_check(blocks: dict, model: Model) -> None:
                 spread[name].append((x.std(0).mean(), (x.max(0) - x.min(0)).mean()))
     print(f"RoPE(RoPE^-1(k)) == k for {100 * same / total:.4f}% of key values, "
           f"at most {worst:g} f16 ULPs off")
+    # Layer 0's key of a token depends on the token alone, not its context: before RoPE, every
+    # occurrence of a token should have the same key, whatever its position.
+    ids = np.concatenate([np.full(256, b) for b in blocks]), np.concatenate(
+        [np.arange(256) for _ in blocks])
+    k0 = np.concatenate([layers[0].k.rows.view(np.float16).astype(np.float32)
+                         for layers in blocks.values()])
+    positions = 256 * ids[0] + ids[1]
+    token_ids = tokens[:len(k0)]
+    drift = {"post": [], "pre": []}
+    pre0 = rotate(k0, ROPE, positions, inverse=True)
+    for t in np.unique(token_ids):
+        rows = np.flatnonzero(token_ids == t)
+        rows = rows[rows >= codec.SINK_ROWS]
+        if len(rows) < 2:
+            continue
+        for name, x in (("post", k0), ("pre", pre0)):
+            drift[name].append(np.abs(x[rows] - x[rows[0]]).max() / np.abs(x[rows[0]]).max())
+    print(f"layer 0, {len(drift['pre'])} tokens seen at several positions: max |k - k_first| / "
+          f"max |k_first| after RoPE {np.max(drift['post']):.4f}, before RoPE "
+          f"{np.max(drift['pre']):.4f}")
     print_table(["keys", "per-channel std (mean)", "per-channel range (mean)"],
                 [[name, *np.mean(v, axis=0)] for name, v in spread.items()])
 
@@ -402,7 +442,7 @@ def main() -> None:
             print_errors(blocks)
             return
         if args.rope:
-            print_rope_check(blocks, model)
+            print_rope_check(blocks, model, tokens[:args.context])
             return
         nll["live"].extend(-ref[np.arange(len(ref)), cont[1:]])
         for o in opts:
