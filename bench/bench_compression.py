@@ -7,10 +7,13 @@ on the same windows; "today" and the chosen format also go through kvtier's own 
 are quantized and restored into a second slot, and the next ``--continue`` tokens are decoded in
 both slots with logits at every position. The first ``SINK_ROWS`` rows of block 0 stay exact in
 every option (as the codec does). Bytes are the payload per token against f16 (23,040 bytes per
-token for SmolLM2's 30 layers x 2 x 192 values); "zstd" columns compress the real bytes. Run from
-the repository root:
+token for SmolLM2's 30 layers x 2 x 192 values); "zstd" columns compress the real bytes. "P+"
+options quantize keys before RoPE (KVQuant: rotated back by their positions, RoPE re-applied
+after decoding); ``--rope`` checks that inversion on real keys, ``--errors`` prints single
+tensors' error. Run from the repository root:
 
     python -m bench.bench_compression [--windows 8] [--context 1024] [--continue 64]
+        [--only 0,18,19] [--name compression] [--errors] [--rope]
 """
 
 from __future__ import annotations
@@ -360,11 +363,13 @@ def print_errors(blocks: dict) -> None:
 def print_rope_check(blocks: dict, model: Model, tokens: np.ndarray) -> None:
     """What pre-RoPE quantization rests on, on a window's real keys: llama.cpp's rope type and
     base, that RoPE(RoPE^-1(k)) gives k back to f16 rounding, and the per-channel spread of the
-    keys after RoPE (as stored), before it, and with the other pairing (NEOX) as a control."""
+    keys after RoPE (as stored), before it, and with the other pairing (NEOX) as a control; and
+    that layer 0's keys, which depend on the token alone, agree across positions before RoPE."""
     rope_type = llama_cpp.llama_model_rope_type(model.ptr)
+    n_rot = model.meta("llama.rope.dimension_count")
     print(f"rope type {rope_type} (LLAMA_ROPE_TYPE_NORM = {llama_cpp.LLAMA_ROPE_TYPE_NORM}), "
-          f"freq_base {ROPE.freq_base:g}, dimension count {model.meta('llama.rope.dimension_count')}"
-          f", freq scale {llama_cpp.llama_model_rope_freq_scale_train(model.ptr):g}")
+          f"freq_base {ROPE.freq_base:g}, dimension count {n_rot}, "
+          f"freq scale {llama_cpp.llama_model_rope_freq_scale_train(model.ptr):g}")
     neox = Rope(ROPE.freq_base, ROPE.head_dim, neox=True)
     same = total = worst = 0
     spread = {"post-RoPE (stored)": [], "pre-RoPE": [], "pre-RoPE, NEOX pairing (control)": []}
