@@ -313,6 +313,10 @@ def options() -> list[Option]:
         Option("K P+Q5 chan g128 / V NUQ4 chan g128", P(5, 128), Q(4, "channel", 128, nuq=True)),
         Option("K P+NUQ5 chan g128 / V NUQ4 chan g128", P(5, 128, nuq=True),
                Q(4, "channel", 128, nuq=True)),
+        # 36-: the values' share of q6q4's KL (its keys as they are, its values finer).
+        Option("K Q6 chan g256 / V Q4 chan g64", Q(6, "channel", 256), Q(4, "channel", 64)),
+        Option("K Q6 chan g256 / V NUQ4 chan g128", Q(6, "channel", 256),
+               Q(4, "channel", 128, nuq=True)),
     ]
 
 
