@@ -7,10 +7,13 @@ on the same windows; "today" and the chosen format also go through kvtier's own 
 are quantized and restored into a second slot, and the next ``--continue`` tokens are decoded in
 both slots with logits at every position. The first ``SINK_ROWS`` rows of block 0 stay exact in
 every option (as the codec does). Bytes are the payload per token against f16 (23,040 bytes per
-token for SmolLM2's 30 layers x 2 x 192 values); "zstd" columns compress the real bytes. Run from
-the repository root:
+token for SmolLM2's 30 layers x 2 x 192 values); "zstd" columns compress the real bytes. "P+"
+options quantize keys before RoPE (KVQuant: rotated back by their positions, RoPE re-applied
+after decoding); ``--rope`` checks that inversion on real keys, ``--errors`` prints single
+tensors' error. Run from the repository root:
 
     python -m bench.bench_compression [--windows 8] [--context 1024] [--continue 64]
+        [--only 0,18,19] [--name compression] [--errors] [--rope]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import llama_cpp
 import numpy as np
 import zstandard
 
@@ -46,28 +50,90 @@ H64 = hadamard(HEAD_DIM)
 
 
 @dataclass(frozen=True)
+class Rope:
+    """The rotary embedding llama.cpp applied to the stored keys: pairs ``(2i, 2i + 1)`` of each
+    head (``LLAMA_ROPE_TYPE_NORM``, the llama architecture's; ``neox`` pairs ``(i, i + d/2)``)
+    rotated by ``pos * freq_base^(-2i/d)``, all ``d`` channels, no frequency scaling."""
+
+    freq_base: float
+    head_dim: int = HEAD_DIM
+    neox: bool = False
+
+
+def rotate(x: np.ndarray, rope: Rope, positions: np.ndarray, inverse: bool = False
+           ) -> np.ndarray:
+    """Keys ``x`` (tokens, heads x head_dim) rotated by RoPE at ``positions`` (or back), float32:
+    the pre-RoPE options undo it before quantizing and redo it after (KVQuant)."""
+    n, width = x.shape
+    d = rope.head_dim
+    h = np.asarray(x, np.float64).reshape(n, width // d, d)
+    a, b = (h[..., :d // 2], h[..., d // 2:]) if rope.neox else (h[..., 0::2], h[..., 1::2])
+    inv = rope.freq_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = np.asarray(positions, np.float64)[:, None, None] * inv
+    c, s = np.cos(ang), np.sin(ang) * (-1 if inverse else 1)
+    out = np.empty_like(h)
+    lo, hi = (slice(0, d // 2), slice(d // 2, d)) if rope.neox else (slice(0, d, 2),
+                                                                      slice(1, d, 2))
+    out[..., lo], out[..., hi] = a * c - b * s, a * s + b * c
+    return out.reshape(n, width).astype(np.float32)
+
+
+@dataclass(frozen=True)
 class Quant:
     """One tensor's option: ``bits`` per code (16: f16), groups ``per`` "token" (``g`` columns) or
     "channel" (``g`` rows), parameters "minmax" (f16 min + f16 scale) or "sym" (f16 scale only),
-    an optional Hadamard rotation per head first."""
+    an optional Hadamard rotation per head first, keys before RoPE (``prerope``: rotated back
+    by their positions first, RoPE re-applied after), and non-uniform levels (``nuq``: a codebook
+    of ``2^bits`` levels over the groups' normalized [min, max], fit to the tensor by k-means,
+    KVQuant's nuq fit per record), and a ``sparse`` fraction of each group's most extreme values
+    kept exact outside the quantized range (KVQuant's dense-and-sparse; 4 bytes each: an f16 and
+    a 16-bit index)."""
 
     bits: int
     per: str = "token"
     g: int = 64
     params: str = "minmax"
     rotate: bool = False
+    prerope: bool = False
+    nuq: bool = False
+    sparse: float = 0.0
 
     def label(self) -> str:
         if self.bits == 16:
             return "f16"
-        r = "H+" if self.rotate else ""
+        r = ("P+" if self.prerope else "") + ("H+" if self.rotate else "")
         p = "" if self.params == "minmax" else " sym"
-        return f"{r}Q{self.bits} {self.per[:4]} g{self.g}{p}"
+        kind = "NUQ" if self.nuq else "Q"
+        sp = f" +{100 * self.sparse:g}% sparse" if self.sparse else ""
+        return f"{r}{kind}{self.bits} {self.per[:4]} g{self.g}{p}{sp}"
 
 
-def qdq(x: np.ndarray, q: Quant) -> tuple[np.ndarray, np.ndarray, int]:
+ROPE: Rope | None = None
+"""The model's RoPE, set by :func:`main` (pre-RoPE options need it)."""
+
+
+def codebook(t: np.ndarray, levels: int, iters: int = 20) -> np.ndarray:
+    """``levels`` points in [0, 1] fit to the values ``t`` (in [0, 1]) by Lloyd's k-means on a
+    4,096-bin histogram, starting from uniform levels; rounded to f16 as stored."""
+    hist, edges = np.histogram(t, 4096, (0.0, 1.0))
+    mid = (edges[:-1] + edges[1:]) / 2
+    c = np.linspace(0.0, 1.0, levels)
+    for _ in range(iters):
+        cut = np.searchsorted((c[1:] + c[:-1]) / 2, mid)
+        w = np.bincount(cut, hist, levels)
+        s = np.bincount(cut, hist * mid, levels)
+        c = np.where(w > 0, s / np.maximum(w, 1), c)
+        c[0], c[-1] = 0.0, 1.0      # the group's min and max stay exact
+        c = np.sort(c)
+    return c.astype(np.float16).astype(np.float32)
+
+
+def qdq(x: np.ndarray, q: Quant, positions: np.ndarray | None = None
+        ) -> tuple[np.ndarray, np.ndarray, int]:
     """(dequantized x, codes as uint8 in x's order, parameter bytes)."""
     n, w = x.shape
+    if q.prerope:
+        x = rotate(x, ROPE, positions, inverse=True)
     if q.rotate:
         x = (x.reshape(n, -1, HEAD_DIM) @ H64).reshape(n, w)
     if q.per == "token":
@@ -77,9 +143,24 @@ def qdq(x: np.ndarray, q: Quant) -> tuple[np.ndarray, np.ndarray, int]:
         xp = np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
         grp = xp.reshape(-1, q.g, w).transpose(0, 2, 1)
     levels = 2 ** q.bits - 1
-    if q.params == "minmax":
+    if q.nuq:
         lo = grp.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
-        step = ((grp.max(-1, keepdims=True) - lo) / levels).astype(np.float32)
+        span = (grp.max(-1, keepdims=True) - lo).astype(np.float16).astype(np.float32)
+        inv = np.where(span > 0, 1 / np.where(span > 0, span, 1), 0)
+        t = np.clip((grp - lo) * inv, 0, 1)
+        c = codebook(t.reshape(-1), levels + 1)
+        codes = np.abs(t[..., None] - c).argmin(-1)
+        back = lo + c[codes] * span
+        nparams = 4
+    elif q.params == "minmax":
+        if q.sparse:
+            bottom = np.quantile(grp, q.sparse / 2, axis=-1, keepdims=True)
+            top = np.quantile(grp, 1 - q.sparse / 2, axis=-1, keepdims=True)
+            outliers = (grp < bottom) | (grp > top)
+        else:
+            bottom, top = grp.min(-1, keepdims=True), grp.max(-1, keepdims=True)
+        lo = bottom.astype(np.float16).astype(np.float32)
+        step = ((top - lo) / levels).astype(np.float32)
         scale = step.astype(np.float16).astype(np.float32)
         scale = np.where(scale < step, np.nextafter(scale.astype(np.float16), np.float16(np.inf))
                          .astype(np.float32), scale)
@@ -87,6 +168,9 @@ def qdq(x: np.ndarray, q: Quant) -> tuple[np.ndarray, np.ndarray, int]:
         codes = np.clip(np.floor((grp - lo) * inv + 0.5), 0, levels)
         back = lo + codes * scale
         nparams = 4
+        if q.sparse:
+            back = np.where(outliers, grp.astype(np.float16).astype(np.float32), back)
+            n_sparse = int(outliers.sum())
     else:
         half = 2 ** (q.bits - 1)
         scale = (np.abs(grp).max(-1, keepdims=True) / half).astype(np.float16).astype(np.float32)
@@ -95,6 +179,7 @@ def qdq(x: np.ndarray, q: Quant) -> tuple[np.ndarray, np.ndarray, int]:
         back = (codes - half + 0.5) * scale
         nparams = 2
     n_groups = grp.shape[0] * grp.shape[1]
+    extra = (2 << q.bits if q.nuq else 0) + (4 * n_sparse if q.sparse else 0)
     if q.per == "token":
         back = back.reshape(n, w)
         codes = codes.reshape(n, w)
@@ -103,7 +188,9 @@ def qdq(x: np.ndarray, q: Quant) -> tuple[np.ndarray, np.ndarray, int]:
         codes = codes.transpose(0, 2, 1).reshape(-1, w)[:n]
     if q.rotate:
         back = (back.reshape(n, -1, HEAD_DIM) @ H64.T).reshape(n, w)
-    return back, codes.astype(np.uint8), nparams * n_groups
+    if q.prerope:
+        back = rotate(back, ROPE, positions)
+    return back, codes.astype(np.uint8), nparams * n_groups + extra
 
 
 def pack(codes: np.ndarray, bits: int) -> bytes:
@@ -154,7 +241,8 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc) -> Layer
         bits = t.rows.view(np.uint16)
         x = bits.view(np.float16).astype(np.float32)
         head, rest = bits[:exact], x[exact:]
-        back, codes, nparams = qdq(rest, q)
+        positions = np.arange(block * 256 + exact, block * 256 + layer.n_tokens)
+        back, codes, nparams = qdq(rest, q, positions)
         packed = pack(codes, q.bits)
         raw = 2 * head.size + nparams + len(packed)
         sizes.raw += raw
@@ -170,6 +258,10 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc) -> Layer
 def options() -> list[Option]:
     from kvtier.storage.quant import Encoding
     Q = Quant
+
+    def P(bits: int, g: int, nuq: bool = False) -> Quant:
+        return Quant(bits, "channel", g, prerope=True, nuq=nuq)
+
     return [
         Option("today: Q4 K chan g16 / V tok g16 + zstd", record=RecordFormat(Encoding.Q4, 3)),
         Option("Q8 (warm today)", record=RecordFormat(Encoding.Q8, 0)),
@@ -196,6 +288,35 @@ def options() -> list[Option]:
         Option("warm: K Q8 chan g256 / V Q8 chan g256", Q(8, "channel", 256),
                Q(8, "channel", 256)),
         Option("warm: K Q8 chan g256 / V Q8 tok g32", Q(8, "channel", 256), Q(8, "token", 32)),
+        # 18-: keys before RoPE (KVQuant), with today's q6q4 through the codec as the reference.
+        Option("q6q4 (codec) + zstd", record=codec.tier_format("q6q4", 3)),
+        Option("K P+Q6 chan g256 / V Q4 chan g128", P(6, 256), Q(4, "channel", 128)),
+        Option("K P+Q5 chan g256 / V Q4 chan g128", P(5, 256), Q(4, "channel", 128)),
+        Option("K P+Q5 chan g128 / V Q4 chan g128", P(5, 128), Q(4, "channel", 128)),
+        Option("K P+Q4 chan g256 / V Q4 chan g128", P(4, 256), Q(4, "channel", 128)),
+        Option("K P+Q4 chan g128 / V Q4 chan g128", P(4, 128), Q(4, "channel", 128)),
+        Option("K P+Q4 chan g64 / V Q4 chan g128", P(4, 64), Q(4, "channel", 128)),
+        Option("K P+Q3 chan g64 / V Q4 chan g128", P(3, 64), Q(4, "channel", 128)),
+        Option("K P+Q4 chan g128 / V Q3 chan g64", P(4, 128), Q(3, "channel", 64)),
+        Option("K P+Q4 chan g128 / V H+Q3 tok g64 sym", P(4, 128),
+               Q(3, "token", 64, "sym", rotate=True)),
+        Option("K P+Q5 chan g128 / V H+Q3 tok g64 sym", P(5, 128),
+               Q(3, "token", 64, "sym", rotate=True)),
+        Option("K P+NUQ4 chan g128 / V Q4 chan g128", P(4, 128, nuq=True), Q(4, "channel", 128)),
+        Option("K P+NUQ4 chan g128 / V NUQ3 chan g64", P(4, 128, nuq=True),
+               Q(3, "channel", 64, nuq=True)),
+        Option("K P+NUQ3 chan g64 / V NUQ3 chan g64", P(3, 64, nuq=True),
+               Q(3, "channel", 64, nuq=True)),
+        Option("K P+Q4 chan g128 / V H+Q2 tok g64 sym", P(4, 128),
+               Q(2, "token", 64, "sym", rotate=True)),
+        Option("K P+NUQ5 chan g128 / V Q4 chan g128", P(5, 128, nuq=True), Q(4, "channel", 128)),
+        Option("K P+Q5 chan g128 / V NUQ4 chan g128", P(5, 128), Q(4, "channel", 128, nuq=True)),
+        Option("K P+NUQ5 chan g128 / V NUQ4 chan g128", P(5, 128, nuq=True),
+               Q(4, "channel", 128, nuq=True)),
+        # 36-: the values' share of q6q4's KL (its keys as they are, its values finer).
+        Option("K Q6 chan g256 / V Q4 chan g64", Q(6, "channel", 256), Q(4, "channel", 64)),
+        Option("K Q6 chan g256 / V NUQ4 chan g128", Q(6, "channel", 256),
+               Q(4, "channel", 128, nuq=True)),
     ]
 
 
@@ -207,7 +328,20 @@ ERROR_ROWS = [("V", Quant(4, "token", 16)), ("V", Quant(4, "token", 64)),
               ("K", Quant(4, "channel", 16)), ("K", Quant(4, "channel", 64)),
               ("K", Quant(4, "channel", 128)), ("K", Quant(4, "token", 64, "sym", True)),
               ("K", Quant(4, "channel", 32, rotate=True)), ("K", Quant(5, "channel", 128)),
-              ("K", Quant(6, "channel", 256))]
+              ("K", Quant(6, "channel", 256)), ("K", Quant(6, "channel", 256, prerope=True)),
+              ("K", Quant(5, "channel", 128, prerope=True)),
+              ("K", Quant(4, "channel", 128, prerope=True)),
+              ("K", Quant(4, "channel", 128, prerope=True, nuq=True)),
+              ("K", Quant(4, "channel", 64, prerope=True)),
+              ("K", Quant(3, "channel", 64, prerope=True)),
+              ("K", Quant(3, "channel", 64, prerope=True, nuq=True)),
+              ("K", Quant(4, "channel", 128, prerope=True, sparse=0.01)),
+              ("K", Quant(4, "channel", 128, prerope=True, sparse=0.02)),
+              ("K", Quant(5, "channel", 256, prerope=True, sparse=0.01)),
+              ("K", Quant(4, "channel", 128, sparse=0.01)),
+              ("V", Quant(3, "channel", 64, nuq=True)), ("V", Quant(4, "channel", 128, nuq=True)),
+              ("V", Quant(4, "channel", 128, sparse=0.01)),
+              ("V", Quant(3, "channel", 64, sparse=0.01))]
 """Single tensors for ``--errors``: rotation, bits and group sizes one at a time."""
 
 
@@ -219,13 +353,68 @@ def print_errors(blocks: dict) -> None:
         for b, layers in blocks.items():
             for layer in layers:
                 t = layer.k if role == "K" else layer.v
-                x = t.rows.view(np.float16).astype(np.float32)[codec.SINK_ROWS if b == 0 else 0:]
-                back = qdq(x, q)[0].astype(np.float16).astype(np.float32)
+                skip = codec.SINK_ROWS if b == 0 else 0
+                x = t.rows.view(np.float16).astype(np.float32)[skip:]
+                positions = np.arange(256 * b + skip, 256 * b + skip + len(x))
+                back = qdq(x, q, positions)[0].astype(np.float16).astype(np.float32)
                 num += float(((back - x) ** 2).sum())
                 den += float((x ** 2).sum())
-        bits = q.bits + (32 if q.params == "minmax" else 16) / q.g
+        bits = q.bits + (32 if q.params == "minmax" else 16) / q.g + 32 * q.sparse
         rows.append([role, q.label(), bits, np.sqrt(num / den)])
     print_table(["tensor", "quantizer", "bits/value", "rel. RMSE"], rows)
+
+
+def print_rope_check(blocks: dict, model: Model, tokens: np.ndarray) -> None:
+    """What pre-RoPE quantization rests on, on a window's real keys: llama.cpp's rope type and
+    base, that RoPE(RoPE^-1(k)) gives k back to f16 rounding, and the per-channel spread of the
+    keys after RoPE (as stored), before it, and with the other pairing (NEOX) as a control; and
+    that layer 0's keys, which depend on the token alone, agree across positions before RoPE."""
+    rope_type = llama_cpp.llama_model_rope_type(model.ptr)
+    n_rot = model.meta("llama.rope.dimension_count")
+    print(f"rope type {rope_type} (LLAMA_ROPE_TYPE_NORM = {llama_cpp.LLAMA_ROPE_TYPE_NORM}), "
+          f"freq_base {ROPE.freq_base:g}, dimension count {n_rot}, "
+          f"freq scale {llama_cpp.llama_model_rope_freq_scale_train(model.ptr):g}")
+    neox = Rope(ROPE.freq_base, ROPE.head_dim, neox=True)
+    same = total = worst = 0
+    spread = {"post-RoPE (stored)": [], "pre-RoPE": [], "pre-RoPE, NEOX pairing (control)": []}
+    for b, layers in blocks.items():
+        skip = codec.SINK_ROWS if b == 0 else 0
+        positions = np.arange(256 * b + skip, 256 * b + 256)
+        for layer in layers:
+            k16 = layer.k.rows.view(np.float16)[skip:]
+            k = k16.astype(np.float32)
+            pre = rotate(k, ROPE, positions, inverse=True)
+            back = rotate(pre, ROPE, positions).astype(np.float16)
+            same += int((back == k16).sum())
+            total += k.size
+            ulps = np.abs(back.astype(np.float32) - k) / np.spacing(np.abs(k16)).astype(np.float32)
+            worst = max(worst, float(ulps.max()))
+            for name, x in zip(spread, (k, pre, rotate(k, neox, positions, inverse=True))):
+                spread[name].append((x.std(0).mean(), (x.max(0) - x.min(0)).mean()))
+    print(f"RoPE(RoPE^-1(k)) == k for {100 * same / total:.4f}% of key values, "
+          f"at most {worst:g} f16 ULPs off")
+    # Layer 0's key of a token depends on the token alone, not its context: before RoPE, every
+    # occurrence of a token should have the same key, whatever its position.
+    ids = np.concatenate([np.full(256, b) for b in blocks]), np.concatenate(
+        [np.arange(256) for _ in blocks])
+    k0 = np.concatenate([layers[0].k.rows.view(np.float16).astype(np.float32)
+                         for layers in blocks.values()])
+    positions = 256 * ids[0] + ids[1]
+    token_ids = tokens[:len(k0)]
+    drift = {"post": [], "pre": []}
+    pre0 = rotate(k0, ROPE, positions, inverse=True)
+    for t in np.unique(token_ids):
+        rows = np.flatnonzero(token_ids == t)
+        rows = rows[rows >= codec.SINK_ROWS]
+        if len(rows) < 2:
+            continue
+        for name, x in (("post", k0), ("pre", pre0)):
+            drift[name].append(np.abs(x[rows] - x[rows[0]]).max() / np.abs(x[rows[0]]).max())
+    print(f"layer 0, {len(drift['pre'])} tokens seen at several positions: max |k - k_first| / "
+          f"max |k_first| after RoPE {np.max(drift['post']):.4f}, before RoPE "
+          f"{np.max(drift['pre']):.4f}")
+    print_table(["keys", "per-channel std (mean)", "per-channel range (mean)"],
+                [[name, *np.mean(v, axis=0)] for name, v in spread.items()])
 
 
 def main() -> None:
@@ -236,12 +425,16 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated row numbers to run")
     parser.add_argument("--errors", action="store_true",
                         help="only print single tensors' relative RMSE on the first window")
+    parser.add_argument("--rope", action="store_true",
+                        help="only check the RoPE inversion on the first window's keys")
     parser.add_argument("--name", default="compression", help="bench/results/<name>.json")
     args = parser.parse_args()
     opts = options()
     if args.only:
         opts = [opts[int(i)] for i in args.only.split(",")]
     model = Model(default_model_path())
+    global ROPE
+    ROPE = Rope(float(model.meta("llama.rope.freq_base")), HEAD_DIM)
     config = load_config(None, {"model.n_slots": 2, "model.n_batch": 512})
     hot = HotContext.for_config(model, config)
     layout = sc.layout_of(hot.ptr)
@@ -256,6 +449,9 @@ def main() -> None:
         cont, blocks, ref = live_window(hot, tokens, w * stride, args.context, args.cont)
         if args.errors:
             print_errors(blocks)
+            return
+        if args.rope:
+            print_rope_check(blocks, model, tokens[:args.context])
             return
         nll["live"].extend(-ref[np.arange(len(ref)), cont[1:]])
         for o in opts:

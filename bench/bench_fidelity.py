@@ -2,9 +2,11 @@
 a context from each tier, against the exact (live) KV.
 
 Each window prefills ``--context`` tokens of ``pydoc_data.topics``, stores its blocks the way each
-tier holds them (warm: Q8; cool: the warm record demoted to the cool format, ``q6q4`` + zstd,
-and the ``q4`` it replaced for comparison; cold: the cool record demoted again), restores them into a second slot and decodes the next ``--continue`` tokens of the
-text in both slots with logits at every position. A "noise floor" row perturbs the exact KV by
+tier holds them (warm: ``q8c``; cool: the warm record demoted to the cool format, ``q6q4`` + zstd;
+cold: the cool record demoted again; and, for comparison, the formats they replaced: warm ``q8``,
+``q8`` re-encoded to ``q8c`` as ``kvtier compact`` does, cool ``q6q4`` and ``q4`` from ``q8``),
+restores them into a second slot and decodes the next ``--continue`` tokens of the text
+in both slots with logits at every position. A "noise floor" row perturbs the exact KV by
 flipping the lowest bit of 1% of the keys: what any lossless-looking change already costs on this
 model. Run from the repository root:
 
@@ -24,20 +26,36 @@ from kvtier.engine import state_codec as sc
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.model import Model, default_model_path
 from kvtier.storage import codec
-from kvtier.storage.codec import RecordFormat, tier_format
-from kvtier.storage.quant import Encoding
+from kvtier.storage.codec import tier_format
 from kvtier.storage.records import LayerKV, TensorRows
 from kvtier.storage.tiers import Tier
 
-WARM_FORMAT = RecordFormat(Encoding.Q8)
+WARM_FORMATS = {"q8c": tier_format("q8c"), "q8": tier_format("q8")}
+"""The warm default (issue 13) and the one before it."""
 COOL_FORMATS = {"q6q4": tier_format("q6q4", 3), "q4": tier_format("q4", 3)}
 """Today's cool/cold default and the one before issue 13."""
+VARIANTS = {
+    "warm (q8c)": (Tier.WARM, ("q8c",), ""),
+    "cool (q6q4+zstd)": (Tier.COOL, ("q8c",), "q6q4"),
+    "cold (q6q4+zstd)": (Tier.COLD, ("q8c",), "q6q4"),
+    "warm (q8, before)": (Tier.WARM, ("q8",), ""),
+    "warm (q8 recoded to q8c)": (Tier.WARM, ("q8", "q8c"), ""),
+    "cool (q6q4+zstd from q8)": (Tier.COOL, ("q8",), "q6q4"),
+    "cool (q4+zstd from q8, before)": (Tier.COOL, ("q8",), "q4"),
+    "cold (q4+zstd from q8, before)": (Tier.COLD, ("q8",), "q4"),
+}
+"""Each stored variant: the tier, the warm formats it was written in (then re-encoded to, as
+``kvtier compact`` does), and the cool/cold format it was demoted to."""
 
 
-def through_tier(layer: LayerKV, block: int, tier: Tier, cool: str = "q6q4") -> LayerKV:
-    """The layer as ``tier`` holds it: written warm, then demoted once per tier below warm."""
+def through_tier(layer: LayerKV, block: int, tier: Tier, cool: str = "q6q4",
+                 warm: tuple[str, ...] = ("q8c",)) -> LayerKV:
+    """The layer as ``tier`` holds it: written warm (and re-encoded in each further warm
+    format), then demoted once per tier below warm."""
     exact = codec.SINK_ROWS if block == 0 else 0
-    record = codec.encode_record(layer, WARM_FORMAT, exact)
+    record = codec.encode_record(layer, WARM_FORMATS[warm[0]], exact)
+    for name in warm[1:]:
+        record = codec.transcode(record, WARM_FORMATS[name])
     for _ in range(tier - Tier.WARM):
         record = codec.transcode(record, COOL_FORMATS[cool])
     return codec.decode_record(record)[1]
@@ -103,8 +121,7 @@ def main() -> None:
     tokens = document_tokens(model)
     stride = (len(tokens) - args.context - args.cont) // args.windows
     rng = np.random.default_rng(0)
-    variants = ["exact (f16)", "noise floor", "warm (Q8)", "cool (q6q4+zstd)", "cold (q6q4+zstd)",
-                "cool (q4+zstd)", "cold (q4+zstd)"]
+    variants = ["exact (f16)", "noise floor", *VARIANTS]
     kls = {v: [] for v in variants}
     agree = {v: [] for v in variants}
     nll = {v: [] for v in variants + ["live"]}
@@ -117,9 +134,8 @@ def main() -> None:
             elif variant == "noise floor":
                 new = [(b, [noise_floor(layer, rng) for layer in ls]) for b, ls in blocks.items()]
             else:
-                tier = Tier.from_label(variant.split()[0])
-                cool = variant.split("(")[1].split("+")[0].lower()
-                new = [(b, [through_tier(layer, b, tier, cool) for layer in ls])
+                tier, warm, cool = VARIANTS[variant]
+                new = [(b, [through_tier(layer, b, tier, cool, warm) for layer in ls])
                        for b, ls in blocks.items()]
             got = restored_log_probs(hot, layout, new, cont, args.context)
             kls[variant].extend(np.sum(np.exp(ref) * (ref - got), axis=-1))

@@ -43,7 +43,9 @@ CASES = [(Encoding.F16, Grouping.PER_TOKEN, GS, "f16"),
          (Encoding.Q4, quant.KEY_GROUPING, GS, "keys"),
          (Encoding.Q4, quant.VALUE_GROUPING, GS, "values"),
          (Encoding.Q6, Grouping.PER_CHANNEL, 256, "keys"),          # q6q4's keys
-         (Encoding.Q4, Grouping.PER_CHANNEL, 128, "values")]        # q6q4's values
+         (Encoding.Q4, Grouping.PER_CHANNEL, 128, "values"),        # q6q4's values
+         (Encoding.Q8, Grouping.PER_CHANNEL, 256, "keys"),          # q8c's keys
+         (Encoding.Q8, Grouping.PER_CHANNEL, 256, "values")]        # q8c's values
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ repository root:
 
     python -m bench.bench_restore [--lengths 1024 4096 8192] [--repeats 3]
         [--model PATH] [--n-gpu-layers -1] [--flash-attn on] [--cache-type q8_0]
-        [--warm-format f16] [--block-size 256] [--chunk-mib 256] [--out restore]
+        [--warm-format q8] [--block-size 256] [--chunk-mib 256] [--out restore]
 
 ``--cache-type q8_0`` runs llama.cpp's q8_0 KV cache: records hold its rows as they are and a
 restore is a copy. The hot tier is the engine's: one unified KV cache with a scratch sequence,
@@ -29,13 +29,14 @@ import llama_cpp
 import numpy as np
 
 from bench.common import document_tokens, print_table, write_json
-from kvtier.config import load_config
+from kvtier.config import TierConfig, load_config
 from kvtier.engine.host_buffers import BufferPool, CudaRegistrar
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.model import Model, default_model_path
 from kvtier.engine.restore_policy import ThroughputModel
 from kvtier.engine.snapshot import RESTORE_CHUNK_BYTES, Snapshotter, StoredSequence
 from kvtier.engine.store_writer import StoreWriter
+from kvtier.storage.codec import TIER_FORMATS
 from kvtier.storage.manager import TierManager
 from kvtier.storage.tiers import Tier
 
@@ -93,7 +94,8 @@ def main() -> None:
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--cache-type", default="f16", help="llama.cpp K and V cache type")
-    parser.add_argument("--warm-format", choices=["f16", "q8"], default="q8")
+    parser.add_argument("--warm-format", choices=sorted(TIER_FORMATS),
+                        default=TierConfig.model_fields["warm_format"].default)
     parser.add_argument("--block-size", type=int, default=256, help="tokens per stored block")
     parser.add_argument("--chunk-mib", type=float, default=RESTORE_CHUNK_BYTES / 2**20,
                         help="KV MiB per restore chunk where the context has a scratch sequence")

@@ -63,8 +63,8 @@ def add_tool_commands(sub: argparse._SubParsersAction, common: argparse.Argument
     compact = sub.add_parser(
         "compact", parents=[common], help="collect garbage, expire, demote, shrink the files",
         description="Compact a stopped server's store: repair and collect orphans, expire "
-                    "sessions, demote to the tier targets, re-encode cool and cold blocks stored "
-                    "in another format than their tier's, compact RocksDB and rewrite the "
+                    "sessions, demote to the tier targets, re-encode blocks stored in another "
+                    "format than their tier's, compact RocksDB and rewrite the "
                     "LMDB file. Safe to kill at any moment; a second run changes nothing.")
     compact.add_argument("--dry-run", action="store_true", help="print what would be done")
     compact.add_argument("--max-age", metavar="DURATION",

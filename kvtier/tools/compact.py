@@ -11,8 +11,9 @@ Steps, in order (each re-reads the store, so a later step sees what an earlier o
                 sequences no session names that are older than ``--max-age``;
 5. ``demote``   warm → cool → cold in the server's eviction order until the warm and cool tiers
                 are within their targets (the demoted blocks are re-encoded for their new tier);
-6. ``recode``   cool and cold blocks stored in another format than their tier's (``q4`` records
-                after ``tiers.cold_format`` became ``q6q4``) re-encoded in place;
+6. ``recode``   blocks stored in another format than their tier's (cool and cold ``q4`` records
+                after ``tiers.cold_format`` became ``q6q4``, warm ``q8`` ones after
+                ``tiers.warm_format`` became ``q8c``) re-encoded in place;
 7. ``rocksdb``  ``compact_range`` of the cool and cold column families, with blob garbage
                 collection forced when deleted payloads still sit in blob files;
 8. ``lmdb``     a compacted copy of the warm LMDB environment swapped in for the old file.
@@ -380,7 +381,7 @@ def stale_blocks(manager: TierManager, view: StoreView, tier: Tier) -> list[Bloc
 def _recode(run: _Run) -> dict[str, Any]:
     manager = run.manager
     out: dict[str, Any] = {}
-    for tier in (Tier.COOL, Tier.COLD):
+    for tier in Tier:
         stale = stale_blocks(manager, run.view(), tier)
         recoded = 0
         if run.sim is None:
@@ -388,7 +389,7 @@ def _recode(run: _Run) -> dict[str, Any]:
                               disable=not run.options.progress, leave=False):
                 recoded += manager.recode(block)
         out[tier.label] = {"stale": len(stale), "recoded": recoded}
-    out["changed"] = any(out[t.label]["recoded"] for t in (Tier.COOL, Tier.COLD))
+    out["changed"] = any(out[t.label]["recoded"] for t in Tier)
     return out
 
 

@@ -9,12 +9,13 @@ import pytest
 from kvtier.config import load_config
 from kvtier.engine.hot import HotContext
 from kvtier.engine.restore_policy import ThroughputModel
-from kvtier.engine.snapshot import Snapshotter
+from kvtier.engine.snapshot import Snapshotter, StoredSequence
 from kvtier.storage import codec
 from kvtier.storage.manager import TierManager
 from kvtier.storage.quant import Encoding, Grouping
 from kvtier.storage.tiers import Tier
-from tests.engine.test_snapshot import mean_kl, store_and_restore
+from tests.engine.test_snapshot import (N_PROMPT, mean_kl, next_logits, prefill,
+                                        store_and_restore)
 
 
 @pytest.fixture
@@ -59,7 +60,8 @@ def test_a_restore_from_cool_stays_close_in_each_format(cool_setup, k, v, docume
 
 
 
-@pytest.mark.parametrize("cool_setup", [{"tiers.warm_format": "q8c"}], indirect=True)
+# None: the default, q8c since issue 13's second round.
+@pytest.mark.parametrize("cool_setup", [None], indirect=True)
 def test_a_restore_from_warm_q8c_stays_close(cool_setup, document_tokens):
     hot, manager, snaps = cool_setup
     live, restored = store_and_restore(hot, manager, snaps, document_tokens)
@@ -71,3 +73,35 @@ def test_a_restore_from_warm_q8c_stays_close(cool_setup, document_tokens):
         (Encoding.Q8, Grouping.PER_CHANNEL, 256, Encoding.Q8, Grouping.PER_CHANNEL, 256)}
     assert mean_kl(live, restored) < 0.01      # test_snapshot's bound for warm q8
     assert np.sum(live.argmax(axis=1) == restored.argmax(axis=1)) >= 14
+
+
+def test_warm_q8_records_restore_after_the_default_became_q8c(tmp_path, model, document_tokens):
+    prompt = document_tokens[:N_PROMPT]
+    following = document_tokens[N_PROMPT:N_PROMPT + 8]
+    ns = model.fingerprint("f16", "f16", 256).namespace
+    old = load_config(None, {"data_dir": str(tmp_path), "model.n_slots": 2,
+                             "tiers.warm_format": "q8"})
+    hot = HotContext.for_config(model, old)
+    try:
+        with TierManager(old, background=False) as manager:
+            snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel())
+            prefill(hot, 0, prompt)
+            seq = snaps.save(hot.slots[0], StoredSequence(manager.new_sequence()))
+            live = np.stack([next_logits(hot, 0, int(t)) for t in following])
+            snaps.close()
+        config = load_config(None, {"data_dir": str(tmp_path), "model.n_slots": 2})
+        assert config.tiers.warm_format == "q8c"
+        with TierManager(config, background=False) as manager:
+            warm = manager.tiers[Tier.WARM]
+            assert {codec.read_header(warm.get(k)).v.grouping for k in warm.keys()} == {
+                Grouping.PER_TOKEN}                      # still q8's records
+            snaps = Snapshotter(hot, manager, ns, 256, ThroughputModel())
+            hot.clear(hot.slots[0])
+            plan = snaps.plan(prompt, manager.get_sequence(ns, seq.seq_id))
+            assert snaps.restore(hot.slots[0], plan, prompt).n_tokens == N_PROMPT
+            again = np.stack([next_logits(hot, 0, int(t)) for t in following])
+            snaps.close()
+    finally:
+        hot.close()
+    assert mean_kl(live, again) < 0.01                  # test_snapshot's bound for warm q8
+    assert np.sum(live.argmax(axis=1) == again.argmax(axis=1)) >= 7

@@ -6,7 +6,7 @@ import pytest
 
 from kvtier.storage import codec
 from kvtier.storage.manager import TierManager
-from kvtier.storage.quant import Encoding
+from kvtier.storage.quant import Encoding, Grouping
 from kvtier.storage.records import BlockId
 from kvtier.storage.tiers import Tier, dir_bytes
 from kvtier.tools.compact import CompactOptions, Target, compact
@@ -233,5 +233,28 @@ def test_compact_re_encodes_blocks_written_in_an_older_format(cli, built):
     assert sum(after["blocks"][b][1] for b in lower) < sum(state["blocks"][b][1] for b in lower)
     assert {k: v for k, v in after.items() if k != "blocks"} \
         == {k: v for k, v in state.items() if k != "blocks"}
+    assert not cli.json("compact")["steps"]["recode"]["changed"]
+    assert_sound(built.path, [session_id(i) for i in range(1, N_SESSIONS + 1)])
+
+
+def warm_layouts(path: Path) -> set[tuple]:
+    with TierManager(store_config(path), background=False) as m:
+        return {(h.k.grouping, h.k.group_size, h.v.grouping, h.v.group_size)
+                for b, e in m.blocks().items() if e.tier == Tier.WARM
+                for h in [codec.read_header(m.tiers[Tier.WARM].get(b.record_keys(1)[0]))]}
+
+
+def test_compact_re_encodes_warm_blocks_written_before_q8c(cli, built):
+    q8 = (Grouping.PER_CHANNEL, 32, Grouping.PER_TOKEN, 32)
+    q8c = (Grouping.PER_CHANNEL, 256, Grouping.PER_CHANNEL, 256)
+    assert warm_layouts(built.path) == {q8c}                # the default since issue 13
+    with TierManager(store_config(built.path, **{"tiers.warm_format": "q8"}),
+                     background=False) as m:
+        warm = [b for b, e in m.blocks().items() if e.tier == Tier.WARM]
+        assert warm and all(m.recode(b) for b in warm)      # as a store from before q8c
+    assert warm_layouts(built.path) == {q8}
+    report = cli.json("compact")["steps"]["recode"]
+    assert report["changed"] and report["warm"]["recoded"] == report["warm"]["stale"] > 0
+    assert warm_layouts(built.path) == {q8c}
     assert not cli.json("compact")["steps"]["recode"]["changed"]
     assert_sound(built.path, [session_id(i) for i in range(1, N_SESSIONS + 1)])
