@@ -26,7 +26,6 @@ from kvtier.engine.paging import Window
 from kvtier.engine.query_capture import RowRange
 from kvtier.storage.manager import TierManager
 
-QUERY_TOKENS = 8
 
 
 def nll(hot: HotContext, index: int, targets: np.ndarray) -> np.ndarray:
@@ -73,14 +72,14 @@ def run(model: Model, tokens: np.ndarray, method: str, args: argparse.Namespace)
                 out.append(nll(hot, index, targets))
                 continue
             position = window.prepare(len(chunk))
-            hot.capture.arm([RowRange(len(chunk) - QUERY_TOKENS, QUERY_TOKENS)])
+            hot.capture.arm([RowRange(len(chunk) - args.query_tokens, args.query_tokens)])
             index = hot.decode([BatchItem(0, chunk, position, False, all_logits=True)])[0]
             (queries,) = hot.capture.collect()
             if args.own_queries and window.stored:
                 window.score(queries)                   # the chunk's own queries choose,
                 window.retract(len(chunk))              # and it is decoded again on their choice
                 position = window.prepare(len(chunk))
-                hot.capture.arm([RowRange(len(chunk) - QUERY_TOKENS, QUERY_TOKENS)])
+                hot.capture.arm([RowRange(len(chunk) - args.query_tokens, args.query_tokens)])
                 index = hot.decode([BatchItem(0, chunk, position, False, all_logits=True)])[0]
                 (queries,) = hot.capture.collect()
             out.append(nll(hot, index, targets))
@@ -104,6 +103,9 @@ def main() -> None:
     parser.add_argument("--recent", type=int, default=2, help="working_set.recent_blocks")
     parser.add_argument("--score", choices=("bound", "keys"), default="bound",
                         help="working_set.score: Quest's bound, or the blocks' mean keys")
+    parser.add_argument("--query-tokens", type=int, default=8,
+                        help="working_set.query_tokens: the queries of this many last tokens of "
+                             "a chunk choose the next chunk's working set")
     parser.add_argument("--own-queries", action="store_true",
                         help="decode each chunk twice, the second time on the blocks its own "
                              "queries chose (InfLLM's order; kvtier does it for the last chunk)")
@@ -121,7 +123,8 @@ def main() -> None:
             results.append({"offset": offset, "method": method, "tokens": args.tokens,
                             "hot": args.hot, "block_size": args.block_size, "sink": args.sink,
                             "recent": args.recent, "score": args.score,
-                            "own_queries": args.own_queries, "perplexity": ppl, "ratio": ppl / base})
+                            "query_tokens": args.query_tokens, "own_queries": args.own_queries,
+                            "perplexity": ppl, "ratio": ppl / base})
             rows.append([offset, method, f"{ppl:.3f}", f"{ppl / base:.4f}"])
             print(results[-1], flush=True)
     print_table(["offset", "method", "perplexity", f"vs {args.methods[0]}"], rows)
