@@ -72,10 +72,12 @@ def run(model: Model, tokens: np.ndarray, method: str, args: argparse.Namespace)
                 out.append(nll(hot, index, targets))
                 continue
             position = window.prepare(len(chunk))
-            hot.capture.arm([RowRange(len(chunk) - args.query_tokens, args.query_tokens)])
+            select = (start // step) % args.select_every == 0
+            if select:
+                hot.capture.arm([RowRange(len(chunk) - args.query_tokens, args.query_tokens)])
             index = hot.decode([BatchItem(0, chunk, position, False, all_logits=True)])[0]
-            (queries,) = hot.capture.collect()
-            if args.own_queries and window.stored:
+            queries = hot.capture.collect()[0] if select else None
+            if args.own_queries and select and window.stored:
                 window.score(queries)                   # the chunk's own queries choose,
                 window.retract(len(chunk))              # and it is decoded again on their choice
                 position = window.prepare(len(chunk))
@@ -106,6 +108,8 @@ def main() -> None:
     parser.add_argument("--query-tokens", type=int, default=8,
                         help="working_set.query_tokens: the queries of this many last tokens of "
                              "a chunk choose the next chunk's working set")
+    parser.add_argument("--select-every", type=int, default=1,
+                        help="choose the working set after every this many chunks (1: each)")
     parser.add_argument("--own-queries", action="store_true",
                         help="decode each chunk twice, the second time on the blocks its own "
                              "queries chose (InfLLM's order; kvtier does it for the last chunk)")
@@ -124,6 +128,7 @@ def main() -> None:
                             "hot": args.hot, "block_size": args.block_size, "sink": args.sink,
                             "recent": args.recent, "score": args.score,
                             "query_tokens": args.query_tokens, "own_queries": args.own_queries,
+                            "select_every": args.select_every,
                             "perplexity": ppl, "ratio": ppl / base})
             rows.append([offset, method, f"{ppl:.3f}", f"{ppl / base:.4f}"])
             print(results[-1], flush=True)
