@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,9 +62,13 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--model", default=None, help="GGUF file (default: the default model)")
     parser.add_argument("--out", default="window_ops", help="results file name (no .json)")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="sys.setswitchinterval for this run (Python's default: 5 ms)")
     parser.add_argument("--baseline", action="store_true",
                         help="also serve the prompt with all of it hot (full attention)")
     args = parser.parse_args()
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     for name in ("score", "replan", "apply", "_load", "store_block"):
         timed(paging.Window, name, name.strip("_"))
     timed(HotContext, "decode", "decode")
@@ -119,6 +124,7 @@ def main() -> None:
     print(stats)
     print(store)
     write_json(args.out, {"tokens": args.tokens, "hot_tokens": args.hot, "wall_s": wall,
+                          "switch_interval_s": sys.getswitchinterval(),
                           "full_attention_wall_s": baseline, "model": Path(path).name,
                               "block_size": args.block_size, "steps": results,
                               "working_set": {n: getattr(stats, n) for n in stats.__slots__},
