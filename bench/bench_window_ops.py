@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,30 @@ from kvtier.engine.model import Model, default_model_path
 from kvtier.storage.manager import TierManager
 
 TIMES: dict[str, list[float]] = defaultdict(list)
+LOCK_WAITS: dict[str, list[float]] = defaultdict(list)
+
+
+class TimedLock:
+    """The store index's lock, timing how long each thread waits to take it."""
+
+    def __init__(self, lock) -> None:
+        self._lock = lock
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        start = time.perf_counter()
+        taken = self._lock.acquire(blocking, timeout)
+        LOCK_WAITS[threading.current_thread().name.split("_")[0]].append(
+            time.perf_counter() - start)
+        return taken
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def timed(owner, name: str, label: str) -> None:
@@ -64,6 +89,8 @@ def main() -> None:
     parser.add_argument("--out", default="window_ops", help="results file name (no .json)")
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="sys.setswitchinterval for this run (Python's default: 5 ms)")
+    parser.add_argument("--lock-waits", action="store_true",
+                        help="time every wait for the store index's lock, per thread")
     parser.add_argument("--baseline", action="store_true",
                         help="also serve the prompt with all of it hot (full attention)")
     args = parser.parse_args()
@@ -94,6 +121,9 @@ def main() -> None:
             "model.context_size": args.tokens + 4096, "model.block_size": args.block_size,
             "tiers.gpu_vram_budget": hot_tokens * kv_bytes}))
         count = lambda text: len(engine.model.tokenize(text, add_special=False))  # noqa: E731
+        if args.lock_waits:
+            index = engine.manager._index
+            index.lock = TimedLock(index.lock)
         try:
             # Filler text without a question: the model keeps writing it (no early end token).
             text = passkey.document(args.tokens, 0.5, passkey.keys(1, seed=3)[0], count)
@@ -112,6 +142,7 @@ def main() -> None:
     if args.baseline:
         baseline, _, _ = serve(args.tokens + 4096)
         TIMES.clear()
+        LOCK_WAITS.clear()
     wall, stats, store = serve(args.hot)
     if baseline is not None:
         print(f"working set / full attention: {wall / baseline:.2f}x the wall time")
@@ -123,12 +154,17 @@ def main() -> None:
     print_table(["step", "calls", "median ms", "total s"], rows)
     print(stats)
     print(store)
+    waits = {name: {"count": len(v), "over_1ms": sum(w > 1e-3 for w in v), "total_s": sum(v),
+                    "max_ms": 1e3 * max(v)} for name, v in LOCK_WAITS.items()}
+    for name, w in waits.items():
+        print(f"index lock, {name}: {w}")
     write_json(args.out, {"tokens": args.tokens, "hot_tokens": args.hot, "wall_s": wall,
                           "switch_interval_s": sys.getswitchinterval(),
                           "full_attention_wall_s": baseline, "model": Path(path).name,
                               "block_size": args.block_size, "steps": results,
                               "working_set": {n: getattr(stats, n) for n in stats.__slots__},
-                              "store_writer": {n: getattr(store, n) for n in store.__slots__}})
+                              "store_writer": {n: getattr(store, n) for n in store.__slots__},
+                              "index_lock_waits": waits})
 
 
 if __name__ == "__main__":
