@@ -39,6 +39,8 @@ from kvtier.engine.host_buffers import BufferPool
 from kvtier.engine.hot import HotContext
 from kvtier.engine.model import Model, default_model_path
 from kvtier.storage.manager import TierManager
+from kvtier.storage.reads import BlockReader
+from kvtier.storage.tiers import LmdbTier, RocksTier
 
 TIMES: dict[str, list[float]] = defaultdict(list)
 LOCK_WAITS: dict[str, list[float]] = defaultdict(list)
@@ -67,7 +69,8 @@ class TimedLock:
         self.release()
 
 
-def timed(owner, name: str, label: str) -> None:
+def timed(owner, name: str, label: str, engine_only: bool = False) -> None:
+    """Time every call of ``owner.name`` (with ``engine_only``, those on the engine thread)."""
     original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
@@ -75,7 +78,8 @@ def timed(owner, name: str, label: str) -> None:
         try:
             return original(*args, **kwargs)
         finally:
-            TIMES[label].append(time.perf_counter() - start)
+            if not engine_only or threading.current_thread().name == "kvtier-engine":
+                TIMES[label].append(time.perf_counter() - start)
     setattr(owner, name, wrapper)
 
 
@@ -109,6 +113,10 @@ def main() -> None:
     timed(TierManager, "prefetch", "score.prefetch")
     timed(TierManager, "get_blocks_into", "load.decode")
     timed(HotContext, "write_scratch", "load.write")
+    timed(RocksTier, "get_many", "load.read_cool", engine_only=True)
+    timed(LmdbTier, "read_many", "load.read_and_decode_warm", engine_only=True)
+    timed(BlockReader, "_locate", "load.locate", engine_only=True)
+    timed(BlockReader, "_account", "load.account", engine_only=True)
     path = str(args.model or default_model_path())
     model = Model(path)
     kv_bytes = model.kv_bytes_per_token("f16", "f16")

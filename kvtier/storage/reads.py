@@ -52,7 +52,7 @@ class RowTargets:
                   self.v_row_bytes[layer], self.n_rows[j])
 
 LAYER_PARTS = 8
-"""A block read alone is decoded in this many parts of its layers, in parallel."""
+"""A block read alone is read and decoded in this many parts of its layers, in parallel."""
 
 
 class BlockReader:
@@ -91,8 +91,8 @@ class BlockReader:
         v_type)`` of C-contiguous arrays. For each block, None or the error that reading it met
         (a corrupt block is removed, as with :meth:`get_block`).
 
-        Each block is read in a decoding thread, zero-copy where the tier allows (LMDB), and
-        without the index's lock: the pin (a restore holds one) keeps it from moving. Its
+        Each block is read in a decoding thread (a block alone, in parts of its layers on
+        several), zero-copy where the tier allows (LMDB), and without the index's lock: the pin (a restore holds one) keeps it from moving. Its
         records are verified one by one and decoded by one kernel call
         (:class:`codec.DecodeBatch`), so a block costs its bytes, not a Python call per record."""
         located = [self._locate(block) for block in blocks]
@@ -108,23 +108,31 @@ class BlockReader:
             if isinstance(where, KvtierError):
                 return where
             tier, keys = where
+            store = self._p.tiers[tier]
 
-            def run(records: list[bytes | memoryview]) -> None:
-                # A block alone is decoded a few layers per worker (an 8B block's 32 layers took
-                # 14 ms on one core); several blocks, one per worker.
-                parts = LAYER_PARTS if len(blocks) == 1 else 1
-                batches = [codec.DecodeBatch() for _ in range(min(parts, len(records)))]
-                for layer, record in enumerate(records):
-                    add(batches[layer * len(batches) // len(records)], j, layer, record)
-                workers.ENGINE.run_all(batch.run for batch in batches)
+            def part(layers: range) -> None | BlockCorrupt:
+                def run(records: list[bytes | memoryview]) -> None:
+                    batch = codec.DecodeBatch()
+                    for layer, record in zip(layers, records):
+                        add(batch, j, layer, record)
+                    batch.run()
 
-            def into(values: list[bytes | memoryview | None]) -> None | BlockCorrupt:
-                return self._decode_values(blocks[j], tier, values, run)
+                def into(values: list[bytes | memoryview | None]) -> None | BlockCorrupt:
+                    return self._decode_values(blocks[j], tier, values, run)
+                try:
+                    return store.read_many([keys[i] for i in layers], into)
+                except BlockCorrupt as exc:     # the tier could not read it at all
+                    return exc
 
-            try:
-                read = self._p.tiers[tier].read_many(keys, into)
-            except BlockCorrupt as exc:     # the tier could not read it at all
-                read = exc
+            # A block alone is read and decoded a part of its layers per worker (on an H200
+            # host an 8B block from cool took 14 ms to read and as long to decode on one core);
+            # several blocks, one per worker.
+            n = len(keys)
+            parts = min(n, LAYER_PARTS if len(blocks) == 1 else 1) or 1
+            reads = workers.ENGINE.run_all(
+                lambda p=p: part(range(p * n // parts, (p + 1) * n // parts))
+                for p in range(parts))
+            read = next((r for r in reads if r is not None), None)
             result = self._account(blocks[j], tier, read)
             return result if isinstance(result, KvtierError) else None
 

@@ -17,7 +17,6 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from kvtier.cli import build_parser
 from kvtier.cli.common import build_config
 from kvtier.config import Config, TierConfig, parse_size
 from kvtier.http.auth import read_keys_file
+from tests.remote.cluster import free_cluster_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -380,7 +380,7 @@ def test_redis_cluster_has_three_masters_with_a_replica_each():
                     reason="redis-server is not installed (apt-get install redis-server)")
 def test_redis_server_accepts_the_config(tmp_path):
     redis = pytest.importorskip("redis", reason="the redis client comes with the remote tier")
-    port = free_port()
+    port = free_cluster_port()   # cluster mode also needs port + 10000
     command = ["redis-server", str(KUBERNETES / "redis-cluster" / "redis.conf"),
                "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
                "--cluster-config-file", str(tmp_path / "nodes.conf"),
@@ -405,12 +405,6 @@ def test_redis_server_accepts_the_config(tmp_path):
         client.close()
         server.terminate()
         server.wait(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_the_deploy_guide_states_the_config_as_it_is():

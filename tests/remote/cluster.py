@@ -22,7 +22,7 @@ MISSING = None if REDIS_SERVER and REDIS_CLI else \
     "redis-server is not installed (apt-get install -y redis-server)"
 
 
-def _free_port() -> int:
+def free_cluster_port() -> int:
     # Redis Cluster also listens on port + 10000 (the cluster bus): both must be free.
     while True:
         with socket.socket() as sock:
@@ -100,7 +100,7 @@ class Cluster:
 
     def start(self) -> Cluster:
         total = self.masters * (1 + self.replicas)
-        self.nodes = [Node(_free_port(), self.directory / f"node{i}") for i in range(total)]
+        self.nodes = [Node(free_cluster_port(), self.directory / f"node{i}") for i in range(total)]
         for node in self.nodes:
             node.start(self.extra)
         node = self.nodes[0]
