@@ -373,6 +373,9 @@ def options() -> list[Option]:
         Option("K P+PQ d2 b6 norm / V PQ d4 b8 norm", PQV(2, 6, prerope=True), PQV(4, 8)),
         Option("K P+PQ d4 b8 /head norm / V PQ d4 b8 norm", PQV(4, 8, True, prerope=True),
                PQV(4, 8)),
+        # 52-: values by PQ at 3.5 and 4 bits, against scalar Q4 per channel at equal bits.
+        Option("K Q6 chan g256 / V PQ d2 b7", Q(6, "channel", 256), PQV(2, 7, norm=False)),
+        Option("K Q6 chan g256 / V PQ d2 b8", Q(6, "channel", 256), PQV(2, 8, norm=False)),
     ]
 
 
