@@ -229,7 +229,11 @@ class Sizes:
         self.vq_decode_s = 0.0
 
 
-def pq_qdq(x: np.ndarray, q: vq.PQ, positions: np.ndarray, sizes: Sizes
+FIXED_BOOKS: dict[tuple, np.ndarray] = {}
+"""Codebooks of ``fixed`` PQ options by (option, tensor, layer), fit on the first block seen."""
+
+
+def pq_qdq(x: np.ndarray, q: vq.PQ, positions: np.ndarray, sizes: Sizes, key: tuple
            ) -> tuple[np.ndarray, np.ndarray, int]:
     """:func:`qdq` for a PQ option; times the numpy encode (the k-means fit apart from the
     assignment of codes) and decode on this thread, RoPE's inversion for ``prerope`` left out."""
@@ -237,7 +241,10 @@ def pq_qdq(x: np.ndarray, q: vq.PQ, positions: np.ndarray, sizes: Sizes
         x = rotate(x, ROPE, positions, inverse=True)
     t0 = time.thread_time()
     z, mean, scale = vq.normalize(x, q)
-    books = vq.fit(z, q)
+    if q.fixed and key in FIXED_BOOKS:
+        books = FIXED_BOOKS[key]
+    else:
+        books = FIXED_BOOKS.setdefault(key, vq.fit(z, q)) if q.fixed else vq.fit(z, q)
     t1 = time.thread_time()
     e = vq.Encoded(vq.assign(z, q, books), books, mean, scale)
     t2 = time.thread_time()
@@ -250,10 +257,11 @@ def pq_qdq(x: np.ndarray, q: vq.PQ, positions: np.ndarray, sizes: Sizes
     if q.prerope:
         back = rotate(back, ROPE, positions)
     codes = e.codes.astype(np.uint8) if q.b <= 8 else e.codes
-    return back, codes, e.param_bytes()
+    return back, codes, e.param_bytes() - (2 * books.size if q.fixed else 0)
 
 
-def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc) -> LayerKV:
+def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc, index: int = 0
+          ) -> LayerKV:
     exact = codec.SINK_ROWS if block == 0 else 0
     if option.record is not None:
         record = codec.encode_record(layer, option.record, exact)
@@ -267,13 +275,13 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc) -> Layer
         sizes.tokens += layer.n_tokens
         return codec.decode_record(record)[1]
     out = []
-    for t, q in ((layer.k, option.k), (layer.v, option.v)):
+    for role, t, q in (("K", layer.k, option.k), ("V", layer.v, option.v)):
         bits = t.rows.view(np.uint16)
         x = bits.view(np.float16).astype(np.float32)
         head, rest = bits[:exact], x[exact:]
         positions = np.arange(block * 256 + exact, block * 256 + layer.n_tokens)
         if isinstance(q, vq.PQ):
-            back, codes, nparams = pq_qdq(rest, q, positions, sizes)
+            back, codes, nparams = pq_qdq(rest, q, positions, sizes, (option.name, role, index))
         else:
             back, codes, nparams = qdq(rest, q, positions)
         packed = pack(codes, q.bits)
@@ -376,6 +384,12 @@ def options() -> list[Option]:
         # 52-: values by PQ at 3.5 and 4 bits, against scalar Q4 per channel at equal bits.
         Option("K Q6 chan g256 / V PQ d2 b7", Q(6, "channel", 256), PQV(2, 7, norm=False)),
         Option("K Q6 chan g256 / V PQ d2 b8", Q(6, "channel", 256), PQV(2, 8, norm=False)),
+        # 54-: one codebook per layer and tensor, fit on window 0's block 0 and reused (what a
+        # codebook learned once per model would give; not counted in the bytes).
+        Option("K Q6 chan g256 / V PQ d2 b8 fixed", Q(6, "channel", 256),
+               vq.PQ(2, 8, fixed=True)),
+        Option("K Q6 chan g256 / V PQ d2 b8 norm fixed", Q(6, "channel", 256),
+               vq.PQ(2, 8, norm=True, fixed=True)),
     ]
 
 
@@ -514,7 +528,7 @@ def main() -> None:
             return
         nll["live"].extend(-ref[np.arange(len(ref)), cont[1:]])
         for o in opts:
-            new = [(b, [apply(o, layer, b, sizes[o.name], zc) for layer in ls])
+            new = [(b, [apply(o, layer, b, sizes[o.name], zc, i) for i, layer in enumerate(ls)])
                    for b, ls in blocks.items()]
             got = restored_log_probs(hot, layout, new, cont, args.context)
             kls[o.name].extend(np.sum(np.exp(ref) * (ref - got), axis=-1))

@@ -21,7 +21,7 @@ import numpy as np
 class PQ:
     """``d`` channels a sub-vector, ``b`` bits a code, a codebook per record or per ``head``,
     per-channel ``norm``, keys before RoPE (``prerope``), ``iters`` Lloyd iterations from a
-    k-means++ start with a fixed seed."""
+    k-means++ start with a fixed seed, or a ``fixed`` codebook."""
 
     d: int
     b: int
@@ -29,6 +29,9 @@ class PQ:
     norm: bool = False
     prerope: bool = False
     iters: int = 8
+    fixed: bool = False
+    """One codebook per layer and tensor, fit on the first block seen and reused for every later
+    block and window (a stand-in for codebooks learned once per model): not stored per record."""
 
     @property
     def bits(self) -> int:
@@ -37,7 +40,8 @@ class PQ:
 
     def label(self) -> str:
         return (("P+" if self.prerope else "") + f"PQ d{self.d} b{self.b}"
-                + (" /head" if self.per_head else "") + (" norm" if self.norm else ""))
+                + (" /head" if self.per_head else "") + (" norm" if self.norm else "")
+                + (" fixed" if self.fixed else ""))
 
 
 HEAD_DIM = 64
