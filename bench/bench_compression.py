@@ -19,12 +19,14 @@ tensors' error. Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
 import zstandard
 
+from bench import vq
 from bench.bench_fidelity import live_window, restored_log_probs
 from bench.common import document_tokens, print_table, write_json
 from kvtier.config import load_config
@@ -202,8 +204,8 @@ def pack(codes: np.ndarray, bits: int) -> bytes:
 @dataclass(frozen=True)
 class Option:
     name: str
-    k: Quant | None = None
-    v: Quant | None = None
+    k: Quant | vq.PQ | None = None
+    v: Quant | vq.PQ | None = None
     record: RecordFormat | None = None
     """Through kvtier's codec instead of the prototype."""
 
@@ -221,9 +223,45 @@ class Sizes:
         self.zstd = 0
         self.planes = 0
         self.entropy = 0.0
+        self.vq_f16_bytes = 0
+        self.vq_fit_s = 0.0
+        self.vq_assign_s = 0.0
+        self.vq_decode_s = 0.0
 
 
-def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc) -> LayerKV:
+FIXED_BOOKS: dict[tuple, np.ndarray] = {}
+"""Codebooks of ``fixed`` PQ options by (option, tensor, layer), fit on the first block seen."""
+
+
+def pq_qdq(x: np.ndarray, q: vq.PQ, positions: np.ndarray, sizes: Sizes, key: tuple
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`qdq` for a PQ option; times the numpy encode (the k-means fit apart from the
+    assignment of codes) and decode on this thread, RoPE's inversion for ``prerope`` left out."""
+    if q.prerope:
+        x = rotate(x, ROPE, positions, inverse=True)
+    t0 = time.thread_time()
+    z, mean, scale = vq.normalize(x, q)
+    if q.fixed and key in FIXED_BOOKS:
+        books = FIXED_BOOKS[key]
+    else:
+        books = FIXED_BOOKS.setdefault(key, vq.fit(z, q)) if q.fixed else vq.fit(z, q)
+    t1 = time.thread_time()
+    e = vq.Encoded(vq.assign(z, q, books), books, mean, scale)
+    t2 = time.thread_time()
+    back = vq.decode(e, q)
+    t3 = time.thread_time()
+    sizes.vq_f16_bytes += 2 * x.size
+    sizes.vq_fit_s += t1 - t0
+    sizes.vq_assign_s += t2 - t1
+    sizes.vq_decode_s += t3 - t2
+    if q.prerope:
+        back = rotate(back, ROPE, positions)
+    codes = e.codes.astype(np.uint8) if q.b <= 8 else e.codes
+    return back, codes, e.param_bytes() - (2 * books.size if q.fixed else 0)
+
+
+def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc, index: int = 0
+          ) -> LayerKV:
     exact = codec.SINK_ROWS if block == 0 else 0
     if option.record is not None:
         record = codec.encode_record(layer, option.record, exact)
@@ -237,12 +275,15 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc) -> Layer
         sizes.tokens += layer.n_tokens
         return codec.decode_record(record)[1]
     out = []
-    for t, q in ((layer.k, option.k), (layer.v, option.v)):
+    for role, t, q in (("K", layer.k, option.k), ("V", layer.v, option.v)):
         bits = t.rows.view(np.uint16)
         x = bits.view(np.float16).astype(np.float32)
         head, rest = bits[:exact], x[exact:]
         positions = np.arange(block * 256 + exact, block * 256 + layer.n_tokens)
-        back, codes, nparams = qdq(rest, q, positions)
+        if isinstance(q, vq.PQ):
+            back, codes, nparams = pq_qdq(rest, q, positions, sizes, (option.name, role, index))
+        else:
+            back, codes, nparams = qdq(rest, q, positions)
         packed = pack(codes, q.bits)
         raw = 2 * head.size + nparams + len(packed)
         sizes.raw += raw
@@ -261,6 +302,10 @@ def options() -> list[Option]:
 
     def P(bits: int, g: int, nuq: bool = False) -> Quant:
         return Quant(bits, "channel", g, prerope=True, nuq=nuq)
+
+    def PQV(d: int, b: int, per_head: bool = False, norm: bool = True, prerope: bool = False
+            ) -> vq.PQ:
+        return vq.PQ(d, b, per_head, norm, prerope)
 
     return [
         Option("today: Q4 K chan g16 / V tok g16 + zstd", record=RecordFormat(Encoding.Q4, 3)),
@@ -317,6 +362,34 @@ def options() -> list[Option]:
         Option("K Q6 chan g256 / V Q4 chan g64", Q(6, "channel", 256), Q(4, "channel", 64)),
         Option("K Q6 chan g256 / V NUQ4 chan g128", Q(6, "channel", 256),
                Q(4, "channel", 128, nuq=True)),
+        # 38-: product quantization (bench/vq.py), a codebook per record fit by k-means; values
+        # first with q6q4's keys, then keys.
+        Option("K Q6 chan g256 / V PQ d4 b8", Q(6, "channel", 256), PQV(4, 8, norm=False)),
+        Option("K Q6 chan g256 / V PQ d4 b8 norm", Q(6, "channel", 256), PQV(4, 8)),
+        Option("K Q6 chan g256 / V PQ d4 b8 /head norm", Q(6, "channel", 256),
+               PQV(4, 8, per_head=True)),
+        Option("K Q6 chan g256 / V PQ d8 b8 norm", Q(6, "channel", 256), PQV(8, 8)),
+        Option("K Q6 chan g256 / V PQ d2 b4 norm", Q(6, "channel", 256), PQV(2, 4)),
+        Option("K Q6 chan g256 / V PQ d2 b5 norm", Q(6, "channel", 256), PQV(2, 5)),
+        Option("K Q6 chan g256 / V PQ d2 b6 norm", Q(6, "channel", 256), PQV(2, 6)),
+        Option("K Q6 chan g256 / V PQ d2 b6", Q(6, "channel", 256), PQV(2, 6, norm=False)),
+        # 46-: keys by PQ, after and before RoPE, with values at ~3 and ~2 bits.
+        Option("K PQ d2 b8 norm / V PQ d2 b6 norm", PQV(2, 8), PQV(2, 6)),
+        Option("K P+PQ d2 b8 norm / V PQ d2 b6 norm", PQV(2, 8, prerope=True), PQV(2, 6)),
+        Option("K P+PQ d2 b7 norm / V PQ d2 b6 norm", PQV(2, 7, prerope=True), PQV(2, 6)),
+        Option("K P+PQ d2 b7 norm / V PQ d4 b8 norm", PQV(2, 7, prerope=True), PQV(4, 8)),
+        Option("K P+PQ d2 b6 norm / V PQ d4 b8 norm", PQV(2, 6, prerope=True), PQV(4, 8)),
+        Option("K P+PQ d4 b8 /head norm / V PQ d4 b8 norm", PQV(4, 8, True, prerope=True),
+               PQV(4, 8)),
+        # 52-: values by PQ at 3.5 and 4 bits, against scalar Q4 per channel at equal bits.
+        Option("K Q6 chan g256 / V PQ d2 b7", Q(6, "channel", 256), PQV(2, 7, norm=False)),
+        Option("K Q6 chan g256 / V PQ d2 b8", Q(6, "channel", 256), PQV(2, 8, norm=False)),
+        # 54-: one codebook per layer and tensor, fit on window 0's block 0 and reused (what a
+        # codebook learned once per model would give; not counted in the bytes).
+        Option("K Q6 chan g256 / V PQ d2 b8 fixed", Q(6, "channel", 256),
+               vq.PQ(2, 8, fixed=True)),
+        Option("K Q6 chan g256 / V PQ d2 b8 norm fixed", Q(6, "channel", 256),
+               vq.PQ(2, 8, norm=True, fixed=True)),
     ]
 
 
@@ -455,7 +528,7 @@ def main() -> None:
             return
         nll["live"].extend(-ref[np.arange(len(ref)), cont[1:]])
         for o in opts:
-            new = [(b, [apply(o, layer, b, sizes[o.name], zc) for layer in ls])
+            new = [(b, [apply(o, layer, b, sizes[o.name], zc, i) for i, layer in enumerate(ls)])
                    for b, ls in blocks.items()]
             got = restored_log_probs(hot, layout, new, cont, args.context)
             kls[o.name].extend(np.sum(np.exp(ref) * (ref - got), axis=-1))
@@ -479,6 +552,19 @@ def main() -> None:
                      r["kl_mean"], r["kl_p95"], 100 * r["top1_agreement"], r["ppl_ratio"]])
     print_table(["option", "x f16", "zstd", "bytes+zstd", "entropy", "KL mean", "KL p95",
                  "top-1 %", "ppl ratio"], rows)
+    speed = []
+    for o in opts:
+        s = sizes[o.name]
+        if s.vq_f16_bytes:
+            gbs = {"fit_and_assign": s.vq_f16_bytes / (s.vq_fit_s + s.vq_assign_s) / 1e9,
+                   "assign_only": s.vq_f16_bytes / s.vq_assign_s / 1e9,
+                   "decode": s.vq_f16_bytes / s.vq_decode_s / 1e9}
+            results[o.name]["numpy_pq_gb_per_s_per_core"] = gbs
+            speed.append([o.name, gbs["fit_and_assign"], gbs["assign_only"], gbs["decode"]])
+    if speed:
+        print("PQ tensors, numpy on one thread, GB/s of f16 (set OPENBLAS_NUM_THREADS=1):")
+        print_table(["option", "encode (k-means + codes)", "codes only (given codebook)",
+                     "decode"], speed)
     path = write_json(args.name, {"windows": args.windows, "context": args.context,
                                       "continue": args.cont, "live_perplexity": ppl_live,
                                       "results": results})
