@@ -118,8 +118,8 @@ class SummaryStack:
         self._lo = np.empty((layers, n_kv, 0, dim), dtype=np.float32)
         self._hi = np.empty_like(self._lo)
         self._reps: np.ndarray | None = None
-        """(layers, kv, capacity, n, dim), while every block added has ``n`` representatives."""
-        self._all_reps = True
+        """(layers, kv, capacity, n, dim) while every block added has ``n`` representatives
+        (None from the first that has not)."""
 
     def __contains__(self, block: int) -> bool:
         return block in self._added
@@ -131,33 +131,22 @@ class SummaryStack:
         """Add block ``block``'s summary: ranges (layers, kv, dim), representatives (layers, n,
         kv, dim) or None."""
         j = len(self.blocks)
+        if j == 0 and reps is not None:
+            layers, n_kv, _, dim = self._lo.shape
+            self._reps = np.empty((layers, n_kv, 0, reps.shape[1], dim), dtype=np.float32)
         if j == self._lo.shape[2]:
-            self._grow(max(16, 2 * j), None if reps is None else reps.shape[1])
+            self._lo, self._hi = _grown(self._lo, j), _grown(self._hi, j)
+            if self._reps is not None:
+                self._reps = _grown(self._reps, j)
         self._lo[:, :, j] = lo
         self._hi[:, :, j] = hi
-        if reps is None or self._reps is None or reps.shape[1] != self._reps.shape[3]:
-            self._all_reps = False
-        if self._all_reps:
-            self._reps[:, :, j] = reps.transpose(0, 2, 1, 3)
+        if self._reps is not None:
+            if reps is None or reps.shape[1] != self._reps.shape[3]:
+                self._reps = None
+            else:
+                self._reps[:, :, j] = reps.transpose(0, 2, 1, 3)
         self.blocks.append(block)
         self._added.add(block)
-
-    def _grow(self, capacity: int, n_reps: int | None) -> None:
-        j = len(self.blocks)
-        layers, n_kv, _, dim = self._lo.shape
-        for name in ("_lo", "_hi"):
-            grown = np.empty((layers, n_kv, capacity, dim), dtype=np.float32)
-            grown[:, :, :j] = getattr(self, name)[:, :, :j]
-            setattr(self, name, grown)
-        if self._all_reps:
-            n = self._reps.shape[3] if self._reps is not None else n_reps
-            if n is None:
-                self._all_reps = False
-                return
-            grown = np.empty((layers, n_kv, capacity, n, dim), dtype=np.float32)
-            if self._reps is not None:
-                grown[:, :, :j] = self._reps[:, :, :j]
-            self._reps = grown
 
     def shares(self, queries: np.ndarray, by: str = "bound") -> np.ndarray:
         """Each added block's share of the queries' attention (in :attr:`blocks` order), by
@@ -166,6 +155,15 @@ class SummaryStack:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if n == 0 or queries.shape[1] == 0:
             return np.zeros(n, dtype=np.float64)
-        if by == "keys" and self._all_reps and self._reps is not None:
+        if by == "keys" and self._reps is not None:
             return representative_shares(queries, self._reps[:, :, :n])
         return bound_shares(queries, self._lo[:, :, :n], self._hi[:, :, :n])
+
+
+def _grown(array: np.ndarray, used: int) -> np.ndarray:
+    """``array`` with twice the room (16 at least) along axis 2, its first ``used`` kept."""
+    shape = list(array.shape)
+    shape[2] = max(16, 2 * used)
+    grown = np.empty(shape, dtype=array.dtype)
+    grown[:, :, :used] = array[:, :, :used]
+    return grown

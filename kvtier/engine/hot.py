@@ -12,7 +12,6 @@ Only the engine thread touches this object (llama.cpp contexts are not thread-sa
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from kvtier.engine.sizing import HotSizing, hot_sizing
 from kvtier.engine.slots import Slot
 from kvtier.errors import KvtierError, StateRejected
 from kvtier.ggml import CACHE_TYPES
+from kvtier.storage.workers import n_cores
 
 FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
               "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -78,7 +78,7 @@ class HotContext:
         self.swa_full = cfg.swa_full
         params.cb_eval = self.capture.callback
         params.cb_eval_user_data = self.capture.user_data
-        threads = cfg.n_threads or _cpu_count()
+        threads = cfg.n_threads or n_cores()
         params.n_threads = threads
         params.n_threads_batch = threads
         params.flash_attn_type = FLASH_ATTN[cfg.flash_attn]
@@ -247,7 +247,3 @@ class HotContext:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self.ptr)
             self.ptr = None
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

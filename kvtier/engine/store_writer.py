@@ -27,7 +27,6 @@ back from the job's buffer (:meth:`StoreWriter.read_pending`), never waited for.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -43,6 +42,7 @@ from kvtier.engine.state_codec import SequenceState, parse
 from kvtier.errors import STORAGE_FAULTS, KvtierError, UnsupportedLayout
 from kvtier.storage.manager import TierManager
 from kvtier.storage.records import BlockId, ChainHash, LayerKV, Namespace, TensorRows
+from kvtier.storage.workers import n_cores
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def write_blocks(manager: TierManager, states: Sequence[SequenceState],
 def default_threads() -> int:
     """Blocks a writer encodes at once: a quarter of the cores (one on a small machine, where
     llama.cpp needs every core to decode)."""
-    return max(1, len(os.sched_getaffinity(0)) // 4)
+    return max(1, n_cores() // 4)
 
 
 class StoreWriter:

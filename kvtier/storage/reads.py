@@ -79,10 +79,8 @@ class BlockReader:
         """Several blocks, decoded in parallel (the quantizers hold no GIL): for each, its layers
         or the :class:`BlockMissing` / :class:`BlockCorrupt` that reading it met."""
         fetched = [self._fetch(block) for block in blocks]
-        if len(blocks) < 2:
-            return [self._decode(b, f) for b, f in zip(blocks, fetched)]
         return workers.ENGINE.run_all(lambda b=b, f=f: self._decode(b, f)
-                               for b, f in zip(blocks, fetched))
+                                      for b, f in zip(blocks, fetched))
 
     def get_blocks_into(self, blocks: Sequence[BlockId],
                         destination: RowTargets | RowDestination) -> list[KvtierError | None]:
@@ -92,8 +90,8 @@ class BlockReader:
         (a corrupt block is removed, as with :meth:`get_block`).
 
         Each block is read in a decoding thread (a block alone, in parts of its layers on
-        several), zero-copy where the tier allows (LMDB), and without the index's lock: the pin (a restore holds one) keeps it from moving. Its
-        records are verified one by one and decoded by one kernel call
+        several), zero-copy where the tier allows (LMDB), and without the index's lock: the pin
+        (a restore holds one) keeps it from moving. Its records are verified one by one and decoded by one kernel call
         (:class:`codec.DecodeBatch`), so a block costs its bytes, not a Python call per record."""
         located = [self._locate(block) for block in blocks]
         if isinstance(destination, RowTargets):
@@ -127,11 +125,9 @@ class BlockReader:
             # A block alone is read and decoded a part of its layers per worker (on an H200
             # host an 8B block from cool took 14 ms to read and as long to decode on one core);
             # several blocks, one per worker.
-            n = len(keys)
-            parts = min(n, LAYER_PARTS if len(blocks) == 1 else 1) or 1
-            reads = workers.ENGINE.run_all(
-                lambda p=p: part(range(p * n // parts, (p + 1) * n // parts))
-                for p in range(parts))
+            parts = LAYER_PARTS if len(blocks) == 1 else 1
+            reads = workers.ENGINE.run_all(lambda span=span: part(span)
+                                           for span in workers.spans(len(keys), parts))
             read = next((r for r in reads if r is not None), None)
             result = self._account(blocks[j], tier, read)
             return result if isinstance(result, KvtierError) else None

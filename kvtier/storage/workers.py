@@ -30,6 +30,13 @@ def n_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def spans(n: int, parts: int) -> list[range]:
+    """``range(n)`` cut into ``parts`` runs of consecutive indices, as even as they go (fewer
+    when ``n`` is smaller; one, empty, when ``n`` is 0)."""
+    parts = max(1, min(n, parts))
+    return [range(p * n // parts, (p + 1) * n // parts) for p in range(parts)]
+
+
 def _mark() -> None:
     _local.worker = True
 
@@ -78,10 +85,8 @@ class Workers:
     def map_in_parts(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """``fn`` of every item, in order: the items split in one run of consecutive items per
         thread (a call per item would cost more than the kernels of a small record)."""
-        n = len(items)
-        parts = min(n, self.n_threads + 1)
-        runs = self.run_all(lambda p=p: [fn(x) for x in items[p * n // parts:(p + 1) * n // parts]]
-                            for p in range(parts))
+        runs = self.run_all(lambda span=span: [fn(items[i]) for i in span]
+                            for span in spans(len(items), self.n_threads + 1))
         return [result for run in runs for result in run]
 
 

@@ -6,13 +6,19 @@ import time
 
 import pytest
 
-from kvtier.storage.workers import ENGINE, STORE
+from kvtier.storage.workers import ENGINE, STORE, spans
 
 
 def test_results_come_in_the_order_of_the_calls() -> None:
     assert ENGINE.run_all(lambda i=i: i * i for i in range(20)) == [i * i for i in range(20)]
     assert STORE.map_in_parts(lambda x: x + 1, list(range(37))) == list(range(1, 38))
     assert ENGINE.map_in_parts(lambda x: x, []) == []
+
+
+def test_spans_cut_a_range_into_even_runs() -> None:
+    assert spans(10, 3) == [range(0, 3), range(3, 6), range(6, 10)]
+    assert spans(2, 8) == [range(0, 1), range(1, 2)]
+    assert spans(0, 4) == [range(0, 0)]
 
 
 def test_an_error_is_raised_once_every_call_is_done() -> None:
