@@ -78,6 +78,8 @@ def run(method: str, args: argparse.Namespace, model: Model) -> list[dict]:
         "data_dir": tempfile.mkdtemp(prefix="kvtier-bench-multiturn-"), "model.n_slots": 1,
         "model.context_size": args.tokens + 4096, "model.block_size": args.block_size,
         "working_set.sink_blocks": args.sink, "working_set.recent_blocks": args.recent,
+        "working_set.query_layer_stride": args.query_layer_stride,
+        "working_set.keep_margin": args.keep_margin,
         "tiers.gpu_vram_budget": hot * model.kv_bytes_per_token("f16", "f16")}))
     rng = random.Random(args.tokens)
     facts = [(COLOURS[i], rng.randint(10000, 99999)) for i in range(args.facts)]
@@ -119,6 +121,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--sink", type=int, default=1, help="working_set.sink_blocks")
     parser.add_argument("--recent", type=int, default=2, help="working_set.recent_blocks")
+    parser.add_argument("--query-layer-stride", type=int, default=1,
+                        help="working_set.query_layer_stride")
+    parser.add_argument("--keep-margin", type=float, default=0.0,
+                        help="working_set.keep_margin")
     parser.add_argument("--methods", nargs="+", default=["full", "kvtier"],
                         choices=["full", "kvtier"])
     parser.add_argument("--out", default="multiturn", help="results file name (no .json)")
@@ -139,7 +145,9 @@ def main() -> None:
                   f"block held in {sum(r['fact_held'] for r in rows)}/{len(rows)}")
     write_json(args.out, {"tokens": args.tokens, "hot_tokens": args.hot,
                           "block_size": args.block_size, "sink_blocks": args.sink,
-                          "recent_blocks": args.recent, "results": results})
+                          "recent_blocks": args.recent,
+                          "query_layer_stride": args.query_layer_stride,
+                          "keep_margin": args.keep_margin, "results": results})
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def run(model: Model, tokens: np.ndarray, method: str, args: argparse.Namespace)
                 "model.context_size": len(tokens) + block, "model.block_size": block,
                 "tiers.gpu_vram_budget": share * per_token,
                 "working_set.sink_blocks": args.sink, "working_set.recent_blocks": args.recent,
-                "working_set.score": args.score}
+                "working_set.score": args.score,
+                "working_set.query_layer_stride": args.query_layer_stride,
+                "working_set.keep_margin": args.keep_margin}
     if method == "own":
         settings["working_set.positions"] = "own"
     if method == "sinks+recent":
@@ -108,6 +110,11 @@ def main() -> None:
     parser.add_argument("--query-tokens", type=int, default=8,
                         help="working_set.query_tokens: the queries of this many last tokens of "
                              "a chunk choose the next chunk's working set")
+    parser.add_argument("--query-layer-stride", type=int, default=1,
+                        help="working_set.query_layer_stride: queries of every n-th layer score")
+    parser.add_argument("--keep-margin", type=float, default=0.0,
+                        help="working_set.keep_margin: a held block stays against a candidate "
+                             "scoring up to this fraction more")
     parser.add_argument("--select-every", type=int, default=1,
                         help="choose the working set after every this many chunks (1: each)")
     parser.add_argument("--own-queries", action="store_true",
@@ -129,6 +136,8 @@ def main() -> None:
                             "recent": args.recent, "score": args.score,
                             "query_tokens": args.query_tokens, "own_queries": args.own_queries,
                             "select_every": args.select_every,
+                            "query_layer_stride": args.query_layer_stride,
+                            "keep_margin": args.keep_margin,
                             "perplexity": ppl, "ratio": ppl / base})
             rows.append([offset, method, f"{ppl:.3f}", f"{ppl / base:.4f}"])
             print(results[-1], flush=True)

@@ -20,6 +20,7 @@ working set) and prints the ratio of the two wall times. Writes bench/results/wi
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import threading
@@ -39,6 +40,7 @@ from kvtier.engine.host_buffers import BufferPool
 from kvtier.engine.hot import HotContext
 from kvtier.engine.model import Model, default_model_path
 from kvtier.storage.manager import TierManager
+from kvtier.storage import workers
 from kvtier.storage.reads import BlockReader
 from kvtier.storage.tiers import LmdbTier, RocksTier
 
@@ -83,6 +85,17 @@ def timed(owner, name: str, label: str, engine_only: bool = False) -> None:
     setattr(owner, name, wrapper)
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` as a config override; VALUE parsed as JSON where it is JSON."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
@@ -97,7 +110,16 @@ def main() -> None:
                         help="time every wait for the store index's lock, per thread")
     parser.add_argument("--baseline", action="store_true",
                         help="also serve the prompt with all of it hot (full attention)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config setting for the working-set run, e.g. "
+                             "working_set.query_layer_stride=2 (repeatable; VALUE as JSON)")
+    parser.add_argument("--store-threads", type=int, default=0,
+                        help="threads of the store's worker pool (workers.STORE; 0: its default, "
+                             "a quarter of the cores)")
     args = parser.parse_args()
+    settings = dict(_setting(s) for s in args.set)
+    if args.store_threads:
+        workers.STORE = workers.Workers(workers.STORE.name, lambda: args.store_threads)
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
     for name in ("score", "replan", "apply", "_load", "store_block"):
@@ -122,12 +144,12 @@ def main() -> None:
     kv_bytes = model.kv_bytes_per_token("f16", "f16")
     model.close()
 
-    def serve(hot_tokens: int):
+    def serve(hot_tokens: int, extra: dict):
         engine = Engine(load_config(None, {
             "data_dir": tempfile.mkdtemp(prefix="kvtier-bench-window-"), "model.n_slots": 1,
             "model.model_path": path,
             "model.context_size": args.tokens + 4096, "model.block_size": args.block_size,
-            "tiers.gpu_vram_budget": hot_tokens * kv_bytes}))
+            "tiers.gpu_vram_budget": hot_tokens * kv_bytes, **extra}))
         count = lambda text: len(engine.model.tokenize(text, add_special=False))  # noqa: E731
         if args.lock_waits:
             index = engine.manager._index
@@ -148,10 +170,10 @@ def main() -> None:
 
     baseline = None
     if args.baseline:
-        baseline, _, _ = serve(args.tokens + 4096)
+        baseline, _, _ = serve(args.tokens + 4096, {})
         TIMES.clear()
         LOCK_WAITS.clear()
-    wall, stats, store = serve(args.hot)
+    wall, stats, store = serve(args.hot, settings)
     if baseline is not None:
         print(f"working set / full attention: {wall / baseline:.2f}x the wall time")
     rows, results = [], {}
@@ -169,6 +191,7 @@ def main() -> None:
     write_json(args.out, {"tokens": args.tokens, "hot_tokens": args.hot, "wall_s": wall,
                           "switch_interval_s": sys.getswitchinterval(),
                           "full_attention_wall_s": baseline, "model": Path(path).name,
+                          "settings": settings, "store_threads": workers.STORE.n_threads,
                               "block_size": args.block_size, "steps": results,
                               "working_set": {n: getattr(stats, n) for n in stats.__slots__},
                               "store_writer": {n: getattr(store, n) for n in store.__slots__},

@@ -201,6 +201,9 @@ class WorkingSetConfig(_Section):
     top_k: Annotated[int, Field(ge=0)] = 0
     """Older blocks held for the current query, best-scored first; 0: as many as the slot's
     share holds after the sinks and the recent blocks."""
+    keep_margin: Annotated[float, Field(ge=0)] = 0.0
+    """A held block stays against a candidate that scores up to this fraction more (0.25: a
+    quarter more): fewer blocks are loaded for near-equal ones."""
     reselect_tokens: Annotated[int, Field(ge=1)] = 64
     """While generating, the working set is chosen again every this many tokens."""
     query_tokens: Annotated[int, Field(ge=1, le=64)] = 8

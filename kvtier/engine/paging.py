@@ -386,7 +386,7 @@ class Window:
         may start a new block) and keep the plan until :meth:`apply`."""
         bs = self.block_size
         span = self.n_tokens + n_upcoming
-        wanted = working_set.select(-(-span // bs), self.scores, self.sizing.shape)
+        wanted = working_set.select(-(-span // bs), self.scores, self.sizing.shape, self.held)
         # The new block is not a block yet; a block whose write failed cannot come back.
         wanted = [b for b in wanted if b < self.n_blocks and (b in self.held or
                                                               b not in self._failed)]

@@ -83,7 +83,8 @@ def hot_sizing(config: Config, kv_bytes_per_token: int, n_ctx_train: int,
                     "tiers.gpu_vram_budget for longer ones)", slot_tokens, context_size)
         context_size = slot_tokens
     blocks = slot_tokens // bs
-    shape = _shape(blocks, ws.sink_blocks, ws.recent_blocks, ws.top_k, context_size > slot_tokens)
+    shape = _shape(blocks, ws.sink_blocks, ws.recent_blocks, ws.top_k, context_size > slot_tokens,
+                   ws.keep_margin)
     max_position = ws.max_position or n_ctx_train or context_size
     if max_position < slot_tokens:
         raise ConfigError("working_set.max_position",
@@ -93,7 +94,8 @@ def hot_sizing(config: Config, kv_bytes_per_token: int, n_ctx_train: int,
                      mc.n_slots, shape, max_position, ws.positions == "packed")
 
 
-def _shape(blocks: int, sink: int, recent: int, top_k: int, needed: bool) -> Shape:
+def _shape(blocks: int, sink: int, recent: int, top_k: int, needed: bool,
+           keep: float = 0.0) -> Shape:
     """The working set a share of ``blocks`` holds; checked only where conversations can
     outgrow their share. A share that sinks and recent blocks fill leaves no room for selected
     blocks: a StreamingLLM-like window, allowed (a baseline to compare with) but said."""
@@ -110,4 +112,4 @@ def _shape(blocks: int, sink: int, recent: int, top_k: int, needed: bool) -> Sha
     if not needed:
         return Shape(0, 1, max(blocks, 1))
     budget = sink + recent + (min(top_k, room) if top_k else room)
-    return Shape(sink, recent, budget)
+    return Shape(sink, recent, budget, keep)

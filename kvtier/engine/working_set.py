@@ -20,7 +20,7 @@ tier from one to the other: blocks to drop, blocks to move, blocks to bring in f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -32,19 +32,27 @@ class Shape:
     recent: int = 2
     budget: int = 4
     """Blocks held in all; what is left after sink and recent goes to the best-scored others."""
+    keep: float = 0.0
+    """A held block keeps its place against a candidate that scores up to this fraction more
+    (0.25: a quarter): a selection then swaps fewer blocks for near-equal ones."""
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.recent < 1 or self.budget < self.sink + self.recent:
             raise ValueError(f"a working set of {self.budget} blocks cannot hold {self.sink} "
                              f"sink and {self.recent} recent blocks (at least one recent)")
+        if self.keep < 0:
+            raise ValueError(f"keep must be at least 0, got {self.keep}")
 
 
-def select(n_blocks: int, scores: Mapping[int, float], shape: Shape) -> list[int]:
+def select(n_blocks: int, scores: Mapping[int, float], shape: Shape,
+           held: Collection[int] = ()) -> list[int]:
     """The blocks to hold, ascending: sinks, the recent window, then the best-scored others.
 
     ``n_blocks`` counts the sequence's blocks (a partial tail included: it is the last one).
-    ``scores`` may name any blocks; unscored candidates rank below every scored one, later blocks
-    first among equals. A sequence of at most ``shape.budget`` blocks is held whole.
+    ``scores`` (at least 0) may name any blocks; unscored candidates rank below every scored
+    one, later blocks first among equals. Blocks in ``held`` (those in the hot tier now) rank as
+    if they scored ``1 + shape.keep`` times their score. A sequence of at most ``shape.budget``
+    blocks is held whole.
     """
     if n_blocks <= shape.budget:
         return list(range(n_blocks))
@@ -52,7 +60,12 @@ def select(n_blocks: int, scores: Mapping[int, float], shape: Shape) -> list[int
     recent = range(max(len(sink), n_blocks - shape.recent), n_blocks)
     candidates = [b for b in range(len(sink), recent.start)]
     room = shape.budget - len(sink) - len(recent)
-    ranked = sorted(candidates, key=lambda b: (-scores.get(b, float("-inf")), -b))
+    keep = 1.0 + shape.keep
+
+    def rank(b: int) -> tuple[float, int]:
+        score = scores.get(b, float("-inf"))
+        return -(score * keep if b in held else score), -b
+    ranked = sorted(candidates, key=rank)
     return sorted([*sink, *ranked[:room], *recent])
 
 

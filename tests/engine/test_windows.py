@@ -87,6 +87,23 @@ def test_blocks_still_queued_for_the_store_come_back_from_the_writer(tmp_path, k
         engine.close()
 
 
+def test_a_keep_margin_loads_fewer_blocks_and_still_finds_the_key(tmp_path, key):
+    # Over filler text every block scores about the same: without a margin each selection swaps
+    # held blocks for others scoring a little more; with one, held blocks stay, and the key's
+    # block, which the question scores far above the rest, still comes in.
+    loads = {}
+    for margin in (0.0, 0.25):
+        engine = long_engine(tmp_path / str(margin), **{"working_set.keep_margin": margin})
+        try:
+            text = passkey.prompt(N_PROMPT, 0.3, key, count(engine))
+            done = engine.generate(GenerationRequest(prompt=text, sampling=ANSWER))
+            assert passkey.found(done.text, key), (margin, done.text)
+            loads[margin] = engine.cache_stats().working_set.loads
+        finally:
+            engine.close()
+    assert 0 < loads[0.25] < loads[0.0], loads
+
+
 def test_sinks_and_recent_blocks_alone_miss_the_key(tmp_path, key):
     # The same share filled by sinks and recent blocks (StreamingLLM's window): no block chosen.
     engine = long_engine(tmp_path, **{"working_set.recent_blocks": 3})

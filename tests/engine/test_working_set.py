@@ -56,3 +56,17 @@ def test_plan_drops_moves_and_loads() -> None:
     shifted = plan({0: 0, 9: 2304}, {0: 0, 9: 256})
     assert shifted.move == [Move(9, 2304, 256)] and not shifted.drop and not shifted.load
     assert plan(current, current).empty
+
+
+def test_a_held_block_keeps_its_place_against_a_candidate_within_the_keep_margin():
+    scores = {1: 1.0, 2: 1.2, 3: 0.5}
+    assert select(8, scores, Shape(1, 2, 4)) == [0, 2, 6, 7]
+    assert select(8, scores, Shape(1, 2, 4), held={1: 256}) == [0, 2, 6, 7]    # no margin
+    assert select(8, scores, Shape(1, 2, 4, keep=0.25), held={1: 256}) == [0, 1, 6, 7]
+    assert select(8, scores, Shape(1, 2, 4, keep=0.1), held={1: 256}) == [0, 2, 6, 7]
+    assert select(8, scores, Shape(1, 2, 4, keep=0.25), held={3: 256}) == [0, 2, 6, 7]
+
+
+def test_a_negative_keep_margin_is_refused():
+    with pytest.raises(ValueError, match="keep"):
+        Shape(1, 2, 4, keep=-0.1)
