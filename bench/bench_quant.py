@@ -5,8 +5,8 @@ Run from the repository root::
     python -m bench.bench_quant [--quick] [--records-only]
 
 Prints the tables and writes ``bench/results/quant.json`` (``--records-only``:
-``bench/results/quant_records.json``, the records table alone). Throughput is GB/s (1e9 bytes) of f16
-(2 bytes per value) each way: f16 bits in -> payload (encode), payload -> f16 bits out (decode,
+``bench/results/quant_records.json``, the records table alone). Throughput is GB/s (1e9 bytes) of
+f16 (2 bytes per value) each way: f16 bits in -> payload (encode), payload -> f16 bits out (decode,
 into a preallocated buffer: the restore path). Data: synthetic keys with RoPE and a few large,
 offset, low-frequency channels (as real keys have) and values with per-token scale variation, in
 blocks of 256 tokens x 192 values (SmolLM2: 3 KV heads x 64), 30 layers x 16 blocks per timing;
