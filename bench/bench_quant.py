@@ -2,14 +2,20 @@
 
 Run from the repository root::
 
-    python -m bench.bench_quant [--quick]
+    python -m bench.bench_quant [--quick] [--records-only]
 
-Prints the tables and writes ``bench/results/quant.json``. Throughput is GB/s (1e9 bytes) of f16
-(2 bytes per value) each way: f16 bits in -> payload (encode), payload -> f16 bits out (decode,
+Prints the tables and writes ``bench/results/quant.json`` (``--records-only``:
+``bench/results/quant_records.json``, the records table alone). Throughput is GB/s (1e9 bytes) of
+f16 (2 bytes per value) each way: f16 bits in -> payload (encode), payload -> f16 bits out (decode,
 into a preallocated buffer: the restore path). Data: synthetic keys with RoPE and a few large,
 offset, low-frequency channels (as real keys have) and values with per-token scale variation, in
 blocks of 256 tokens x 192 values (SmolLM2: 3 KV heads x 64), 30 layers x 16 blocks per timing;
 decoding writes each block into its rows of one state-sized buffer, as a restore does.
+
+The records table times whole warm records (:mod:`kvtier.storage.codec`: K and V, header, checksum
+and the zstd frame when the format has one) through ``encode_record`` and a restore's batched
+decode (``DecodeBatch``) on one thread, per tier format and zstd level, against the
+uncompressed record in the same run.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,12 +35,18 @@ import numba
 import numpy as np
 
 from bench.common import machine
-from kvtier.storage import quant
+from kvtier.ggml import F16
+from kvtier.storage import codec, quant
 from kvtier.storage.quant import Encoding, Grouping
+from kvtier.storage.records import LayerKV, TensorRows
+from kvtier.storage.tiers import LmdbTier
 
 TOKENS, WIDTH, HEAD_DIM = 256, 192, 64
 LAYERS, BLOCKS = 30, 16
 RESULTS = Path(__file__).resolve().parent / "results" / "quant.json"
+RECORDS_RESULTS = RESULTS.with_name("quant_records.json")
+RECORD_FORMATS = [("q8c", 0), ("q8c", 1), ("q8c", 3), ("q8", 0), ("q8", 1)]
+"""Warm formats and zstd levels of the records table; the first is the baseline."""
 LEVELS = {Encoding.Q8: 255, Encoding.Q4: 15, Encoding.Q6: 63}
 NAN_BITS = np.uint16(0x7E00)
 GS = quant.DEFAULT_GROUP_SIZE
@@ -283,6 +296,62 @@ def _crossover(blocks: list[np.ndarray], repeats: int) -> list[dict[str, float]]
     return rows
 
 
+def _records(keys: list[np.ndarray], values: list[np.ndarray], repeats: int) -> list[dict]:
+    """Whole records per core: encode (``encode_record``) and the restore's batched decode into
+    one state buffer (``DecodeBatch``), GB/s of f16 by thread CPU time, and their LMDB size."""
+    layers = [LayerKV(TensorRows(F16.id, k.view(np.uint8)), TensorRows(F16.id, v.view(np.uint8)))
+              for k, v in zip(keys, values)]
+    nbytes = sum(layer.nbytes for layer in layers)
+    row_bytes = 2 * WIDTH
+    state_k = np.empty((len(layers) * TOKENS, row_bytes), np.uint8)
+    state_v = np.empty_like(state_k)
+    quant.set_threads(1)
+    lmdb = LmdbTier(Path(tempfile.mkdtemp(prefix="kvtier-bench-quant-")), 1 << 20)
+    rows = []
+    for name, level in RECORD_FORMATS:
+        fmt = codec.tier_format(name, level)
+        records = [codec.encode_record(layer, fmt) for layer in layers]
+
+        def encode() -> None:
+            for layer in layers:
+                codec.encode_record(layer, fmt)
+
+        def decode() -> None:
+            batch = codec.DecodeBatch()
+            for i, record in enumerate(records):
+                rows_at = slice(i * TOKENS, (i + 1) * TOKENS)
+                batch.add_into(record, state_k[rows_at], state_v[rows_at], F16.id, F16.id)
+            batch.run()
+        _, enc_cpu, enc_best = _timed(encode, repeats)
+        _, dec_cpu, dec_best = _timed(decode, repeats)
+        stored = sum(lmdb.stored_bytes(len(r)) for r in records)
+        rows.append({"format": name, "zstd_level": level,
+                     "record_bytes": sum(map(len, records)) / len(records),
+                     "lmdb_pages": stored / len(records) / 4096, "x_f16": stored / nbytes,
+                     "encode_cpu": nbytes / enc_cpu / 1e9,
+                     "encode_cpu_best": nbytes / enc_best / 1e9,
+                     "decode_cpu": nbytes / dec_cpu / 1e9,
+                     "decode_cpu_best": nbytes / dec_best / 1e9})
+    lmdb.close()
+    base = rows[0]
+    for row in rows:
+        for d in ("encode", "decode"):
+            row[f"{d}_x_base"] = row[f"{d}_cpu"] / base[f"{d}_cpu"]
+    return rows
+
+
+def _print_records(rows: list[dict], n_blocks: int, repeats: int) -> None:
+    print(f"\nwhole records, one thread ({n_blocks} layers of {TOKENS} tokens, synthetic KV; "
+          f"median of {repeats}; GB/s of f16 by thread CPU time, x = against {rows[0]['format']} "
+          f"zstd {rows[0]['zstd_level']} in this run)")
+    print(f"{'format':8} {'zstd':>4} {'record B':>9} {'pages':>6} {'x f16':>6} {'encode':>7} "
+          f"{'x':>5} {'decode':>7} {'x':>5}")
+    for r in rows:
+        print(f"{r['format']:8} {r['zstd_level']:4d} {r['record_bytes']:9.0f} "
+              f"{r['lmdb_pages']:6.2f} {r['x_f16']:6.3f} {r['encode_cpu']:7.2f} "
+              f"{r['encode_x_base']:5.2f} {r['decode_cpu']:7.2f} {r['decode_x_base']:5.2f}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Reconstruction error
 
@@ -376,10 +445,23 @@ def _check_same_bytes(keys: list[np.ndarray], values: list[np.ndarray]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer blocks and repeats")
+    parser.add_argument("--records-only", action="store_true",
+                        help="only the whole-records table (bench/results/quant_records.json)")
     args = parser.parse_args()
     n_blocks = 2 * BLOCKS if args.quick else LAYERS * BLOCKS
     repeats, numpy_repeats = (3, 1) if args.quick else (7, 3)
     keys, values = synthetic_kv(np.random.default_rng(0), n_blocks)
+    if args.records_only:
+        codec.warm_up()
+        records = _records(keys, values, repeats)
+        _print_records(records, n_blocks, repeats)
+        RECORDS_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RECORDS_RESULTS.write_text(json.dumps({
+            "command": "python -m bench.bench_quant --records-only"
+                       + (" --quick" if args.quick else ""),
+            "machine": machine(), "records": records}, indent=1) + "\n")
+        print(f"\nwrote {RECORDS_RESULTS}")
+        return
     _check_same_bytes(keys, values)  # also compiles (or loads) every kernel
     gs = GS
 
@@ -419,6 +501,9 @@ def main() -> None:
                  for g in Grouping for d in ("encode", "decode")]
         print(f"  {r['n_tokens']:5d} tokens: " + "   ".join(parts))
 
+    records = _records(keys, values, repeats)
+    _print_records(records, n_blocks, repeats)
+
     errors = _errors(keys[:64], values[:64])
     print("\nreconstruction error (64 blocks): relative RMSE, max |error|, bytes per value")
     for e in errors:
@@ -433,7 +518,8 @@ def main() -> None:
         "block": {"tokens": TOKENS, "width": WIDTH, "blocks_per_timing": n_blocks,
                   "repeats": repeats, "numpy_repeats": numpy_repeats, "group_size": gs,
                   "parallel_min_values": quant.PARALLEL_MIN_VALUES},
-        "throughput_gbps": throughput, "parallel_crossover": crossover, "errors": errors,
+        "throughput_gbps": throughput, "parallel_crossover": crossover, "records": records,
+        "errors": errors,
     }, indent=1) + "\n")
     print(f"\nwrote {RESULTS}")
 

@@ -8,7 +8,8 @@ repository root:
 
     python -m bench.bench_restore [--lengths 1024 4096 8192] [--repeats 3]
         [--model PATH] [--n-gpu-layers -1] [--flash-attn on] [--cache-type q8_0]
-        [--warm-format q8] [--block-size 256] [--chunk-mib 256] [--out restore]
+        [--warm-format q8] [--warm-zstd-level 1] [--block-size 256] [--chunk-mib 256]
+        [--out restore]
 
 ``--cache-type q8_0`` runs llama.cpp's q8_0 KV cache: records hold its rows as they are and a
 restore is a copy. The hot tier is the engine's: one unified KV cache with a scratch sequence,
@@ -96,6 +97,9 @@ def main() -> None:
     parser.add_argument("--cache-type", default="f16", help="llama.cpp K and V cache type")
     parser.add_argument("--warm-format", choices=sorted(TIER_FORMATS),
                         default=TierConfig.model_fields["warm_format"].default)
+    parser.add_argument("--warm-zstd-level", type=int,
+                        default=TierConfig.model_fields["warm_zstd_level"].default,
+                        help="zstd level of warm records (0: not compressed)")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per stored block")
     parser.add_argument("--chunk-mib", type=float, default=RESTORE_CHUNK_BYTES / 2**20,
                         help="KV MiB per restore chunk where the context has a scratch sequence")
@@ -116,7 +120,8 @@ def main() -> None:
         "data_dir": str(tmp), "model.n_slots": 1, "model.context_size": n_ctx,
         "model.n_gpu_layers": args.n_gpu_layers, "model.flash_attn": args.flash_attn,
         "model.cache_type_k": args.cache_type, "model.cache_type_v": args.cache_type,
-        "tiers.warm_format": args.warm_format, "tiers.gpu_vram_budget": n_ctx * per_token,
+        "tiers.warm_format": args.warm_format, "tiers.warm_zstd_level": args.warm_zstd_level,
+        "tiers.gpu_vram_budget": n_ctx * per_token,
         "tiers.host_ram_budget": max(4 << 30, 3 * per_token * n_ctx),
         "tiers.local_ssd_budget": max(8 << 30, 3 * per_token * n_ctx)})
     hot = HotContext.for_config(model, config)
@@ -207,6 +212,7 @@ def main() -> None:
     settings = {"model": Path(args.model or default_model_path()).name,
                 "n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn,
                 "cache_type": args.cache_type, "warm_format": args.warm_format,
+                "warm_zstd_level": args.warm_zstd_level,
                 "block_size": args.block_size, "flush": args.flush,
                 "scratch_seq": snaps.scratch_seq, "restore_chunk_mib": args.chunk_mib,
                 "pinned": snaps.restore_buffers.pinned}

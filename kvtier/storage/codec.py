@@ -222,18 +222,26 @@ def encode_record(layer: LayerKV, fmt: RecordFormat, exact_rows: int = 0) -> byt
         else max(0, min(exact_rows, layer.n_tokens - 1))
     k_head, k_payload = _encode_tensor(layer.k, k_fmt, exact_rows)
     v_head, v_payload = _encode_tensor(layer.v, v_fmt, exact_rows)
-    payload: bytes | bytearray = b"".join((k_payload.data, v_payload.data))
-    zstd = bool(fmt.zstd_level) and len(payload) > 0
-    if zstd:
-        payload = _compressor(fmt.zstd_level).compress(payload)
+    payload = b"".join((k_payload.data, v_payload.data))
     key_min, key_max = key_summary(layer.k)
-    channels = len(key_min) // 2
+    return _assemble(layer.n_tokens, exact_rows, k_head, v_head, key_min + key_max, payload,
+                     fmt.zstd_level)
+
+
+def _assemble(n_tokens: int, exact_rows: int, k_head: TensorHeader, v_head: TensorHeader,
+              summary: bytes, payload: bytes | memoryview, zstd_level: int) -> bytes:
+    """A format 2 record from its parts: ``summary`` is the key summary (min then max) and
+    ``payload`` K's encoded bytes then V's, compressed here when ``zstd_level`` is not 0."""
+    zstd = bool(zstd_level) and len(payload) > 0
+    if zstd:
+        payload = _compressor(zstd_level).compress(payload)
+    channels = len(summary) // 4
     if channels > 0xFFFF:
         raise ValueError(f"a key summary of {channels} channels does not fit a record header")
-    body = _BODY.pack(layer.n_tokens, exact_rows, _FLAG_ZSTD if zstd else 0, channels,
+    body = _BODY.pack(n_tokens, exact_rows, _FLAG_ZSTD if zstd else 0, channels,
                       *k_head.pack(), *v_head.pack())
-    pad = bytes(_payload_offset(channels) - _FIXED_BYTES - 2 * len(key_min))
-    checked = b"".join((body, key_min, key_max, pad, payload))
+    pad = bytes(_payload_offset(channels) - _FIXED_BYTES - len(summary))
+    checked = b"".join((body, summary, pad, payload))
     return _PREFIX.pack(MAGIC, xxhash.xxh3_64_intdigest(checked)) + checked
 
 
@@ -277,18 +285,23 @@ def _parse_header(view: memoryview) -> tuple[RecordHeader, int]:
     return header, start + hlen
 
 
-def in_format(header: RecordHeader, fmt: RecordFormat) -> bool:
-    """Whether a record is stored as ``fmt`` writes it (records of rows that are not f16, and
-    empty ones, always are): ``kvtier compact`` re-encodes those that are not."""
-    if header.n_tokens == 0:
-        return True
+def _same_codes(header: RecordHeader, fmt: RecordFormat) -> bool:
+    """Whether a record's tensors are encoded as ``fmt`` encodes them, compression aside."""
     for t, want in ((header.k, fmt.key_format), (header.v, fmt.value_format)):
         if t.encoding == RAW:
             continue
         if t.encoding != want.encoding or (want.encoding != Encoding.F16 and (
                 t.grouping != want.grouping or t.group_size != want.group_size)):
             return False
-    return header.zstd == bool(fmt.zstd_level)
+    return True
+
+
+def in_format(header: RecordHeader, fmt: RecordFormat) -> bool:
+    """Whether a record is stored as ``fmt`` writes it (records of rows that are not f16, and
+    empty ones, always are): ``kvtier compact`` re-encodes those that are not."""
+    if header.n_tokens == 0:
+        return True
+    return _same_codes(header, fmt) and header.zstd == bool(fmt.zstd_level)
 
 
 def read_header(data: bytes | memoryview) -> RecordHeader:
@@ -476,7 +489,20 @@ def decode_record_into(data: bytes | memoryview, k_out: np.ndarray, v_out: np.nd
 
 def transcode(data: bytes | memoryview, fmt: RecordFormat) -> bytes:
     """Re-encode a record for another tier (e.g. warm Q8 → cool q6q4 + zstd); KVB1 records come
-    out as KVB2."""
+    out as KVB2. A record whose tensors are already encoded as ``fmt`` keeps its codes bit for bit
+    and only gains or loses its zstd frame (quantizing decoded values again would move some
+    codes)."""
+    view = _verify(data)
+    header, offset = _parse_header(view)
+    if header.n_tokens and _same_codes(header, fmt):
+        payload = view[offset:]
+        if header.zstd:
+            payload = _decompress(payload, header.k.nbytes + header.v.nbytes)
+        elif len(payload) != header.k.nbytes + header.v.nbytes:
+            raise BlockCorrupt(f"payload is {len(payload)} bytes, header says "
+                               f"{header.k.nbytes + header.v.nbytes}")
+        return _assemble(header.n_tokens, header.exact_rows, header.k, header.v,
+                         header.key_min + header.key_max, payload, fmt.zstd_level)
     header, layer = decode_record(data)
     return encode_record(layer, fmt, header.exact_rows)
 

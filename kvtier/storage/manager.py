@@ -132,7 +132,7 @@ class TierManager:
             self._placement,
             {Tier.WARM: int(t.host_ram_budget * (1 - WARM_MAP_RESERVE)),
              Tier.COOL: t.local_ssd_budget, Tier.COLD: t.nfs_budget},
-            {Tier.WARM: tier_format(t.warm_format),
+            {Tier.WARM: tier_format(t.warm_format, t.warm_zstd_level),
              Tier.COOL: tier_format(t.cold_format, t.zstd_level),
              Tier.COLD: tier_format(t.cold_format, t.zstd_level)},
             policy.Weights(e.alpha, e.beta, e.gamma, e.hit_half_life_s))
