@@ -75,7 +75,7 @@ def test_every_key_is_documented():
                 yield f"{prefix}{name}"
 
     documented = list(keys(Config))
-    assert len(documented) == 53
+    assert len(documented) == 54
     assert [k for k in documented if f"`{k}`" not in doc] == []
 
 
