@@ -401,12 +401,17 @@ class Balancer:
 
     # -- moves -------------------------------------------------------------------------------------
     def promote(self, block: BlockId) -> None:
-        """Move a block read from a lower tier up to warm, unless it is pinned, moving, or too
-        large to be worth a place there."""
+        """Move a block read from a lower tier up to warm, unless it is moving or too large to be
+        worth a place there. A pinned block (a reader is reading it, as after every read that
+        asks for its promotion) is promoted once its pins are released."""
         with self.index.lock:
-            entry = self.index.movable(block)
+            entry = self.index.get(block)
             if entry is None or entry.tier == Tier.WARM \
                     or entry.raw_bytes > self.budgets[Tier.WARM] * LOW_WATERMARK:
+                return
+            if self.index.promote_when_unpinned(block):
+                return
+            if self.index.movable(block) is None:
                 return
             move = self.index.begin_move(block, Tier.WARM)
         self._copy(block, move)

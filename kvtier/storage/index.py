@@ -85,6 +85,8 @@ class BlockIndex:
         """namespace | parent chain hash → the partial tails after that full block, each with
         its token count and its tail chain hash (derived from the entries, never stored)."""
         self._pins: Counter[BlockId] = Counter()
+        self._promote_when_unpinned: set[BlockId] = set()
+        """Pinned blocks whose promotion came up while they were: it runs once they are not."""
         self._held: set[BlockId] = set()
         """Blocks that may move between tiers but not be dropped (stored for a sequence that is
         not saved yet)."""
@@ -246,12 +248,28 @@ class BlockIndex:
         with self.lock:
             self._pins.update(blocks)
 
-    def unpin(self, blocks: Iterable[BlockId]) -> None:
+    def unpin(self, blocks: Iterable[BlockId]) -> list[BlockId]:
+        """Release one pin of each block; returns those now unpinned whose promotion was put
+        off (:meth:`promote_when_unpinned`), for the caller to schedule."""
+        due = []
         with self.lock:
             for block in blocks:
                 self._pins[block] -= 1
                 if self._pins[block] <= 0:
                     del self._pins[block]
+                    if block in self._promote_when_unpinned:
+                        self._promote_when_unpinned.discard(block)
+                        due.append(block)
+        return due
+
+    def promote_when_unpinned(self, block: BlockId) -> bool:
+        """Put off a promotion of ``block`` until its pins are released; False (nothing put
+        off) when it is not pinned."""
+        with self.lock:
+            if block not in self._pins:
+                return False
+            self._promote_when_unpinned.add(block)
+            return True
 
     def hold(self, blocks: Iterable[BlockId]) -> None:
         with self.lock:

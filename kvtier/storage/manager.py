@@ -381,12 +381,14 @@ class TierManager:
 
     @contextmanager
     def pinned(self, blocks: Sequence[BlockId]) -> Iterator[None]:
-        """Keep blocks where they are (no demotion, no drop) for the duration of the block."""
+        """Keep blocks where they are (no demotion, no drop) for the duration of the block; a
+        promotion that came up meanwhile runs after it."""
         self._index.pin(blocks)
         try:
             yield
         finally:
-            self._index.unpin(blocks)
+            for block in self._index.unpin(blocks):
+                self._balancer.schedule(Op.PROMOTE, block)
 
     def move(self, block: BlockId, dest: Tier) -> bool:
         """Move a block to tier ``dest`` (re-encoded for it); False if it is gone, pinned or

@@ -199,6 +199,22 @@ def test_prefetch_promotes_below_warm_within_a_share_of_warm(config):
         assert m.prefetch([b for b in ids if m.block_entry(b).tier == Tier.WARM]) == 0
 
 
+def test_a_block_read_while_pinned_is_promoted_once_its_pins_are_released(config):
+    # A read schedules the promotion of a block it found below warm while its reader still pins
+    # it; the balancer, reaching it first, put it off until the pins were released, and before
+    # the fix dropped it (a working set's attended block stayed in cool, now and then).
+    with open_manager(config, background=True) as m:
+        ids = fill(m, 1, 64)
+        m.drain()
+        block = next(b for b in ids if m.block_entry(b).tier != Tier.WARM)
+        with m.pinned([block]):
+            m.get_block(block)
+            m.drain()
+            assert m.block_entry(block).tier != Tier.WARM
+        m.drain()
+        assert m.block_entry(block).tier == Tier.WARM
+
+
 def test_close_does_not_wait_for_queued_promotions(config):
     m = open_manager(config, background=True)
     ids = fill(m, 1, 24)
