@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import llama_cpp
 import numpy as np
 import zstandard
 
+from bench import attention_rank as ar
 from bench import vq
 from bench.bench_fidelity import live_window, restored_log_probs
 from bench.common import document_tokens, print_table, write_json
@@ -202,12 +203,73 @@ def pack(codes: np.ndarray, bits: int) -> bytes:
 
 
 @dataclass(frozen=True)
+class Mixed:
+    """Row-level mixed precision by attention rank (fourth round): in each record the ``frac``
+    share of rows ranked highest keeps ``k`` / ``v`` (their own per-channel groups over those
+    rows), the rest takes the option's low formats. ``rank``: "sum" (the attention each row got
+    from the window's own queries, summed over heads and queries, per layer: H2O), "mean" (that
+    per query that could see it), "pooled" (the sum over all layers, one mask for every layer) or
+    "random" (the control: as many rows at random); ``unit`` > 1 ranks whole sub-blocks of that
+    many rows instead. The mask costs a bit per row (or per unit) of the record."""
+
+    k: Quant
+    v: Quant
+    frac: float
+    rank: str = "sum"
+    unit: int = 1
+
+    def mask_bytes(self, n_rows: int) -> int:
+        return -(-n_rows // self.unit) // 8 if self.unit > 1 else -(-n_rows // 8)
+
+
+@dataclass(frozen=True)
 class Option:
     name: str
     k: Quant | vq.PQ | None = None
     v: Quant | vq.PQ | None = None
     record: RecordFormat | None = None
     """Through kvtier's codec instead of the prototype."""
+    mixed: Mixed | None = None
+    """High-precision formats for the attention-ranked rows; ``k`` and ``v`` are the rest's."""
+
+
+IMPORTANCE: dict[str, np.ndarray] = {}
+"""The current window's row scores by rank rule, each (layer, token): set by :func:`main`."""
+
+
+def mixed_qdq(x: np.ndarray, mask: np.ndarray, hi: Quant, lo: Quant, positions: np.ndarray
+              ) -> tuple[np.ndarray, list[tuple[np.ndarray, int]], int]:
+    """:func:`qdq` with the ``mask`` rows in ``hi`` and the others in ``lo``, each set grouped
+    on its own (a per-channel group of ``hi`` spans at most all the masked rows): (dequantized x,
+    (codes, bits) of each set, parameter bytes of both)."""
+    back = np.empty_like(x, dtype=np.float32)
+    parts, nparams = [], 0
+    for rows, q in ((mask, hi), (~mask, lo)):
+        if not rows.any():
+            continue
+        n = int(rows.sum())
+        if q.per == "channel" and q.g > n:
+            q = replace(q, g=n)
+        b, codes, p = qdq(x[rows], q, positions[rows])
+        back[rows] = b
+        parts.append((codes, q.bits))
+        nparams += p
+    return back, parts, nparams
+
+
+def mixed_mask(m: Mixed, block: int, index: int, exact: int, n_tokens: int) -> np.ndarray:
+    """The rows of one record (its first ``exact`` rows left out: they stay exact) that
+    ``m`` keeps in high precision."""
+    first = block * 256 + exact
+    n = n_tokens - exact
+    if m.rank == "random":
+        rng = np.random.default_rng([block, index, int(1000 * m.frac), m.unit])
+        units = (exact + np.arange(n)) // m.unit
+        unique = np.unique(units)
+        return np.isin(units, unique[ar.random_rows(len(unique), round(m.frac * len(unique)),
+                                                    rng)])
+    scores = IMPORTANCE[m.rank][index, first:first + n]
+    return ar.top_rows(scores, m.frac, m.unit, exact)
 
 
 def entropy_bits(codes: np.ndarray) -> float:
@@ -275,21 +337,34 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc, index: i
         sizes.tokens += layer.n_tokens
         return codec.decode_record(record)[1]
     out = []
+    m = option.mixed
+    mask = mixed_mask(m, block, index, exact, layer.n_tokens) if m else None
+    if m:
+        sizes.raw += m.mask_bytes(layer.n_tokens)
+        sizes.zstd += m.mask_bytes(layer.n_tokens)
+        sizes.planes += m.mask_bytes(layer.n_tokens)
+        sizes.entropy += m.mask_bytes(layer.n_tokens)
     for role, t, q in (("K", layer.k, option.k), ("V", layer.v, option.v)):
         bits = t.rows.view(np.uint16)
         x = bits.view(np.float16).astype(np.float32)
         head, rest = bits[:exact], x[exact:]
         positions = np.arange(block * 256 + exact, block * 256 + layer.n_tokens)
-        if isinstance(q, vq.PQ):
+        if m:
+            back, parts, nparams = mixed_qdq(rest, mask, m.k if role == "K" else m.v, q,
+                                             positions)
+        elif isinstance(q, vq.PQ):
             back, codes, nparams = pq_qdq(rest, q, positions, sizes, (option.name, role, index))
+            parts = [(codes, q.bits)]
         else:
             back, codes, nparams = qdq(rest, q, positions)
-        packed = pack(codes, q.bits)
+            parts = [(codes, q.bits)]
+        packed = b"".join(pack(c, b) for c, b in parts)
+        codes = np.concatenate([c.reshape(-1) for c, _ in parts])
         raw = 2 * head.size + nparams + len(packed)
         sizes.raw += raw
         sizes.zstd += 2 * head.size + nparams + len(zc.compress(packed))
         sizes.planes += 2 * head.size + nparams + len(zc.compress(codes.tobytes()))
-        sizes.entropy += 2 * head.size + nparams + entropy_bits(codes) / 8
+        sizes.entropy += 2 * head.size + nparams + sum(entropy_bits(c) for c, _ in parts) / 8
         rows = np.concatenate([head, back.astype(np.float16).view(np.uint16)])
         out.append(TensorRows(F16.id, np.ascontiguousarray(rows).view(np.uint8)))
     sizes.tokens += layer.n_tokens
@@ -390,7 +465,35 @@ def options() -> list[Option]:
                vq.PQ(2, 8, fixed=True)),
         Option("K Q6 chan g256 / V PQ d2 b8 norm fixed", Q(6, "channel", 256),
                vq.PQ(2, 8, norm=True, fixed=True)),
+        # 56-: mixed precision by attention rank (fourth round): the rows the window's own
+        # queries attended to most in q6q4's precision, the rest in a low format; "random" rows
+        # are the control at the same bytes.
+        *mixed_options(),
     ]
+
+
+def mixed_options() -> list[Option]:
+    """Rows 56-: each low format alone, then with a share of attention-ranked rows in q6q4's
+    precision (K Q6 per channel, V Q4 per channel, over those rows)."""
+    Q = Quant
+    k6, v4 = Q(6, "channel", 256), Q(4, "channel", 128)
+    low = {"K Q4 chan g128 / V H+Q2 tok g64 sym": (Q(4, "channel", 128),
+                                                    Q(2, "token", 64, "sym", rotate=True)),
+           "K Q4 chan g128 / V Q2 chan g128": (Q(4, "channel", 128), Q(2, "channel", 128)),
+           "K Q3 chan g128 / V Q2 chan g128": (Q(3, "channel", 128), Q(2, "channel", 128))}
+    rows = [("K Q4 chan g128 / V H+Q2 tok g64 sym", f, rank, 1)
+            for f, rank in ((0.1, "sum"), (0.2, "sum"), (0.3, "sum"), (0.2, "random"),
+                            (0.2, "mean"), (0.2, "pooled"))]
+    rows += [("K Q4 chan g128 / V Q2 chan g128", 0.2, rank, 1) for rank in ("sum", "random")]
+    rows += [("K Q3 chan g128 / V Q2 chan g128", f, rank, 1)
+             for f, rank in ((0.2, "sum"), (0.3, "sum"), (0.2, "random"))]
+    rows += [("K Q4 chan g128 / V H+Q2 tok g64 sym", 0.25, rank, 64)
+             for rank in ("sum", "random")]
+    out = [Option(f"{name} + {100 * f:g}% {'sub-blocks' if unit > 1 else 'rows'} "
+                  f"({'attention ' + rank if rank != 'random' else 'at random'}) in q6q4",
+                  *low[name], mixed=Mixed(k6, v4, f, rank, unit))
+           for name, f, rank, unit in rows]
+    return out + [Option("K Q3 chan g128 / V Q2 chan g128", *low["K Q3 chan g128 / V Q2 chan g128"])]
 
 
 ERROR_ROWS = [("V", Quant(4, "token", 16)), ("V", Quant(4, "token", 64)),
@@ -490,6 +593,28 @@ def print_rope_check(blocks: dict, model: Model, tokens: np.ndarray) -> None:
                 [[name, *np.mean(v, axis=0)] for name, v in spread.items()])
 
 
+def set_importance(queries: np.ndarray, blocks: dict, n_head: int) -> None:
+    """:data:`IMPORTANCE` for a window, from its own queries and stored keys."""
+    received = ar.attention_received(queries, ar.window_keys(blocks))
+    IMPORTANCE["sum"] = received
+    IMPORTANCE["mean"] = ar.mean_received(received, n_head)
+    IMPORTANCE["pooled"] = np.broadcast_to(received.sum(0), received.shape)
+
+
+def hi_mass(m: Mixed, blocks: dict, received: np.ndarray) -> float:
+    """The share of ``received`` (layer, token: the continuation's attention to the window)
+    on the rows that ``m`` keeps precise, over all records, their exact rows left out."""
+    on = total = 0.0
+    for b, layers in blocks.items():
+        exact = codec.SINK_ROWS if b == 0 else 0
+        n = layers[0].n_tokens
+        for i in range(len(layers)):
+            r = received[i, b * 256 + exact:b * 256 + n]
+            on += float(r[mixed_mask(m, b, i, exact, n)].sum())
+            total += float(r.sum())
+    return on / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
@@ -518,8 +643,19 @@ def main() -> None:
     agree = {o.name: [] for o in opts}
     nll = {o.name: [] for o in opts + [Option("live")]}
     sizes = {o.name: Sizes() for o in opts}
+    mixed = [o for o in opts if o.mixed]
+    mass = {o.name: [] for o in mixed}
     for w in range(args.windows):
-        cont, blocks, ref = live_window(hot, tokens, w * stride, args.context, args.cont)
+        if mixed:
+            cont, blocks, ref, queries, cont_queries = ar.captured_window(
+                hot, tokens, w * stride, args.context, args.cont)
+            set_importance(queries, blocks, model.n_head)
+            cont_received = ar.attention_received_by(cont_queries, ar.window_keys(blocks),
+                                                     args.context)
+            for o in mixed:
+                mass[o.name].append(hi_mass(o.mixed, blocks, cont_received))
+        else:
+            cont, blocks, ref = live_window(hot, tokens, w * stride, args.context, args.cont)
         if args.errors:
             print_errors(blocks)
             return
@@ -552,6 +688,13 @@ def main() -> None:
                      r["kl_mean"], r["kl_p95"], 100 * r["top1_agreement"], r["ppl_ratio"]])
     print_table(["option", "x f16", "zstd", "bytes+zstd", "entropy", "KL mean", "KL p95",
                  "top-1 %", "ppl ratio"], rows)
+    if mixed:
+        print("share of the continuation's attention (to the window, sink rows left out) on the "
+              "rows kept in q6q4's precision:")
+        print_table(["option", "attention share %"],
+                    [[o.name, 100 * float(np.mean(mass[o.name]))] for o in mixed])
+        for o in mixed:
+            results[o.name]["continuation_attention_share"] = float(np.mean(mass[o.name]))
     speed = []
     for o in opts:
         s = sizes[o.name]
