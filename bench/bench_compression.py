@@ -208,9 +208,10 @@ class Mixed:
     share of rows ranked highest keeps ``k`` / ``v`` (their own per-channel groups over those
     rows), the rest takes the option's low formats. ``rank``: "sum" (the attention each row got
     from the window's own queries, summed over heads and queries, per layer: H2O), "mean" (that
-    per query that could see it), "pooled" (the sum over all layers, one mask for every layer) or
-    "random" (the control: as many rows at random); ``unit`` > 1 ranks whole sub-blocks of that
-    many rows instead. The mask costs a bit per row (or per unit) of the record."""
+    per query that could see it), "pooled" (the sum over all layers, one mask for every layer),
+    or one of two controls: "random" (as many rows at random), "recent" (the record's last rows);
+    ``unit`` > 1 ranks whole sub-blocks of that many rows instead. The mask costs a bit per row
+    (or per unit) of the record."""
 
     k: Quant
     v: Quant
@@ -268,7 +269,8 @@ def mixed_mask(m: Mixed, block: int, index: int, exact: int, n_tokens: int) -> n
         unique = np.unique(units)
         return np.isin(units, unique[ar.random_rows(len(unique), round(m.frac * len(unique)),
                                                     rng)])
-    scores = IMPORTANCE[m.rank][index, first:first + n]
+    scores = np.arange(n, dtype=np.float64) if m.rank == "recent" else \
+        IMPORTANCE[m.rank][index, first:first + n]
     return ar.top_rows(scores, m.frac, m.unit, exact)
 
 
@@ -490,10 +492,29 @@ def mixed_options() -> list[Option]:
     rows += [("K Q4 chan g128 / V H+Q2 tok g64 sym", 0.25, rank, 64)
              for rank in ("sum", "random")]
     out = [Option(f"{name} + {100 * f:g}% {'sub-blocks' if unit > 1 else 'rows'} "
-                  f"({'attention ' + rank if rank != 'random' else 'at random'}) in q6q4",
-                  *low[name], mixed=Mixed(k6, v4, f, rank, unit))
+                  f"({RANK_WORDS[rank]}) in q6q4", *low[name], mixed=Mixed(k6, v4, f, rank, unit))
            for name, f, rank, unit in rows]
-    return out + [Option("K Q3 chan g128 / V Q2 chan g128", *low["K Q3 chan g128 / V Q2 chan g128"])]
+    out.append(Option("K Q3 chan g128 / V Q2 chan g128", *low["K Q3 chan g128 / V Q2 chan g128"]))
+    # 70-: the "mean" rank (the best of the first run) along f, its recency control, keys
+    # before RoPE, a 3-bit key base, and Q8 for the ranked rows instead of q6q4's precision.
+    lb = low["K Q4 chan g128 / V H+Q2 tok g64 sym"]
+    name = "K Q4 chan g128 / V H+Q2 tok g64 sym"
+    out += [Option(f"{name} + {100 * f:g}% rows ({RANK_WORDS[rank]}) in q6q4", *lb,
+                   mixed=Mixed(k6, v4, f, rank))
+            for f, rank in ((0.1, "mean"), (0.3, "mean"), (0.4, "mean"), (0.2, "recent"))]
+    pk = Quant(4, "channel", 128, prerope=True)
+    out.append(Option("K P+Q4 chan g128 / V H+Q2 tok g64 sym + 20% rows (attention mean) in "
+                      "q6q4", pk, lb[1], mixed=Mixed(k6, v4, 0.2, "mean")))
+    k3 = Q(3, "channel", 64)
+    out += [Option(f"K Q3 chan g64 / V H+Q2 tok g64 sym + {100 * f:g}% rows (attention mean) in "
+                   "q6q4", k3, lb[1], mixed=Mixed(k6, v4, f, "mean")) for f in (0.2, 0.3)]
+    out.append(Option(f"{name} + 10% rows (attention mean) in Q8", *lb,
+                      mixed=Mixed(Q(8, "channel", 256), Q(8, "channel", 256), 0.1, "mean")))
+    return out
+
+
+RANK_WORDS = {"sum": "attention sum", "mean": "attention mean", "pooled": "attention pooled",
+              "random": "at random", "recent": "the record's last"}
 
 
 ERROR_ROWS = [("V", Quant(4, "token", 16)), ("V", Quant(4, "token", 64)),
