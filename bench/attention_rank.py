@@ -70,30 +70,35 @@ def attention_weights(q: np.ndarray, k: np.ndarray, first: int = 0) -> np.ndarra
 
 
 def attention_received(queries: np.ndarray, keys: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Per layer and key row, the attention it received from the window's own queries, summed
-    over query heads and queries (H2O's accumulated score): ``queries`` (layer, token, head, d),
-    ``keys`` (layer, token, kv_head x d), the same tokens. Returns (layer, token) float64; each
-    layer sums to tokens x heads."""
-    n_layer, n_tok = queries.shape[:2]
-    out = np.zeros((n_layer, n_tok))
+    """Per layer, KV head and key row, the attention it received from the window's own queries,
+    summed over the query heads that read that KV head and over queries (H2O's accumulated
+    score): ``queries`` (layer, token, head, d), ``keys`` (layer, token, kv_head x d), the same
+    tokens. Returns (layer, kv_head, token) float64; each layer sums to tokens x heads."""
+    n_layer, n_tok, n_head, d = queries.shape
+    n_kv_head = keys.shape[2] // d
+    out = np.zeros((n_layer, n_kv_head, n_tok))
     for layer in range(n_layer):
         for i in range(0, n_tok, chunk):
             w = attention_weights(queries[layer, i:i + chunk], keys[layer, :i + chunk], i)
-            out[layer, :i + chunk] += w.sum((0, 1), dtype=np.float64)
+            out[layer, :, :i + chunk] += w.reshape(len(w), n_kv_head, -1, w.shape[-1]).sum(
+                (0, 2), dtype=np.float64)
     return out
 
 
 def attention_received_by(queries: np.ndarray, keys: np.ndarray, first: int) -> np.ndarray:
-    """Per layer and key row, the attention that later queries (at ``first``, ``first + 1``,
-    ...: a continuation) paid to ``keys``, summed over heads and queries; normalized over those
-    keys alone (the continuation's own keys are not in them). Returns (layer, key) float64."""
-    return np.stack([attention_weights(q, k, first).sum((0, 1), dtype=np.float64)
-                     for q, k in zip(queries, keys)])
+    """Per layer, KV head and key row, the attention that later queries (at ``first``,
+    ``first + 1``, ...: a continuation) paid to ``keys``, summed over query heads and queries;
+    normalized over those keys alone (the continuation's own keys are not in them). Returns
+    (layer, kv_head, key) float64."""
+    n_kv_head = keys.shape[2] // queries.shape[3]
+    return np.stack([w.reshape(len(w), n_kv_head, -1, w.shape[-1]).sum((0, 2), dtype=np.float64)
+                     for w in (attention_weights(q, k, first) for q, k in zip(queries, keys))])
 
 
 def mean_received(received: np.ndarray, n_head: int) -> np.ndarray:
     """:func:`attention_received` per query that could see the row (a row at position ``j`` of
-    ``n`` is seen by ``n - j`` queries of each head): the sum favours early rows, this does not."""
+    ``n`` is seen by ``n - j`` queries of each of the ``n_head`` heads summed): the sum favours
+    early rows, this does not."""
     n = received.shape[-1]
     return received / (n_head * (n - np.arange(n)))
 

@@ -218,9 +218,17 @@ class Mixed:
     frac: float
     rank: str = "sum"
     unit: int = 1
+    per_head: bool = False
+    """A mask per KV head (each head's rows ranked by what its own query heads paid them; its
+    64 channels grouped on their own) instead of one for the record's rows."""
 
     def mask_bytes(self, n_rows: int) -> int:
-        return -(-n_rows // self.unit) // 8 if self.unit > 1 else -(-n_rows // 8)
+        bits = -(-n_rows // self.unit) if self.unit > 1 else n_rows
+        return -(-bits // 8) * (N_KV_HEAD if self.per_head else 1)
+
+
+N_KV_HEAD = 3
+"""SmolLM2's KV heads (192 channels a row)."""
 
 
 @dataclass(frozen=True)
@@ -260,9 +268,12 @@ def mixed_qdq(x: np.ndarray, mask: np.ndarray, hi: Quant, lo: Quant, positions: 
 
 def mixed_mask(m: Mixed, block: int, index: int, exact: int, n_tokens: int) -> np.ndarray:
     """The rows of one record (its first ``exact`` rows left out: they stay exact) that
-    ``m`` keeps in high precision."""
+    ``m`` keeps in high precision: (rows,), or (rows, KV head) for a mask per head."""
     first = block * 256 + exact
     n = n_tokens - exact
+    if m.per_head:
+        return np.stack([ar.top_rows(IMPORTANCE[m.rank + "/head"][index, h, first:first + n],
+                                     m.frac) for h in range(N_KV_HEAD)], axis=1)
     if m.rank == "random":
         rng = np.random.default_rng([block, index, int(1000 * m.frac), m.unit])
         units = (exact + np.arange(n)) // m.unit
@@ -351,7 +362,15 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc, index: i
         x = bits.view(np.float16).astype(np.float32)
         head, rest = bits[:exact], x[exact:]
         positions = np.arange(block * 256 + exact, block * 256 + layer.n_tokens)
-        if m:
+        if m and m.per_head:
+            back, parts, nparams = np.empty_like(rest), [], 0
+            for h in range(N_KV_HEAD):
+                cols = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+                back[:, cols], head_parts, head_params = mixed_qdq(
+                    rest[:, cols], mask[:, h], m.k if role == "K" else m.v, q, positions)
+                parts += head_parts
+                nparams += head_params
+        elif m:
             back, parts, nparams = mixed_qdq(rest, mask, m.k if role == "K" else m.v, q,
                                              positions)
         elif isinstance(q, vq.PQ):
@@ -510,6 +529,10 @@ def mixed_options() -> list[Option]:
                    "q6q4", k3, lb[1], mixed=Mixed(k6, v4, f, "mean")) for f in (0.2, 0.3)]
     out.append(Option(f"{name} + 10% rows (attention mean) in Q8", *lb,
                       mixed=Mixed(Q(8, "channel", 256), Q(8, "channel", 256), 0.1, "mean")))
+    # 78-: a mask per KV head, each ranked by its own query heads' attention.
+    out += [Option(f"{name} + {100 * f:g}% rows per KV head ({RANK_WORDS[rank]}) in q6q4", *lb,
+                   mixed=Mixed(k6, v4, f, rank, per_head=True))
+            for f, rank in ((0.2, "mean"), (0.1, "mean"), (0.2, "sum"))]
     return out
 
 
@@ -616,21 +639,24 @@ def print_rope_check(blocks: dict, model: Model, tokens: np.ndarray) -> None:
 
 def set_importance(queries: np.ndarray, blocks: dict, n_head: int) -> None:
     """:data:`IMPORTANCE` for a window, from its own queries and stored keys."""
-    received = ar.attention_received(queries, ar.window_keys(blocks))
+    per_head = ar.attention_received(queries, ar.window_keys(blocks))
+    received = per_head.sum(1)
     IMPORTANCE["sum"] = received
     IMPORTANCE["mean"] = ar.mean_received(received, n_head)
     IMPORTANCE["pooled"] = np.broadcast_to(received.sum(0), received.shape)
+    IMPORTANCE["sum/head"] = per_head
+    IMPORTANCE["mean/head"] = ar.mean_received(per_head, n_head // per_head.shape[1])
 
 
 def hi_mass(m: Mixed, blocks: dict, received: np.ndarray) -> float:
-    """The share of ``received`` (layer, token: the continuation's attention to the window)
-    on the rows that ``m`` keeps precise, over all records, their exact rows left out."""
+    """The share of ``received`` (layer, KV head, token: the continuation's attention to the
+    window) on the rows that ``m`` keeps precise, over all records, exact rows left out."""
     on = total = 0.0
     for b, layers in blocks.items():
         exact = codec.SINK_ROWS if b == 0 else 0
         n = layers[0].n_tokens
         for i in range(len(layers)):
-            r = received[i, b * 256 + exact:b * 256 + n]
+            r = received[i, :, b * 256 + exact:b * 256 + n].T            # (row, KV head)
             on += float(r[mixed_mask(m, b, i, exact, n)].sum())
             total += float(r.sum())
     return on / total

@@ -36,7 +36,9 @@ def test_received_attention_sums_per_layer_and_ignores_chunking() -> None:
     keys = rng.normal(size=(2, 10, 16)).astype(np.float32)
     got = ar.attention_received(queries, keys, chunk=3)
     np.testing.assert_allclose(got, ar.attention_received(queries, keys, chunk=64), rtol=1e-6)
-    np.testing.assert_allclose(got.sum(1), [10 * 6, 10 * 6], rtol=1e-6)
+    assert got.shape == (2, 2, 10)
+    np.testing.assert_allclose(got.sum((1, 2)), [10 * 6, 10 * 6], rtol=1e-6)
+    got = got.sum(1)
     # The last row is seen only by the last query: what it got is that query's weight on it.
     last = ar.attention_weights(queries[0, 9:], keys[0], 9)[0, :, 9].sum()
     assert got[0, 9] == pytest.approx(last, rel=1e-6)
@@ -50,6 +52,7 @@ def test_continuation_attention_sees_every_window_row() -> None:
     keys = rng.normal(size=(1, 10, 16)).astype(np.float32)
     got = ar.attention_received_by(queries, keys, first=10)
     assert (got > 0).all()
+    assert got.shape == (1, 2, 10)
     assert got.sum() == pytest.approx(4 * 6)
 
 
@@ -103,3 +106,15 @@ def test_random_control_spends_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -
             else:
                 assert top.sum() in (64, 60) and rand.sum() in (64, 60)
     assert bc.Mixed(bc.Quant(6), bc.Quant(4), 0.2).mask_bytes(256) == 32
+
+
+def test_masks_per_kv_head_rank_each_head_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    scores = np.zeros((30, 3, 1024))
+    scores[5, 0, 256 + 10] = scores[5, 1, 256 + 20] = scores[5, 2, 256 + 30] = 1.0
+    monkeypatch.setitem(bc.IMPORTANCE, "mean/head", scores)
+    m = bc.Mixed(bc.Quant(6, "channel", 256), bc.Quant(4, "channel", 128), 1 / 256, "mean",
+                 per_head=True)
+    mask = bc.mixed_mask(m, 1, 5, 0, 256)
+    assert mask.shape == (256, 3)
+    assert [mask[:, h].nonzero()[0].tolist() for h in range(3)] == [[10], [20], [30]]
+    assert m.mask_bytes(256) == 96
