@@ -213,8 +213,9 @@ class Mixed:
     ``unit`` > 1 ranks whole sub-blocks of that many rows instead. The mask costs a bit per row
     (or per unit) of the record."""
 
-    k: Quant
-    v: Quant
+    k: Quant | None
+    v: Quant | None
+    """None: that tensor is not mixed (all its rows in the option's format)."""
     frac: float
     rank: str = "sum"
     unit: int = 1
@@ -362,17 +363,17 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc, index: i
         x = bits.view(np.float16).astype(np.float32)
         head, rest = bits[:exact], x[exact:]
         positions = np.arange(block * 256 + exact, block * 256 + layer.n_tokens)
-        if m and m.per_head:
+        hi = (m.k if role == "K" else m.v) if m else None
+        if hi is not None and m.per_head:
             back, parts, nparams = np.empty_like(rest), [], 0
             for h in range(N_KV_HEAD):
                 cols = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
                 back[:, cols], head_parts, head_params = mixed_qdq(
-                    rest[:, cols], mask[:, h], m.k if role == "K" else m.v, q, positions)
+                    rest[:, cols], mask[:, h], hi, q, positions)
                 parts += head_parts
                 nparams += head_params
-        elif m:
-            back, parts, nparams = mixed_qdq(rest, mask, m.k if role == "K" else m.v, q,
-                                             positions)
+        elif hi is not None:
+            back, parts, nparams = mixed_qdq(rest, mask, hi, q, positions)
         elif isinstance(q, vq.PQ):
             back, codes, nparams = pq_qdq(rest, q, positions, sizes, (option.name, role, index))
             parts = [(codes, q.bits)]
@@ -533,6 +534,15 @@ def mixed_options() -> list[Option]:
     out += [Option(f"{name} + {100 * f:g}% rows per KV head ({RANK_WORDS[rank]}) in q6q4", *lb,
                    mixed=Mixed(k6, v4, f, rank, per_head=True))
             for f, rank in ((0.2, "mean"), (0.1, "mean"), (0.2, "sum"))]
+    # 81-: only the values mixed, only the keys mixed; the mean rank at 60%.
+    out += [Option(f"{name} + 20% rows (attention mean): V in Q4 chan", *lb,
+                   mixed=Mixed(None, v4, 0.2, "mean")),
+            Option(f"{name} + 20% rows (attention mean): K in Q6 chan", *lb,
+                   mixed=Mixed(k6, None, 0.2, "mean")),
+            Option(f"{name} + 40% rows (attention mean): V in Q4 chan", *lb,
+                   mixed=Mixed(None, v4, 0.4, "mean")),
+            Option(f"{name} + 60% rows (attention mean) in q6q4", *lb,
+                   mixed=Mixed(k6, v4, 0.6, "mean"))]
     return out
 
 
