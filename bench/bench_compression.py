@@ -534,7 +534,7 @@ def mixed_options() -> list[Option]:
     out += [Option(f"{name} + {100 * f:g}% rows per KV head ({RANK_WORDS[rank]}) in q6q4", *lb,
                    mixed=Mixed(k6, v4, f, rank, per_head=True))
             for f, rank in ((0.2, "mean"), (0.1, "mean"), (0.2, "sum"))]
-    # 81-: only the values mixed, only the keys mixed; the mean rank at 60%.
+    # 81-: only the values mixed, only the keys mixed; the mean rank at 60%; values at 10%.
     out += [Option(f"{name} + 20% rows (attention mean): V in Q4 chan", *lb,
                    mixed=Mixed(None, v4, 0.2, "mean")),
             Option(f"{name} + 20% rows (attention mean): K in Q6 chan", *lb,
@@ -542,7 +542,9 @@ def mixed_options() -> list[Option]:
             Option(f"{name} + 40% rows (attention mean): V in Q4 chan", *lb,
                    mixed=Mixed(None, v4, 0.4, "mean")),
             Option(f"{name} + 60% rows (attention mean) in q6q4", *lb,
-                   mixed=Mixed(k6, v4, 0.6, "mean"))]
+                   mixed=Mixed(k6, v4, 0.6, "mean")),
+            Option(f"{name} + 10% rows (attention mean): V in Q4 chan", *lb,
+                   mixed=Mixed(None, v4, 0.1, "mean"))]
     return out
 
 
