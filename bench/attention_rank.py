@@ -74,7 +74,7 @@ def attention_received(queries: np.ndarray, keys: np.ndarray, chunk: int = 256) 
     summed over the query heads that read that KV head and over queries (H2O's accumulated
     score): ``queries`` (layer, token, head, d), ``keys`` (layer, token, kv_head x d), the same
     tokens. Returns (layer, kv_head, token) float64; each layer sums to tokens x heads."""
-    n_layer, n_tok, n_head, d = queries.shape
+    n_layer, n_tok, _, d = queries.shape
     n_kv_head = keys.shape[2] // d
     out = np.zeros((n_layer, n_kv_head, n_tok))
     for layer in range(n_layer):

@@ -10,7 +10,10 @@ every option (as the codec does). Bytes are the payload per token against f16 (2
 token for SmolLM2's 30 layers x 2 x 192 values); "zstd" columns compress the real bytes. "P+"
 options quantize keys before RoPE (KVQuant: rotated back by their positions, RoPE re-applied
 after decoding); ``--rope`` checks that inversion on real keys, ``--errors`` prints single
-tensors' error. Run from the repository root:
+tensors' error. Mixed rows (56-) keep the rows that the window's own queries attended to most in
+``q6q4``'s precision and the rest in a low format (``bench/attention_rank.py`` captures the queries
+and ranks the rows); they also print the share of the continuation's attention on those rows. Run
+from the repository root:
 
     python -m bench.bench_compression [--windows 8] [--context 1024] [--continue 64]
         [--only 0,18,19] [--name compression] [--errors] [--rope]
@@ -220,8 +223,8 @@ class Mixed:
     rank: str = "sum"
     unit: int = 1
     per_head: bool = False
-    """A mask per KV head (each head's rows ranked by what its own query heads paid them; its
-    64 channels grouped on their own) instead of one for the record's rows."""
+    """A mask per KV head (each head's rows ranked by what its own query heads paid them, "sum"
+    or "mean"; its 64 channels grouped on their own) instead of one for the record's rows."""
 
     def mask_bytes(self, n_rows: int) -> int:
         bits = -(-n_rows // self.unit) if self.unit > 1 else n_rows
