@@ -240,6 +240,7 @@ class Option:
     name: str
     k: Quant | vq.PQ | None = None
     v: Quant | vq.PQ | None = None
+    """None: that tensor kept exact (f16)."""
     record: RecordFormat | None = None
     """Through kvtier's codec instead of the prototype."""
     mixed: Mixed | None = None
@@ -367,7 +368,9 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc, index: i
         head, rest = bits[:exact], x[exact:]
         positions = np.arange(block * 256 + exact, block * 256 + layer.n_tokens)
         hi = (m.k if role == "K" else m.v) if m else None
-        if hi is not None and m.per_head:
+        if q is None:       # exact: f16 as stored (the other tensor's error alone)
+            back, parts, nparams = rest, [(bits[exact:].view(np.uint8), 8)], 0
+        elif hi is not None and m.per_head:
             back, parts, nparams = np.empty_like(rest), [], 0
             for h in range(N_KV_HEAD):
                 cols = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
@@ -548,6 +551,14 @@ def mixed_options() -> list[Option]:
                    mixed=Mixed(k6, v4, 0.6, "mean")),
             Option(f"{name} + 10% rows (attention mean): V in Q4 chan", *lb,
                    mixed=Mixed(None, v4, 0.1, "mean"))]
+    # 86-: each tensor's share of the KL, the other exact (f16): the base's keys, with and
+    # without their ranked rows in Q6, and the base's values, with and without theirs in Q4.
+    out += [Option("K Q4 chan g128 / V f16", lb[0], None),
+            Option("K Q4 chan g128 + 20% rows (attention mean) in Q6 chan / V f16", lb[0], None,
+                   mixed=Mixed(k6, None, 0.2, "mean")),
+            Option("K f16 / V H+Q2 tok g64 sym", None, lb[1]),
+            Option("K f16 / V H+Q2 tok g64 sym + 20% rows (attention mean) in Q4 chan", None,
+                   lb[1], mixed=Mixed(None, v4, 0.2, "mean"))]
     return out
 
 
