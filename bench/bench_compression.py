@@ -225,10 +225,16 @@ class Mixed:
     per_head: bool = False
     """A mask per KV head (each head's rows ranked by what its own query heads paid them, "sum"
     or "mean"; its 64 channels grouped on their own) instead of one for the record's rows."""
+    bottom_k: Quant | None = None
+    bottom_v: Quant | None = None
+    bottom_frac: float = 0.0
+    """A third level: the ``bottom_frac`` share of rows ranked lowest (by "sum" or "mean") in
+    these formats; the mask then takes 2 bits a row."""
 
     def mask_bytes(self, n_rows: int) -> int:
         bits = -(-n_rows // self.unit) if self.unit > 1 else n_rows
-        return -(-bits // 8) * (N_KV_HEAD if self.per_head else 1)
+        return -(-bits // 8) * (N_KV_HEAD if self.per_head else 1) * (2 if self.bottom_frac
+                                                                        else 1)
 
 
 N_KV_HEAD = 3
@@ -251,14 +257,17 @@ IMPORTANCE: dict[str, np.ndarray] = {}
 """The current window's row scores by rank rule, each (layer, token): set by :func:`main`."""
 
 
-def mixed_qdq(x: np.ndarray, mask: np.ndarray, hi: Quant, lo: Quant, positions: np.ndarray
+def mixed_qdq(x: np.ndarray, mask: np.ndarray, hi: Quant, lo: Quant, positions: np.ndarray,
+              bottom: tuple[np.ndarray, Quant] | None = None
               ) -> tuple[np.ndarray, list[tuple[np.ndarray, int]], int]:
-    """:func:`qdq` with the ``mask`` rows in ``hi`` and the others in ``lo``, each set grouped
-    on its own (a per-channel group of ``hi`` spans at most all the masked rows): (dequantized x,
-    (codes, bits) of each set, parameter bytes of both)."""
+    """:func:`qdq` with the ``mask`` rows in ``hi`` and the others in ``lo`` (but the rows of
+    ``bottom``'s mask, in its format), each set grouped on its own (a per-channel group of a set
+    spans at most all its rows): (dequantized x, (codes, bits) of each set, parameter bytes)."""
     back = np.empty_like(x, dtype=np.float32)
     parts, nparams = [], 0
-    for rows, q in ((mask, hi), (~mask, lo)):
+    low = np.zeros_like(mask) if bottom is None else bottom[0]
+    sets = [(mask, hi), (~mask & ~low, lo)] + ([] if bottom is None else [bottom])
+    for rows, q in sets:
         if not rows.any():
             continue
         n = int(rows.sum())
@@ -288,6 +297,13 @@ def mixed_mask(m: Mixed, block: int, index: int, exact: int, n_tokens: int) -> n
     scores = np.arange(n, dtype=np.float64) if m.rank == "recent" else \
         IMPORTANCE[m.rank][index, first:first + n]
     return ar.top_rows(scores, m.frac, m.unit, exact)
+
+
+def bottom_mask(m: Mixed, block: int, index: int, exact: int, n_tokens: int) -> np.ndarray:
+    """The rows of one record that ``m``'s third level takes: the lowest ranked."""
+    first = block * 256 + exact
+    return ar.top_rows(-IMPORTANCE[m.rank][index, first:first + n_tokens - exact],
+                       m.bottom_frac)
 
 
 def entropy_bits(codes: np.ndarray) -> float:
@@ -357,6 +373,7 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc, index: i
     out = []
     m = option.mixed
     mask = mixed_mask(m, block, index, exact, layer.n_tokens) if m else None
+    low = bottom_mask(m, block, index, exact, layer.n_tokens) if m and m.bottom_frac else None
     if m:
         sizes.raw += m.mask_bytes(layer.n_tokens)
         sizes.zstd += m.mask_bytes(layer.n_tokens)
@@ -379,7 +396,9 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc, index: i
                 parts += head_parts
                 nparams += head_params
         elif hi is not None:
-            back, parts, nparams = mixed_qdq(rest, mask, hi, q, positions)
+            bq = (m.bottom_k if role == "K" else m.bottom_v) if low is not None else None
+            back, parts, nparams = mixed_qdq(rest, mask, hi, q, positions,
+                                             None if bq is None else (low, bq))
         elif isinstance(q, vq.PQ):
             back, codes, nparams = pq_qdq(rest, q, positions, sizes, (option.name, role, index))
             parts = [(codes, q.bits)]
@@ -559,6 +578,13 @@ def mixed_options() -> list[Option]:
             Option("K f16 / V H+Q2 tok g64 sym", None, lb[1]),
             Option("K f16 / V H+Q2 tok g64 sym + 20% rows (attention mean) in Q4 chan", None,
                    lb[1], mixed=Mixed(None, v4, 0.2, "mean"))]
+    # 90-: three levels: the lowest-ranked rows below the base (keys Q3 per channel, values
+    # 1-bit rotated per token), paying for more rows in q6q4's precision.
+    k3, v1 = Q(3, "channel", 128), Q(1, "token", 64, "sym", rotate=True)
+    out += [Option(f"{name} + {100 * f:g}% rows (attention mean) in q6q4, lowest {100 * b:g}% "
+                   "in K Q3 chan g128 / V H+Q1 tok g64 sym", *lb,
+                   mixed=Mixed(k6, v4, f, "mean", bottom_k=k3, bottom_v=v1, bottom_frac=b))
+            for f, b in ((0.2, 0.3), (0.2, 0.5), (0.3, 0.5))]
     return out
 
 

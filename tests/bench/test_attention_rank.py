@@ -118,3 +118,21 @@ def test_masks_per_kv_head_rank_each_head_on_its_own(monkeypatch: pytest.MonkeyP
     assert mask.shape == (256, 3)
     assert [mask[:, h].nonzero()[0].tolist() for h in range(3)] == [[10], [20], [30]]
     assert m.mask_bytes(256) == 96
+
+
+def test_mixed_qdq_third_level_takes_its_rows() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(256, 192)).astype(np.float32)
+    top = np.zeros(256, bool)
+    top[:50] = True
+    low = np.zeros(256, bool)
+    low[-100:] = True
+    hi, mid, bottom = bc.Quant(6, "channel", 256), bc.Quant(4, "channel", 128), \
+        bc.Quant(1, "token", 64, "sym", rotate=True)
+    back, parts, _ = bc.mixed_qdq(x, top, hi, mid, np.arange(256), (low, bottom))
+    assert [(c.shape, b) for c, b in parts] == [((50, 192), 6), ((106, 192), 4),
+                                                ((100, 192), 1)]
+    err = ((back - x) ** 2).mean(1)
+    assert err[:50].max() < err[50:156].min() and err[50:156].max() < err[156:].min()
+    m = bc.Mixed(hi, bc.Quant(4), 0.2, "mean", bottom_k=bottom, bottom_frac=0.3)
+    assert m.mask_bytes(256) == 64
