@@ -6,10 +6,11 @@ as MiKV and ZipCache rank tokens).
 :class:`~kvtier.engine.query_capture.QueryCapture` armed for every micro-batch, so it also returns
 the queries (after RoPE) of all layers for the window's tokens: what a store could have seen before
 it demotes the window's blocks. :func:`attention_received` recomputes llama.cpp's attention
-weights from them and the stored keys (causal, grouped heads) and sums, per layer, what each row
-received over heads and queries. The continuation that the KL is scored on is never part of the
-ranking; its queries are captured only for :func:`mass_on`, the share of its attention that a mask
-covers (how well the window's past predicts what the next tokens read).
+weights from them and the stored keys (causal, grouped heads) and sums, per layer and KV head,
+what each row received over queries and the query heads that read it. The continuation that the
+KL is scored on is never part of the ranking; its queries are captured only for
+:func:`attention_received_by`: the share of its attention that a mask covers tells how well the
+window's past predicts what the next tokens read.
 """
 
 from __future__ import annotations
@@ -126,7 +127,3 @@ def random_rows(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
     mask[rng.choice(n, count, replace=False)] = True
     return mask
 
-
-def mass_on(weights_per_row: np.ndarray, mask: np.ndarray) -> float:
-    """The share of attention (summed per row) that falls on the masked rows."""
-    return float(weights_per_row[mask].sum() / weights_per_row.sum())

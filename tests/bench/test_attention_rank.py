@@ -66,7 +66,6 @@ def test_top_rows_by_row_and_by_unit() -> None:
     assert by_unit.nonzero()[0].tolist() == [2, 3, 4, 5]                  # 1 + 9 + 2 + 2
     rng = np.random.default_rng(0)
     assert ar.random_rows(100, 20, rng).sum() == 20
-    assert ar.mass_on(np.array([1.0, 3, 0, 4]), np.array([False, True, False, True])) == 0.875
 
 
 def test_mixed_qdq_keeps_the_masked_rows_precise() -> None:
