@@ -10,7 +10,10 @@ every option (as the codec does). Bytes are the payload per token against f16 (2
 token for SmolLM2's 30 layers x 2 x 192 values); "zstd" columns compress the real bytes. "P+"
 options quantize keys before RoPE (KVQuant: rotated back by their positions, RoPE re-applied
 after decoding); ``--rope`` checks that inversion on real keys, ``--errors`` prints single
-tensors' error. Run from the repository root:
+tensors' error. Mixed rows (56-) keep the rows that the window's own queries attended to most in
+``q6q4``'s precision and the rest in a low format (``bench/attention_rank.py`` captures the queries
+and ranks the rows); they also print the share of the continuation's attention on those rows. Run
+from the repository root:
 
     python -m bench.bench_compression [--windows 8] [--context 1024] [--continue 64]
         [--only 0,18,19] [--name compression] [--errors] [--rope]
@@ -20,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import llama_cpp
 import numpy as np
 import zstandard
 
+from bench import attention_rank as ar
 from bench import vq
 from bench.bench_fidelity import live_window, restored_log_probs
 from bench.common import document_tokens, print_table, write_json
@@ -202,12 +206,104 @@ def pack(codes: np.ndarray, bits: int) -> bytes:
 
 
 @dataclass(frozen=True)
+class Mixed:
+    """Row-level mixed precision by attention rank (fourth round): in each record the ``frac``
+    share of rows ranked highest keeps ``k`` / ``v`` (their own per-channel groups over those
+    rows), the rest takes the option's low formats. ``rank``: "sum" (the attention each row got
+    from the window's own queries, summed over heads and queries, per layer: H2O), "mean" (that
+    per query that could see it), "pooled" (the sum over all layers, one mask for every layer),
+    or one of two controls: "random" (as many rows at random), "recent" (the record's last rows);
+    ``unit`` > 1 ranks whole sub-blocks of that many rows instead. The mask costs a bit per row
+    (or per unit) of the record."""
+
+    k: Quant | None
+    v: Quant | None
+    """None: that tensor is not mixed (all its rows in the option's format)."""
+    frac: float
+    rank: str = "sum"
+    unit: int = 1
+    per_head: bool = False
+    """A mask per KV head (each head's rows ranked by what its own query heads paid them, "sum"
+    or "mean"; its 64 channels grouped on their own) instead of one for the record's rows."""
+    bottom_k: Quant | None = None
+    bottom_v: Quant | None = None
+    bottom_frac: float = 0.0
+    """A third level: the ``bottom_frac`` share of rows ranked lowest (by "sum" or "mean") in
+    these formats; the mask then takes 2 bits a row."""
+
+    def mask_bytes(self, n_rows: int) -> int:
+        bits = -(-n_rows // self.unit) if self.unit > 1 else n_rows
+        return -(-bits // 8) * (N_KV_HEAD if self.per_head else 1) * (2 if self.bottom_frac
+                                                                        else 1)
+
+
+N_KV_HEAD = 3
+"""SmolLM2's KV heads (192 channels a row)."""
+
+
+@dataclass(frozen=True)
 class Option:
     name: str
     k: Quant | vq.PQ | None = None
     v: Quant | vq.PQ | None = None
+    """None: that tensor kept exact (f16)."""
     record: RecordFormat | None = None
     """Through kvtier's codec instead of the prototype."""
+    mixed: Mixed | None = None
+    """High-precision formats for the attention-ranked rows; ``k`` and ``v`` are the rest's."""
+
+
+IMPORTANCE: dict[str, np.ndarray] = {}
+"""The current window's row scores by rank rule, each (layer, token): set by :func:`main`."""
+
+
+def mixed_qdq(x: np.ndarray, mask: np.ndarray, hi: Quant, lo: Quant, positions: np.ndarray,
+              bottom: tuple[np.ndarray, Quant] | None = None
+              ) -> tuple[np.ndarray, list[tuple[np.ndarray, int]], int]:
+    """:func:`qdq` with the ``mask`` rows in ``hi`` and the others in ``lo`` (but the rows of
+    ``bottom``'s mask, in its format), each set grouped on its own (a per-channel group of a set
+    spans at most all its rows): (dequantized x, (codes, bits) of each set, parameter bytes)."""
+    back = np.empty_like(x, dtype=np.float32)
+    parts, nparams = [], 0
+    low = np.zeros_like(mask) if bottom is None else bottom[0]
+    sets = [(mask, hi), (~mask & ~low, lo)] + ([] if bottom is None else [bottom])
+    for rows, q in sets:
+        if not rows.any():
+            continue
+        n = int(rows.sum())
+        if q.per == "channel" and q.g > n:
+            q = replace(q, g=n)
+        b, codes, p = qdq(x[rows], q, positions[rows])
+        back[rows] = b
+        parts.append((codes, q.bits))
+        nparams += p
+    return back, parts, nparams
+
+
+def mixed_mask(m: Mixed, block: int, index: int, exact: int, n_tokens: int) -> np.ndarray:
+    """The rows of one record (its first ``exact`` rows left out: they stay exact) that
+    ``m`` keeps in high precision: (rows,), or (rows, KV head) for a mask per head."""
+    first = block * 256 + exact
+    n = n_tokens - exact
+    if m.per_head:
+        return np.stack([ar.top_rows(IMPORTANCE[m.rank + "/head"][index, h, first:first + n],
+                                     m.frac) for h in range(N_KV_HEAD)], axis=1)
+    if m.rank == "random":
+        rng = np.random.default_rng([block, index, int(1000 * m.frac), m.unit])
+        units = (exact + np.arange(n)) // m.unit
+        unique = np.unique(units)
+        return np.isin(units, unique[ar.random_rows(len(unique), round(m.frac * len(unique)),
+                                                    rng)])
+    scores = np.arange(n, dtype=np.float64) if m.rank == "recent" else \
+        IMPORTANCE[m.rank][index, first:first + n]
+    return ar.top_rows(scores, m.frac, m.unit, exact)
+
+
+def bottom_mask(m: Mixed, block: int, index: int, exact: int, n_tokens: int) -> np.ndarray:
+    """The rows of one record that ``m``'s third level takes: the lowest ranked."""
+    first = block * 256 + exact
+    return ar.top_rows(-IMPORTANCE[m.rank][index, first:first + n_tokens - exact],
+                       m.bottom_frac)
 
 
 def entropy_bits(codes: np.ndarray) -> float:
@@ -275,21 +371,47 @@ def apply(option: Option, layer: LayerKV, block: int, sizes: Sizes, zc, index: i
         sizes.tokens += layer.n_tokens
         return codec.decode_record(record)[1]
     out = []
+    m = option.mixed
+    mask = mixed_mask(m, block, index, exact, layer.n_tokens) if m else None
+    low = bottom_mask(m, block, index, exact, layer.n_tokens) if m and m.bottom_frac else None
+    if m:
+        sizes.raw += m.mask_bytes(layer.n_tokens)
+        sizes.zstd += m.mask_bytes(layer.n_tokens)
+        sizes.planes += m.mask_bytes(layer.n_tokens)
+        sizes.entropy += m.mask_bytes(layer.n_tokens)
     for role, t, q in (("K", layer.k, option.k), ("V", layer.v, option.v)):
         bits = t.rows.view(np.uint16)
         x = bits.view(np.float16).astype(np.float32)
         head, rest = bits[:exact], x[exact:]
         positions = np.arange(block * 256 + exact, block * 256 + layer.n_tokens)
-        if isinstance(q, vq.PQ):
+        hi = (m.k if role == "K" else m.v) if m else None
+        if q is None:       # exact: f16 as stored (the other tensor's error alone)
+            back, parts, nparams = rest, [(bits[exact:].view(np.uint8), 8)], 0
+        elif hi is not None and m.per_head:
+            back, parts, nparams = np.empty_like(rest), [], 0
+            for h in range(N_KV_HEAD):
+                cols = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+                back[:, cols], head_parts, head_params = mixed_qdq(
+                    rest[:, cols], mask[:, h], hi, q, positions)
+                parts += head_parts
+                nparams += head_params
+        elif hi is not None:
+            bq = (m.bottom_k if role == "K" else m.bottom_v) if low is not None else None
+            back, parts, nparams = mixed_qdq(rest, mask, hi, q, positions,
+                                             None if bq is None else (low, bq))
+        elif isinstance(q, vq.PQ):
             back, codes, nparams = pq_qdq(rest, q, positions, sizes, (option.name, role, index))
+            parts = [(codes, q.bits)]
         else:
             back, codes, nparams = qdq(rest, q, positions)
-        packed = pack(codes, q.bits)
+            parts = [(codes, q.bits)]
+        packed = b"".join(pack(c, b) for c, b in parts)
+        codes = np.concatenate([c.reshape(-1) for c, _ in parts])
         raw = 2 * head.size + nparams + len(packed)
         sizes.raw += raw
         sizes.zstd += 2 * head.size + nparams + len(zc.compress(packed))
         sizes.planes += 2 * head.size + nparams + len(zc.compress(codes.tobytes()))
-        sizes.entropy += 2 * head.size + nparams + entropy_bits(codes) / 8
+        sizes.entropy += 2 * head.size + nparams + sum(entropy_bits(c) for c, _ in parts) / 8
         rows = np.concatenate([head, back.astype(np.float16).view(np.uint16)])
         out.append(TensorRows(F16.id, np.ascontiguousarray(rows).view(np.uint8)))
     sizes.tokens += layer.n_tokens
@@ -390,7 +512,84 @@ def options() -> list[Option]:
                vq.PQ(2, 8, fixed=True)),
         Option("K Q6 chan g256 / V PQ d2 b8 norm fixed", Q(6, "channel", 256),
                vq.PQ(2, 8, norm=True, fixed=True)),
+        # 56-: mixed precision by attention rank (fourth round): the rows the window's own
+        # queries attended to most in q6q4's precision, the rest in a low format; "random" rows
+        # are the control at the same bytes.
+        *mixed_options(),
     ]
+
+
+def mixed_options() -> list[Option]:
+    """Rows 56-: each low format alone, then with a share of attention-ranked rows in q6q4's
+    precision (K Q6 per channel, V Q4 per channel, over those rows)."""
+    Q = Quant
+    k6, v4 = Q(6, "channel", 256), Q(4, "channel", 128)
+    low = {"K Q4 chan g128 / V H+Q2 tok g64 sym": (Q(4, "channel", 128),
+                                                    Q(2, "token", 64, "sym", rotate=True)),
+           "K Q4 chan g128 / V Q2 chan g128": (Q(4, "channel", 128), Q(2, "channel", 128)),
+           "K Q3 chan g128 / V Q2 chan g128": (Q(3, "channel", 128), Q(2, "channel", 128))}
+    rows = [("K Q4 chan g128 / V H+Q2 tok g64 sym", f, rank, 1)
+            for f, rank in ((0.1, "sum"), (0.2, "sum"), (0.3, "sum"), (0.2, "random"),
+                            (0.2, "mean"), (0.2, "pooled"))]
+    rows += [("K Q4 chan g128 / V Q2 chan g128", 0.2, rank, 1) for rank in ("sum", "random")]
+    rows += [("K Q3 chan g128 / V Q2 chan g128", f, rank, 1)
+             for f, rank in ((0.2, "sum"), (0.3, "sum"), (0.2, "random"))]
+    rows += [("K Q4 chan g128 / V H+Q2 tok g64 sym", 0.25, rank, 64)
+             for rank in ("sum", "random")]
+    out = [Option(f"{name} + {100 * f:g}% {'sub-blocks' if unit > 1 else 'rows'} "
+                  f"({RANK_WORDS[rank]}) in q6q4", *low[name], mixed=Mixed(k6, v4, f, rank, unit))
+           for name, f, rank, unit in rows]
+    out.append(Option("K Q3 chan g128 / V Q2 chan g128", *low["K Q3 chan g128 / V Q2 chan g128"]))
+    # 70-: the "mean" rank (the best of the first run) along f, its recency control, keys
+    # before RoPE, a 3-bit key base, and Q8 for the ranked rows instead of q6q4's precision.
+    lb = low["K Q4 chan g128 / V H+Q2 tok g64 sym"]
+    name = "K Q4 chan g128 / V H+Q2 tok g64 sym"
+    out += [Option(f"{name} + {100 * f:g}% rows ({RANK_WORDS[rank]}) in q6q4", *lb,
+                   mixed=Mixed(k6, v4, f, rank))
+            for f, rank in ((0.1, "mean"), (0.3, "mean"), (0.4, "mean"), (0.2, "recent"))]
+    pk = Quant(4, "channel", 128, prerope=True)
+    out.append(Option("K P+Q4 chan g128 / V H+Q2 tok g64 sym + 20% rows (attention mean) in "
+                      "q6q4", pk, lb[1], mixed=Mixed(k6, v4, 0.2, "mean")))
+    k3 = Q(3, "channel", 64)
+    out += [Option(f"K Q3 chan g64 / V H+Q2 tok g64 sym + {100 * f:g}% rows (attention mean) in "
+                   "q6q4", k3, lb[1], mixed=Mixed(k6, v4, f, "mean")) for f in (0.2, 0.3)]
+    out.append(Option(f"{name} + 10% rows (attention mean) in Q8", *lb,
+                      mixed=Mixed(Q(8, "channel", 256), Q(8, "channel", 256), 0.1, "mean")))
+    # 78-: a mask per KV head, each ranked by its own query heads' attention.
+    out += [Option(f"{name} + {100 * f:g}% rows per KV head ({RANK_WORDS[rank]}) in q6q4", *lb,
+                   mixed=Mixed(k6, v4, f, rank, per_head=True))
+            for f, rank in ((0.2, "mean"), (0.1, "mean"), (0.2, "sum"))]
+    # 81-: only the values mixed, only the keys mixed; the mean rank at 60%; values at 10%.
+    out += [Option(f"{name} + 20% rows (attention mean): V in Q4 chan", *lb,
+                   mixed=Mixed(None, v4, 0.2, "mean")),
+            Option(f"{name} + 20% rows (attention mean): K in Q6 chan", *lb,
+                   mixed=Mixed(k6, None, 0.2, "mean")),
+            Option(f"{name} + 40% rows (attention mean): V in Q4 chan", *lb,
+                   mixed=Mixed(None, v4, 0.4, "mean")),
+            Option(f"{name} + 60% rows (attention mean) in q6q4", *lb,
+                   mixed=Mixed(k6, v4, 0.6, "mean")),
+            Option(f"{name} + 10% rows (attention mean): V in Q4 chan", *lb,
+                   mixed=Mixed(None, v4, 0.1, "mean"))]
+    # 86-: each tensor's share of the KL, the other exact (f16): the base's keys, with and
+    # without their ranked rows in Q6, and the base's values, with and without theirs in Q4.
+    out += [Option("K Q4 chan g128 / V f16", lb[0], None),
+            Option("K Q4 chan g128 + 20% rows (attention mean) in Q6 chan / V f16", lb[0], None,
+                   mixed=Mixed(k6, None, 0.2, "mean")),
+            Option("K f16 / V H+Q2 tok g64 sym", None, lb[1]),
+            Option("K f16 / V H+Q2 tok g64 sym + 20% rows (attention mean) in Q4 chan", None,
+                   lb[1], mixed=Mixed(None, v4, 0.2, "mean"))]
+    # 90-: three levels: the lowest-ranked rows below the base (keys Q3 per channel, values
+    # 1-bit rotated per token), paying for more rows in q6q4's precision.
+    k3, v1 = Q(3, "channel", 128), Q(1, "token", 64, "sym", rotate=True)
+    out += [Option(f"{name} + {100 * f:g}% rows (attention mean) in q6q4, lowest {100 * b:g}% "
+                   "in K Q3 chan g128 / V H+Q1 tok g64 sym", *lb,
+                   mixed=Mixed(k6, v4, f, "mean", bottom_k=k3, bottom_v=v1, bottom_frac=b))
+            for f, b in ((0.2, 0.3), (0.2, 0.5), (0.3, 0.5))]
+    return out
+
+
+RANK_WORDS = {"sum": "attention sum", "mean": "attention mean", "pooled": "attention pooled",
+              "random": "at random", "recent": "the record's last"}
 
 
 ERROR_ROWS = [("V", Quant(4, "token", 16)), ("V", Quant(4, "token", 64)),
@@ -490,6 +689,31 @@ def print_rope_check(blocks: dict, model: Model, tokens: np.ndarray) -> None:
                 [[name, *np.mean(v, axis=0)] for name, v in spread.items()])
 
 
+def set_importance(queries: np.ndarray, blocks: dict, n_head: int) -> None:
+    """:data:`IMPORTANCE` for a window, from its own queries and stored keys."""
+    per_head = ar.attention_received(queries, ar.window_keys(blocks))
+    received = per_head.sum(1)
+    IMPORTANCE["sum"] = received
+    IMPORTANCE["mean"] = ar.mean_received(received, n_head)
+    IMPORTANCE["pooled"] = np.broadcast_to(received.sum(0), received.shape)
+    IMPORTANCE["sum/head"] = per_head
+    IMPORTANCE["mean/head"] = ar.mean_received(per_head, n_head // per_head.shape[1])
+
+
+def hi_mass(m: Mixed, blocks: dict, received: np.ndarray) -> float:
+    """The share of ``received`` (layer, KV head, token: the continuation's attention to the
+    window) on the rows that ``m`` keeps precise, over all records, exact rows left out."""
+    on = total = 0.0
+    for b, layers in blocks.items():
+        exact = codec.SINK_ROWS if b == 0 else 0
+        n = layers[0].n_tokens
+        for i in range(len(layers)):
+            r = received[i, :, b * 256 + exact:b * 256 + n].T            # (row, KV head)
+            on += float(r[mixed_mask(m, b, i, exact, n)].sum())
+            total += float(r.sum())
+    return on / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
@@ -518,8 +742,19 @@ def main() -> None:
     agree = {o.name: [] for o in opts}
     nll = {o.name: [] for o in opts + [Option("live")]}
     sizes = {o.name: Sizes() for o in opts}
+    mixed = [o for o in opts if o.mixed]
+    mass = {o.name: [] for o in mixed}
     for w in range(args.windows):
-        cont, blocks, ref = live_window(hot, tokens, w * stride, args.context, args.cont)
+        if mixed:
+            cont, blocks, ref, queries, cont_queries = ar.captured_window(
+                hot, tokens, w * stride, args.context, args.cont)
+            set_importance(queries, blocks, model.n_head)
+            cont_received = ar.attention_received_by(cont_queries, ar.window_keys(blocks),
+                                                     args.context)
+            for o in mixed:
+                mass[o.name].append(hi_mass(o.mixed, blocks, cont_received))
+        else:
+            cont, blocks, ref = live_window(hot, tokens, w * stride, args.context, args.cont)
         if args.errors:
             print_errors(blocks)
             return
@@ -552,6 +787,13 @@ def main() -> None:
                      r["kl_mean"], r["kl_p95"], 100 * r["top1_agreement"], r["ppl_ratio"]])
     print_table(["option", "x f16", "zstd", "bytes+zstd", "entropy", "KL mean", "KL p95",
                  "top-1 %", "ppl ratio"], rows)
+    if mixed:
+        print("share of the continuation's attention (to the window, sink rows left out) on the "
+              "rows kept in q6q4's precision:")
+        print_table(["option", "attention share %"],
+                    [[o.name, 100 * float(np.mean(mass[o.name]))] for o in mixed])
+        for o in mixed:
+            results[o.name]["continuation_attention_share"] = float(np.mean(mass[o.name]))
     speed = []
     for o in opts:
         s = sizes[o.name]
