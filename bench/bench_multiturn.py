@@ -20,7 +20,8 @@ import random
 import tempfile
 
 from bench import passkey
-from bench.common import print_table, write_json
+from bench.common import (add_selection_options, print_table, selected, selection_settings,
+                          write_json)
 from kvtier.config import load_config
 from kvtier.engine.api import GenerationRequest, SamplingParams, WorkingSetStats
 from kvtier.engine.engine import Engine
@@ -78,8 +79,7 @@ def run(method: str, args: argparse.Namespace, model: Model) -> list[dict]:
         "data_dir": tempfile.mkdtemp(prefix="kvtier-bench-multiturn-"), "model.n_slots": 1,
         "model.context_size": args.tokens + 4096, "model.block_size": args.block_size,
         "working_set.sink_blocks": args.sink, "working_set.recent_blocks": args.recent,
-        "working_set.query_layer_stride": args.query_layer_stride,
-        "working_set.keep_margin": args.keep_margin,
+        **selection_settings(args),
         "tiers.gpu_vram_budget": hot * model.kv_bytes_per_token("f16", "f16")}))
     rng = random.Random(args.tokens)
     facts = [(COLOURS[i], rng.randint(10000, 99999)) for i in range(args.facts)]
@@ -121,13 +121,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--sink", type=int, default=1, help="working_set.sink_blocks")
     parser.add_argument("--recent", type=int, default=2, help="working_set.recent_blocks")
-    parser.add_argument("--query-layer-stride", type=int, default=1,
-                        help="working_set.query_layer_stride")
-    parser.add_argument("--keep-margin", type=float, default=0.0,
-                        help="working_set.keep_margin")
     parser.add_argument("--methods", nargs="+", default=["full", "kvtier"],
                         choices=["full", "kvtier"])
     parser.add_argument("--out", default="multiturn", help="results file name (no .json)")
+    add_selection_options(parser)
     args = parser.parse_args()
     model = Model(default_model_path())
     results = [row for method in args.methods for row in run(method, args, model)]
@@ -146,8 +143,8 @@ def main() -> None:
     write_json(args.out, {"tokens": args.tokens, "hot_tokens": args.hot,
                           "block_size": args.block_size, "sink_blocks": args.sink,
                           "recent_blocks": args.recent,
-                          "query_layer_stride": args.query_layer_stride,
-                          "keep_margin": args.keep_margin, "results": results})
+                          "query_layer_stride": selected(args).query_layer_stride,
+                          "keep_margin": selected(args).keep_margin, "results": results})
 
 
 if __name__ == "__main__":

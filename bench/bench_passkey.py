@@ -20,7 +20,8 @@ import tempfile
 import time
 
 from bench import passkey
-from bench.common import print_table, write_json
+from bench.common import (add_selection_options, print_table, selected, selection_settings,
+                          write_json)
 from kvtier.config import load_config
 from kvtier.engine.api import GenerationRequest, SamplingParams
 from kvtier.engine.engine import Engine
@@ -43,8 +44,7 @@ def engine_for(method: str, length: int, model: Model, args: argparse.Namespace
                 "model.n_threads": args.threads, "model.block_size": block,
                 "tiers.gpu_vram_budget": share * model.kv_bytes_per_token("f16", "f16"),
                 "working_set.sink_blocks": args.sink, "working_set.recent_blocks": args.recent,
-                "working_set.query_layer_stride": args.query_layer_stride,
-                "working_set.keep_margin": args.keep_margin}
+                **selection_settings(args)}
     if method == "sinks+recent":
         settings["working_set.recent_blocks"] = args.hot // block - args.sink
     return Engine(load_config(None, settings))
@@ -62,12 +62,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--sink", type=int, default=1, help="working_set.sink_blocks")
     parser.add_argument("--recent", type=int, default=2, help="working_set.recent_blocks")
-    parser.add_argument("--query-layer-stride", type=int, default=1,
-                        help="working_set.query_layer_stride")
-    parser.add_argument("--keep-margin", type=float, default=0.0,
-                        help="working_set.keep_margin")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--out", default="passkey", help="results file name (no .json)")
+    add_selection_options(parser)
     args = parser.parse_args()
 
     model = Model(default_model_path())
@@ -104,8 +101,8 @@ def main() -> None:
     print_table(["tokens", *args.methods], table)
     write_json(args.out, {"hot_tokens": args.hot, "block_size": args.block_size,
                           "sink_blocks": args.sink, "recent_blocks": args.recent,
-                          "query_layer_stride": args.query_layer_stride,
-                          "keep_margin": args.keep_margin, "results": results})
+                          "query_layer_stride": selected(args).query_layer_stride,
+                          "keep_margin": selected(args).keep_margin, "results": results})
     if args.plot:
         from bench import plot_passkey
         plot_passkey.main()

@@ -18,7 +18,8 @@ import tempfile
 
 import numpy as np
 
-from bench.common import document_tokens, print_table, write_json
+from bench.common import (add_selection_options, document_tokens, print_table, selected,
+                          selection_settings, write_json)
 from kvtier.config import load_config
 from kvtier.engine.hot import BatchItem, HotContext
 from kvtier.engine.model import Model, default_model_path
@@ -48,8 +49,7 @@ def run(model: Model, tokens: np.ndarray, method: str, args: argparse.Namespace)
                 "tiers.gpu_vram_budget": share * per_token,
                 "working_set.sink_blocks": args.sink, "working_set.recent_blocks": args.recent,
                 "working_set.score": args.score,
-                "working_set.query_layer_stride": args.query_layer_stride,
-                "working_set.keep_margin": args.keep_margin}
+                **selection_settings(args)}
     if method == "own":
         settings["working_set.positions"] = "own"
     if method == "sinks+recent":
@@ -110,17 +110,13 @@ def main() -> None:
     parser.add_argument("--query-tokens", type=int, default=8,
                         help="working_set.query_tokens: the queries of this many last tokens of "
                              "a chunk choose the next chunk's working set")
-    parser.add_argument("--query-layer-stride", type=int, default=1,
-                        help="working_set.query_layer_stride: queries of every n-th layer score")
-    parser.add_argument("--keep-margin", type=float, default=0.0,
-                        help="working_set.keep_margin: a held block stays against a candidate "
-                             "scoring up to this fraction more")
     parser.add_argument("--select-every", type=int, default=1,
                         help="choose the working set after every this many chunks (1: each)")
     parser.add_argument("--own-queries", action="store_true",
                         help="decode each chunk twice, the second time on the blocks its own "
                              "queries chose (InfLLM's order; kvtier does it for the last chunk)")
     parser.add_argument("--out", default="perplexity", help="results file name (no .json)")
+    add_selection_options(parser)
     args = parser.parse_args()
     model = Model(default_model_path())
     text = document_tokens(model)
@@ -136,8 +132,8 @@ def main() -> None:
                             "recent": args.recent, "score": args.score,
                             "query_tokens": args.query_tokens, "own_queries": args.own_queries,
                             "select_every": args.select_every,
-                            "query_layer_stride": args.query_layer_stride,
-                            "keep_margin": args.keep_margin,
+                            "query_layer_stride": selected(args).query_layer_stride,
+                            "keep_margin": selected(args).keep_margin,
                             "perplexity": ppl, "ratio": ppl / base})
             rows.append([offset, method, f"{ppl:.3f}", f"{ppl / base:.4f}"])
             print(results[-1], flush=True)

@@ -8,7 +8,8 @@ takes, measured inside the engine while it serves a long prompt and then generat
 Steps (``kvtier.engine.paging.Window``): ``score`` (the queries against every stored block's key
 summary), ``replan`` (which blocks, where), ``apply`` (drops, K-shift moves, and loads from the
 store through the scratch sequence; ``load`` is that last part alone), ``store_block`` (a filled
-block read out and handed to the store writer), and ``decode`` (every ``llama_decode`` of the
+block read out and handed to the store writer), ``writer.*`` (the store writer's threads: a block's
+``put_block``, the room made for it, a demoted block's copy and commit, the tiers' writes), and ``decode`` (every ``llama_decode`` of the
 engine, prefill chunks and generated tokens, the query capture included). Each is timed around the
 call (engine thread, wall clock) and reported as a count, a median and a total, beside the
 request's wall time; ``score.*``, ``load.*`` and ``store_block.*`` are parts of those steps.
@@ -40,7 +41,8 @@ from kvtier.engine.host_buffers import BufferPool
 from kvtier.engine.hot import HotContext
 from kvtier.engine.model import Model, default_model_path
 from kvtier.storage.manager import TierManager
-from kvtier.storage import workers
+from kvtier.storage import codec, workers
+from kvtier.storage.balancer import Balancer
 from kvtier.storage.reads import BlockReader
 from kvtier.storage.tiers import LmdbTier, RocksTier
 
@@ -139,6 +141,16 @@ def main() -> None:
     timed(LmdbTier, "read_many", "load.read_and_decode_warm", engine_only=True)
     timed(BlockReader, "_locate", "load.locate", engine_only=True)
     timed(BlockReader, "_account", "load.account", engine_only=True)
+    # The store writer's side (its threads and the balancer's): a block's whole write, the room
+    # made for it in warm (a demotion when warm is full), a demoted block's copy, the tiers'
+    # writes, and each record re-encoded on the way down.
+    timed(TierManager, "put_block", "writer.put_block")
+    timed(Balancer, "_make_room", "writer.make_room")
+    timed(Balancer, "_copy", "writer.demotion_copy")
+    timed(Balancer, "_commit", "writer.demotion_commit")
+    timed(LmdbTier, "put_many", "writer.warm_put")
+    timed(RocksTier, "put_many", "writer.cool_put")
+    timed(codec, "transcode", "writer.transcode_record")
     path = str(args.model or default_model_path())
     model = Model(path)
     kv_bytes = model.kv_bytes_per_token("f16", "f16")

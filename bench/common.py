@@ -57,3 +57,25 @@ def document_tokens(model, n_chars: int = 400_000) -> np.ndarray:
     topics = pydoc_data.topics.topics
     text = "\n\n".join(topics[k] for k in sorted(topics))
     return model.tokenize(text[:n_chars])
+
+
+def add_selection_options(parser) -> None:
+    """``--query-layer-stride`` and ``--keep-margin``: the working set's selection settings a
+    long-context benchmark may override (unset: the config's defaults)."""
+    parser.add_argument("--query-layer-stride", type=int, default=None,
+                        help="working_set.query_layer_stride (default: the config's)")
+    parser.add_argument("--keep-margin", type=float, default=None,
+                        help="working_set.keep_margin (default: the config's)")
+
+
+def selection_settings(args) -> dict[str, Any]:
+    """The config settings of the options :func:`add_selection_options` added, where given."""
+    given = {"working_set.query_layer_stride": args.query_layer_stride,
+             "working_set.keep_margin": args.keep_margin}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def selected(args):
+    """The working-set settings a run with these options uses (``WorkingSetConfig``)."""
+    from kvtier.config import load_config
+    return load_config(None, selection_settings(args)).working_set

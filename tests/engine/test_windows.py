@@ -88,12 +88,14 @@ def test_blocks_still_queued_for_the_store_come_back_from_the_writer(tmp_path, k
 
 
 def test_a_keep_margin_loads_fewer_blocks_and_still_finds_the_key(tmp_path, key):
-    # Over filler text every block scores about the same: without a margin each selection swaps
-    # held blocks for others scoring a little more; with one, held blocks stay, and the key's
-    # block, which the question scores far above the rest, still comes in.
+    # Over filler text every block scores about the same: without a margin, selections (here by
+    # every layer's queries) swap held blocks for others scoring a little more; with one, held
+    # blocks stay, and the key's block, which the question scores far above the rest, still
+    # comes in.
     loads = {}
     for margin in (0.0, 0.25):
-        engine = long_engine(tmp_path / str(margin), **{"working_set.keep_margin": margin})
+        engine = long_engine(tmp_path / str(margin), **{"working_set.keep_margin": margin,
+                                                         "working_set.query_layer_stride": 1})
         try:
             text = passkey.prompt(N_PROMPT, 0.3, key, count(engine))
             done = engine.generate(GenerationRequest(prompt=text, sampling=ANSWER))
@@ -153,12 +155,16 @@ def test_blocks_the_model_attends_to_stay_in_the_faster_tier(tmp_path, key):
         blocks = seq.block_ids()
         entries = {b: engine.manager.block_entry(b) for b in blocks}
         attended = blocks[at // BLOCK]
-        assert entries[attended].tier == Tier.WARM
         assert entries[attended].attention > 1.0      # more than an average block's share
         filler = [b for i, b in enumerate(blocks[1:-3], 1) if abs(i - at // BLOCK) > 1]
         demoted = [b for b in filler if entries[b].tier != Tier.WARM]
         assert len(demoted) >= len(filler) // 2, [entries[b].tier for b in filler]
         assert all(entries[b].attention < entries[attended].attention for b in filler)
+        # No ignored block is in a faster tier than the attended one. (Warm holds it, unless the
+        # sink's block, attended more still, took warm's last place while the question's
+        # attention was being reported: the store then ranks the two by what it knew so far.)
+        assert all(entries[b].tier >= entries[attended].tier for b in filler), \
+            (entries[attended].tier, [entries[b].tier for b in filler])
     finally:
         engine.close()
 
