@@ -71,6 +71,18 @@ def test_transcode_q8_to_q4():
     assert back.k.rows.shape == layer.k.rows.shape
 
 
+def test_a_transcoded_record_keeps_the_key_summary_of_the_keys_as_computed():
+    # Not the summary of the Q8-decoded keys, which differ from them in most channels.
+    layer = make_layers(5, n_layers=1, n_tokens=256)[0]
+    q8 = codec.encode_record(layer, Q8)
+    cool = codec.transcode(q8, Q6Q4Z)
+    k = f16(layer.k)
+    lo, hi = codec.read_header(cool).key_summary()
+    assert np.array_equal(lo, k.min(axis=0)) and np.array_equal(hi, k.max(axis=0))
+    decoded = f16(codec.decode_record(q8)[1].k)
+    assert not np.array_equal(decoded.max(axis=0), k.max(axis=0))
+
+
 @pytest.mark.parametrize("fmt", [Q8, Q4Z, Q6Q4Z])
 def test_every_flipped_byte_is_detected(fmt):
     data = codec.encode_record(make_layers(6, n_layers=1, n_tokens=32)[0], fmt)
