@@ -62,10 +62,11 @@ def setup(tmp_path, model, request):
 N_CONTINUE = 16
 
 
-def store_and_restore(hot, manager, snaps, tokens, move_to=None):
+def store_and_restore(hot, manager, snaps, tokens, move_to=None, before_restore=None):
     """Store ``tokens[:N_PROMPT]`` from slot 0, decode the next N_CONTINUE tokens of the text (the
     live logits), clear the slot, restore it and decode them again. Returns the two
-    (N_CONTINUE, n_vocab) logits arrays."""
+    (N_CONTINUE, n_vocab) logits arrays. ``before_restore()`` is called once the blocks are
+    stored (and moved): a restore from below warm promotes what it read."""
     prompt = tokens[:N_PROMPT]
     following = tokens[N_PROMPT:N_PROMPT + N_CONTINUE]
     slot = hot.slots[0]
@@ -75,6 +76,8 @@ def store_and_restore(hot, manager, snaps, tokens, move_to=None):
     live = np.stack([next_logits(hot, 0, int(t)) for t in following])
     if move_to is not None:
         assert all(manager.move(block, move_to) for block in seq.blocks)
+    if before_restore is not None:
+        before_restore()
     entry = manager.get_sequence(snaps.namespace, seq.seq_id)
     plan = snaps.plan(prompt, entry)
     assert plan.n_tokens == N_PROMPT and plan.blocks == seq.blocks
