@@ -8,11 +8,12 @@ takes, measured inside the engine while it serves a long prompt and then generat
 Steps (``kvtier.engine.paging.Window``): ``score`` (the queries against every stored block's key
 summary), ``replan`` (which blocks, where), ``apply`` (drops, K-shift moves, and loads from the
 store through the scratch sequence; ``load`` is that last part alone), ``store_block`` (a filled
-block read out and handed to the store writer), ``writer.*`` (the store writer's threads: a block's
-``put_block``, the room made for it, a demoted block's copy and commit, the tiers' writes), and ``decode`` (every ``llama_decode`` of the
-engine, prefill chunks and generated tokens, the query capture included). Each is timed around the
-call (engine thread, wall clock) and reported as a count, a median and a total, beside the
-request's wall time; ``score.*``, ``load.*`` and ``store_block.*`` are parts of those steps.
+block read out and handed to the store writer), ``writer.*`` (the store writer's threads: a
+block's ``put_block``, the room made for it, a demoted block's copy and commit, the tiers'
+writes), and ``decode`` (every ``llama_decode`` of the engine, prefill chunks and generated
+tokens, the query capture included). Each is timed around the call (wall clock, on the engine
+thread but for ``writer.*``) and reported as a count, a median and a total, beside the request's
+wall time; ``score.*``, ``load.*`` and ``store_block.*`` are parts of those steps.
 ``--baseline`` serves the same prompt again with the whole conversation hot (full attention, no
 working set) and prints the ratio of the two wall times. Writes bench/results/window_ops.json
 (``--out``).

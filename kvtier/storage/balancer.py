@@ -409,9 +409,7 @@ class Balancer:
             if entry is None or entry.tier == Tier.WARM \
                     or entry.raw_bytes > self.budgets[Tier.WARM] * LOW_WATERMARK:
                 return
-            if self.index.promote_when_unpinned(block):
-                return
-            if self.index.movable(block) is None:
+            if self.index.promote_when_unpinned(block) or self.index.movable(block) is None:
                 return
             move = self.index.begin_move(block, Tier.WARM)
         self._copy(block, move)

@@ -91,8 +91,9 @@ class BlockReader:
 
         Each block is read in a decoding thread (a block alone, in parts of its layers on
         several), zero-copy where the tier allows (LMDB), and without the index's lock: the pin
-        (a restore holds one) keeps it from moving. Its records are verified one by one and decoded by one kernel call
-        (:class:`codec.DecodeBatch`), so a block costs its bytes, not a Python call per record."""
+        (a restore holds one) keeps it from moving. Its records are verified one by one and
+        decoded by one kernel call (:class:`codec.DecodeBatch`), so a block costs its bytes, not
+        a Python call per record."""
         located = [self._locate(block) for block in blocks]
         if isinstance(destination, RowTargets):
             add = destination.add
