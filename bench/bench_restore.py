@@ -180,9 +180,10 @@ def main() -> None:
                 parts.setdefault(f"{tier.label}_restore", []).append(time.perf_counter() - start)
                 last_token(hot, tokens)
 
+            # Before the restores: the blocks they read from below warm are promoted after them.
+            tier_bytes[tier] = sum(manager.block_entry(b).stored_bytes for b in seq.blocks)
             with manager.pinned(seq.blocks):    # measure the read path, not promotions after it
                 tier_times[tier] = timed(restore, args.repeats, tier.label)
-            tier_bytes[tier] = sum(manager.block_entry(b).stored_bytes for b in seq.blocks)
         raw = sum(manager.block_entry(b).raw_bytes for b in seq.blocks)
         file_bytes = state_file.stat().st_size
         result = {"tokens": n, "prefill_s": t_prefill, "state_file_s": t_file,
